@@ -1,0 +1,35 @@
+"""slim2deploy: Network Slimming (Liu et al. 2017) from sparse training to TensorRT engines.
+
+Heavy modules (torch, onnx, onnxruntime, tensorrt) are imported lazily so that the runtime
+and benchmark parts work on a GPU box with only numpy and the runtime installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved on first access
+_EXPORTS = {
+    "SlimError": "slim2deploy.errors",
+    "create_model": "slim2deploy.zoo",
+    "list_models": "slim2deploy.zoo",
+    "Checkpoint": "slim2deploy.checkpoint",
+    "save_checkpoint": "slim2deploy.checkpoint",
+    "load_checkpoint": "slim2deploy.checkpoint",
+    "model_from_checkpoint": "slim2deploy.checkpoint",
+    "PruningPlan": "slim2deploy.plan",
+    "plan_pruning": "slim2deploy.plan",
+    "apply_plan": "slim2deploy.surgery",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slim2deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

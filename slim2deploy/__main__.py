@@ -1,0 +1,5 @@
+import sys
+
+from slim2deploy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""The `slim2deploy` command: a thin layer that parses flags and calls the library.
+
+Each subcommand lives in its own module here with two functions:
+``add_parser(subparsers)`` declares its flags and ``run(args) -> int`` calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from slim2deploy.errors import SlimError
+
+# Order is the order shown in --help: the pipeline, first to last.
+COMMANDS = ["train", "inspect", "prune", "finetune", "calib", "export", "build"]
+
+
+def _available_commands() -> list[str]:
+    return [name for name in COMMANDS if importlib.util.find_spec(f"slim2deploy.cli.{name}") is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slim2deploy",
+        description="Network Slimming for deployment: sparse-train, prune channels for real, "
+        "export ONNX (fp32/fp16/int8) and TensorRT engines, and benchmark against the baseline.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _available_commands():
+        module = importlib.import_module(f"slim2deploy.cli.{name}")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slim2deploy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except SlimError as exc:
+        print(f"slim2deploy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
