@@ -103,8 +103,9 @@ class PreActBottleneck(nn.Module):
 class PreActResNet(nn.Module):
     """Pre-activation ResNet for small images: three stages of 16/32/64 planes (x width)."""
 
-    def __init__(self, depth: int, bottleneck: bool = False, in_channels: int = 3, num_classes: int = 10,
-                 width: float = 1.0):
+    def __init__(
+        self, depth: int, bottleneck: bool = False, in_channels: int = 3, num_classes: int = 10, width: float = 1.0
+    ):
         super().__init__()
         block: type[PreActBasic] | type[PreActBottleneck] = PreActBottleneck if bottleneck else PreActBasic
         per_stage = (depth - 2) // (9 if bottleneck else 6)
@@ -156,8 +157,9 @@ class Transition(nn.Module):
 class DenseNet(nn.Module):
     """DenseNet (BN-ReLU-Conv3x3 layers, 1x1 transitions), as used in the Network Slimming paper."""
 
-    def __init__(self, depth: int = 40, growth: int = 12, in_channels: int = 3, num_classes: int = 10,
-                 width: float = 1.0):
+    def __init__(
+        self, depth: int = 40, growth: int = 12, in_channels: int = 3, num_classes: int = 10, width: float = 1.0
+    ):
         super().__init__()
         per_block = (depth - 4) // 3
         g = _scaled(growth, width)
@@ -181,12 +183,26 @@ class DenseNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def init_weights(model: nn.Module) -> nn.Module:
+    """The official Network Slimming initialisation: Kaiming convs, BatchNorm gamma = 0.5, beta = 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _vgg(name: str) -> Callable[..., nn.Module]:
-    return lambda **kw: VGG(VGG_CFGS[name], **kw)
+    return lambda **kw: init_weights(VGG(VGG_CFGS[name], **kw))
 
 
 def _resnet(depth: int, bottleneck: bool = False) -> Callable[..., nn.Module]:
-    return lambda **kw: PreActResNet(depth, bottleneck, **kw)
+    return lambda **kw: init_weights(PreActResNet(depth, bottleneck, **kw))
 
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -194,7 +210,7 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
     "resnet164": _resnet(164, bottleneck=True),
-    "densenet40": lambda **kw: DenseNet(40, 12, **kw),
+    "densenet40": lambda **kw: init_weights(DenseNet(40, 12, **kw)),
 }
 
 

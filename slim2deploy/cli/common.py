@@ -1,0 +1,52 @@
+"""Flag groups shared by several subcommands, so each flag means the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default=None if required else "fashion-mnist",
+        required=required,
+        help="'fashion-mnist', a folder of class sub-folders (or with train/ and val/), "
+        "or a .npz file (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
+    g.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
+    g.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
+
+
+def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    g = p.add_argument_group("optimisation (SGD with momentum, as the official recipe)")
+    g.add_argument("--epochs", type=int, default=epochs, help="epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    g.add_argument(
+        "--schedule",
+        choices=["step", "cosine"],
+        default="step",
+        help="step: lr x0.1 at 50%% and 75%% of the epochs; cosine: per step (default: %(default)s)",
+    )
+    g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow checkpoints that run code when loaded (a pickled nn.Module, or a model "
+        "built by a 'package.module:factory'); only for files you trust",
+    )

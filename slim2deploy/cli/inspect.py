@@ -1,0 +1,37 @@
+"""slim2deploy inspect: params, MACs and BatchNorm-gamma statistics of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from slim2deploy.cli.common import add_trust_arg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "inspect",
+        help="params, MACs and per-BatchNorm gamma statistics of a checkpoint",
+        description="Print params, MACs and per-BatchNorm |gamma| statistics (count, share "
+        "below 1e-2 and 1e-3, min/median/max) of a checkpoint.",
+    )
+    p.add_argument("checkpoint", help="a slim2deploy checkpoint (.pt)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a |gamma| histogram per layer")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    add_trust_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from slim2deploy.checkpoint import load_checkpoint
+    from slim2deploy.fileio import atomic_write_text
+    from slim2deploy.inspect import inspect_checkpoint, plot_gammas
+
+    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    info = inspect_checkpoint(ckpt, trust_code=args.trust_pickle)
+    print(info.table())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(info.to_dict(), indent=2, default=str))
+    if args.plot:
+        print(f"wrote {plot_gammas(ckpt, args.plot, trust_code=args.trust_pickle)}")
+    return 0

@@ -1,0 +1,267 @@
+"""Datasets held in memory as normalised float32 tensors, and a tiny batch iterator.
+
+Sources (``--data``):
+- ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist/`` by default, ``--data-dir`` to override).
+- a directory of images: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or class folders
+  directly, split 90/10 by a fixed seed).
+- a ``.npz`` file with ``x_train, y_train, x_val, y_val`` (or ``x, y``, split 90/10); ``x`` is
+  N x C x H x W (or N x H x W), uint8 in [0, 255] or float already scaled to [0, 1].
+
+Everything is small enough to sit in memory, which keeps the training loop simple and makes
+distributed sharding and augmentation exactly reproducible (see ``batches``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slim2deploy.errors import SlimError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass
+class Dataset:
+    """Normalised images ``x`` (N x C x H x W float32) with labels ``y`` (N int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n: int | None) -> Dataset:
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise SlimError(f"a subset needs at least one image, got {n}")
+        return Dataset(self.x[:n], self.y[:n], self.classes, self.mean, self.std, self.name, self.meta)
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return array.reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise SlimError(f"{path} is not a readable IDX file ({exc}); reinstall dataset-fashion-mnist") from exc
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise SlimError(
+        f"Fashion-MNIST not found: no {stem}(.gz) in {root}. Install it with "
+        "'apt-get install -y dataset-fashion-mnist' or point --data-dir at a folder with the IDX files."
+    )
+
+
+def _normalise(
+    x: np.ndarray,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
+    t = torch.from_numpy(np.array(x, copy=True))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    if t.dim() != 4:
+        raise SlimError(f"images must be N x C x H x W or N x H x W, got shape {tuple(t.shape)}")
+    if mean is None or std is None:
+        mean = tuple(float(v) for v in t.mean(dim=(0, 2, 3)))
+        std = tuple(max(float(v), 1e-6) for v in t.std(dim=(0, 2, 3)))
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (t - m) / s, mean, std
+
+
+def _fashion_mnist(split: str, data_dir: str | None, stats: Stats) -> Dataset:
+    root = Path(data_dir or os.environ.get("SLIM2DEPLOY_FASHION_MNIST", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    x, mean, std = _normalise(images, *(stats or (FASHION_MNIST_MEAN, FASHION_MNIST_STD)))
+    return Dataset(x, torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES, mean, std, "fashion-mnist")
+
+
+def _split_90_10(n: int, split: str) -> np.ndarray:
+    order = np.random.default_rng(0).permutation(n)
+    cut = max(1, n // 10)
+    return order[cut:] if split == "train" else order[:cut]
+
+
+def _npz(path: Path, split: str, stats: Stats) -> Dataset:
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise SlimError(f"{path} is not a readable .npz file ({exc})") from exc
+    key = "train" if split == "train" else "val"
+    if f"x_{key}" in arrays and f"y_{key}" in arrays:
+        x, y = arrays[f"x_{key}"], arrays[f"y_{key}"]
+    elif "x" in arrays and "y" in arrays:
+        idx = _split_90_10(len(arrays["y"]), split)
+        x, y = arrays["x"][idx], arrays["y"][idx]
+    else:
+        raise SlimError(f"{path} needs arrays x_train/y_train/x_val/y_val or x/y; it has {sorted(arrays)}")
+    if len(x) != len(y):
+        raise SlimError(f"{path}: {len(x)} images but {len(y)} labels")
+    xt, mean, std = _normalise(x, *(stats or (None, None)))
+    n_classes = int(max(arrays.get("y_train", y).max(), y.max())) + 1
+    return Dataset(
+        xt, torch.from_numpy(y.astype(np.int64)), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}"
+    )
+
+
+def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
+    from PIL import Image
+
+    base = root / split if (root / "train").is_dir() else root
+    if split == "val" and not (root / "val").is_dir() and (root / "train").is_dir():
+        raise SlimError(f"{root} has train/ but no val/ folder")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
+    files = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((base / c).iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
+    if base == root:
+        files = [files[i] for i in _split_90_10(len(files), split)]
+    arrays = []
+    for path, _ in files:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if image_size:
+                img = img.resize((image_size, image_size))
+            arrays.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
+    x, mean, std = _normalise(np.stack(arrays), *(stats or (None, None)))
+    y = torch.tensor([i for _, i in files], dtype=torch.int64)
+    return Dataset(x, y, classes, mean, std, f"folder:{root}")
+
+
+def load_dataset(
+    name: str, split: str = "train", data_dir: str | None = None, image_size: int | None = None, stats: Stats = None
+) -> Dataset:
+    """Load ``split`` ("train" or "val"/"test") of a dataset named as in the module docstring.
+
+    ``stats`` = (mean, std) per channel fixes the normalisation; pass the training split's
+    (stored in every checkpoint's metadata) when loading evaluation or calibration data.
+    Without it, Fashion-MNIST uses its standard values and other sources their own statistics.
+    """
+    if split not in ("train", "val", "test"):
+        raise SlimError(f"split must be train, val or test, got {split!r}")
+    if name == "fashion-mnist":
+        return _fashion_mnist(split, data_dir, stats)
+    path = Path(name.split(":", 1)[1] if name.startswith(("npz:", "folder:")) else name)
+    if path.suffix == ".npz":
+        if not path.exists():
+            raise SlimError(f"no such file: {path}")
+        return _npz(path, split, stats)
+    if path.is_dir():
+        return _image_folder(path, split, image_size, stats)
+    raise SlimError(f"unknown data {name!r}: use 'fashion-mnist', a folder of class sub-folders, or a .npz file")
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random pad-and-crop (shift by up to ``pad`` pixels, zero fill) and horizontal flip, per image."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+    cols = torch.where(flip.view(n, 1, 1, 1), cols.flip(-1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1, 1)
+    idx_c = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def batches(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    do_augment: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches; under data parallelism, each rank gets its slice of every global batch.
+
+    The global batch is ``batch_size * world`` images, chosen and augmented identically on every
+    rank from (seed, epoch), so N processes see exactly what one process with the same global batch
+    sees. A trailing partial global batch is dropped when training (``shuffle``), kept otherwise.
+    """
+    n = len(ds)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    global_bs = batch_size * world
+    stop = (n // global_bs) * global_bs if shuffle else n
+    for start in range(0, stop, global_bs):
+        idx = order[start : start + global_bs]
+        x = ds.x[idx]
+        if do_augment:
+            x = augment(x, g)
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        if world > 1:
+            x, yb = x[lo:hi], ds.y[idx][lo:hi]
+        else:
+            yb = ds.y[idx]
+        if len(yb):
+            yield x, yb

@@ -1,0 +1,114 @@
+"""What is in a checkpoint: size, cost, and how sparse its BatchNorm gammas are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slim2deploy.checkpoint import Checkpoint, model_from_checkpoint
+from slim2deploy.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
+from slim2deploy.stats import count_macs, count_params
+
+
+@dataclass
+class Inspection:
+    arch: str
+    arch_kwargs: dict[str, Any]
+    input_shape: tuple[int, int, int]
+    params: int
+    macs: int
+    pruned: bool
+    gammas: list[GammaStats] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "input_shape": list(self.input_shape),
+            "params": self.params,
+            "macs": self.macs,
+            "pruned": self.pruned,
+            "gammas": [g.to_dict() for g in self.gammas],
+            "meta": self.meta,
+        }
+
+    def table(self) -> str:
+        lines = [
+            f"model      {self.arch} {self.arch_kwargs}{'  (pruned)' if self.pruned else ''}",
+            f"input      {'x'.join(map(str, self.input_shape))}",
+            f"params     {self.params:,}",
+            f"MACs       {self.macs:,}  (per image; FLOPs ~ 2 x MACs)",
+        ]
+        for key in ("dataset", "epochs", "val_acc", "small_gamma_share"):
+            if key in self.meta:
+                lines.append(f"{key:<10} {self.meta[key]}")
+        if self.gammas:
+            w = max(len(g.layer) for g in self.gammas)
+            lines.append("")
+            lines.append(
+                f"{'BatchNorm':<{w}}  {'count':>6}  {'<1e-2':>6}  {'<1e-3':>6}  {'min':>9}  {'median':>9}  {'max':>9}"
+            )
+            for g in self.gammas:
+                lines.append(
+                    f"{g.layer:<{w}}  {g.count:>6}  {g.below_1e2:>6.1%}  {g.below_1e3:>6.1%}  "
+                    f"{g.min:>9.2e}  {g.median:>9.2e}  {g.max:>9.2e}"
+                )
+            total = sum(g.count for g in self.gammas)
+            s2 = sum(g.below_1e2 * g.count for g in self.gammas) / total
+            s3 = sum(g.below_1e3 * g.count for g in self.gammas) / total
+            lines.append(f"{'all':<{w}}  {total:>6}  {s2:>6.1%}  {s3:>6.1%}")
+        return "\n".join(lines)
+
+
+def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspection:
+    model = model_from_checkpoint(ckpt, trust_code=trust_code)
+    shape = ckpt.input_shape if all(ckpt.input_shape) else (3, 224, 224)
+    x = torch.zeros(1, *shape)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("train_config", "versions", "classes")}
+    return Inspection(
+        ckpt.arch,
+        ckpt.arch_kwargs,
+        shape,
+        count_params(model),
+        count_macs(model, x),
+        ckpt.is_pruned,
+        gamma_stats(model),
+        meta,
+    )
+
+
+def plot_gammas(ckpt: Checkpoint, out: str | Path, *, trust_code: bool = False) -> Path:
+    """One |gamma| histogram per BatchNorm layer (log-spaced bins), plus one over all layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slim2deploy.fileio import atomic_path
+
+    model = model_from_checkpoint(ckpt, trust_code=trust_code)
+    layers = bn_layers(model)
+    n = len(layers) + 1
+    cols = min(6, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows), squeeze=False)
+    bins = torch.logspace(-6, 1, 36).numpy()
+    panels = [("all layers", all_gammas(model))] + [(name, bn.weight.detach().abs()) for name, bn in layers]
+    for ax, (name, g) in zip(axes.flat, panels, strict=False):
+        ax.hist(g.clamp(min=1e-6).numpy(), bins=bins, color="tab:blue")
+        ax.set_xscale("log")
+        ax.axvline(1e-2, color="tab:red", lw=0.8)
+        ax.set_title(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"|gamma| per BatchNorm ({ckpt.arch}); red line: 1e-2", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,361 @@
+"""The training loop: plain SGD over in-memory data, with the BatchNorm-gamma L1 penalty.
+
+Used for sparse training (``train``) and for fine-tuning a pruned model (``finetune``). Kept
+boring on purpose: one loop, no callbacks framework. Data parallelism follows torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU, nccl on GPU, BatchNorm converted to
+SyncBatchNorm so that N processes compute what one process computes at the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from slim2deploy import sparsity
+from slim2deploy.data import Dataset, batches
+from slim2deploy.errors import SlimError
+
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Defaults follow the official Network Slimming recipe, scaled to the number of epochs."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step: lr x0.1 at 50% and 75% of the epochs; cosine: per step
+    sparsity: float = 0.0  # lambda of the L1 penalty on BatchNorm gammas; 0 trains the baseline
+    sparsity_mode: str = "subgradient"  # or "proximal"
+    sparsity_warmup: float = 0.0  # epochs over which lambda ramps from 0
+    amp: bool = False
+    augment: bool = True
+    seed: int = 0
+    eval_batch_size: int = 500
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise SlimError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise SlimError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SlimError(f"--lr must be a positive number, got {self.lr}")
+        if self.sparsity < 0:
+            raise SlimError(f"--sparsity must be >= 0, got {self.sparsity}")
+        if self.sparsity_mode not in sparsity.MODES:
+            raise SlimError(f"--sparsity-mode must be one of {', '.join(sparsity.MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise SlimError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    small_gamma: float  # share of |gamma| < 1e-2
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment; a no-op for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=pick_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at ``progress`` epochs (fractional)."""
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(progress / cfg.epochs, 1.0)))
+    epoch = int(progress)
+    factor = 1.0
+    if epoch >= math.floor(cfg.epochs * 0.5) and cfg.epochs >= 2:
+        factor *= 0.1
+    if epoch >= math.floor(cfg.epochs * 0.75) and cfg.epochs >= 4:
+        factor *= 0.1
+    return cfg.lr * factor
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ds: Dataset,
+    batch_size: int = 500,
+    device: torch.device | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``ds`` in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in batches(ds, batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        out = model(x).float()
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(len(ds), 1)
+    return loss_sum / n, correct / n
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    cfg: TrainConfig,
+    *,
+    dist_info: DistInfo | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[EpochResult, nn.Module, torch.optim.Optimizer], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[EpochResult]:
+    """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch."""
+    cfg.validate()
+    info = dist_info or DistInfo(device=pick_device("auto"))
+    if len(train_ds) < cfg.batch_size * info.world:
+        raise SlimError(
+            f"{len(train_ds)} training images are fewer than one global batch "
+            f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
+        )
+    torch.manual_seed(cfg.seed)
+    model.to(info.device)
+    net: nn.Module = model
+    if info.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+    optimizer = make_optimizer(model, cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    use_scaler = cfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
+    steps_per_epoch = len(train_ds) // (cfg.batch_size * info.world)
+    history: list[EpochResult] = []
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        started = time.perf_counter()
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(
+            batches(
+                train_ds,
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                epoch=epoch,
+                do_augment=cfg.augment,
+                rank=info.rank,
+                world=info.world,
+            ),
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not (progress and info.is_main),
+            leave=True,
+            dynamic_ncols=True,
+        )
+        for step, (x, y) in enumerate(bar):
+            at = epoch + step / steps_per_epoch
+            lr = lr_at(cfg, at)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            lam = sparsity.warmed_up(cfg.sparsity, at, cfg.sparsity_warmup)
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with torch.autocast(info.device.type, dtype=amp_dtype, enabled=cfg.amp):
+                out = net(x)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.sparsity_mode == "subgradient":
+                scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
+                sparsity.add_l1_subgradient(model, lam)
+            scaler.step(optimizer)
+            scaler.update()
+            if cfg.sparsity_mode == "proximal":
+                sparsity.proximal_step(model, lr, lam)
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            if step % 20 == 0 or step == steps_per_epoch - 1:
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{correct / seen:.3f}",
+                    g_small=f"{sparsity.small_gamma_share(model):.1%}",
+                    lr=f"{lr:.3g}",
+                )
+        bar.close()
+        val_loss, val_acc = (float("nan"), float("nan"))
+        if val_ds is not None and info.is_main:
+            val_loss, val_acc = evaluate(model, val_ds, cfg.eval_batch_size, info.device)
+        result = EpochResult(
+            epoch=epoch + 1,
+            lr=lr,
+            train_loss=loss_sum / max(seen, 1),
+            train_acc=correct / max(seen, 1),
+            val_loss=val_loss,
+            val_acc=val_acc,
+            small_gamma=sparsity.small_gamma_share(model),
+            seconds=time.perf_counter() - started,
+        )
+        history.append(result)
+        if progress and info.is_main:
+            tqdm.write(
+                f"epoch {result.epoch}: train loss {result.train_loss:.4f} acc {result.train_acc:.4f} | "
+                f"val loss {result.val_loss:.4f} acc {result.val_acc:.4f} | "
+                f"gamma<1e-2 {result.small_gamma:.1%} | {result.seconds:.1f}s"
+            )
+        if on_epoch_end is not None and info.is_main:
+            on_epoch_end(result, model, optimizer)
+    return history
+
+
+def train_command(
+    *,
+    arch: str,
+    width: float | None,
+    data: str,
+    data_dir: str | None,
+    image_size: int | None,
+    limit_train: int | None,
+    limit_val: int | None,
+    cfg: TrainConfig,
+    out: str,
+    resume: str | None = None,
+    device: str = "auto",
+    trust_code: bool = False,
+) -> tuple[list[EpochResult], bool]:
+    """What ``slim2deploy train`` does: build or resume a model, train it, checkpoint every epoch.
+
+    Returns the epoch results and whether this process is the one that writes files.
+    """
+    from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from slim2deploy.data import load_dataset
+    from slim2deploy.zoo import create_model
+
+    cfg.validate()
+    info = init_distributed(device)
+    start_epoch, optimizer_state, previous = 0, None, []
+    if resume:
+        ckpt = load_checkpoint(resume, trust_pickle=trust_code)
+        if not ckpt.train_state:
+            raise SlimError(f"{resume} has no training state to resume from (was it pruned or exported?)")
+        model = model_from_checkpoint(ckpt, trust_code=trust_code)
+        arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
+        start_epoch = int(ckpt.train_state["epoch"])
+        optimizer_state = ckpt.train_state.get("optimizer")
+        previous = list(ckpt.train_state.get("history", []))
+        stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
+        train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
+        if start_epoch >= cfg.epochs:
+            raise SlimError(f"{resume} already finished {start_epoch} epochs; pass a larger --epochs to go on")
+    else:
+        train_ds = load_dataset(data, "train", data_dir, image_size).subset(limit_train)
+        arch_kwargs: dict[str, Any] = {"num_classes": train_ds.num_classes, "in_channels": train_ds.input_shape[0]}
+        if width is not None:
+            arch_kwargs["width"] = width
+        if arch.startswith("torchvision:"):
+            arch_kwargs.pop("in_channels")
+        model = create_model(arch, **arch_kwargs)
+    val_ds = load_dataset(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std)).subset(limit_val)
+    if val_ds.input_shape != train_ds.input_shape:
+        raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
+
+    meta = {
+        "dataset": train_ds.name,
+        "classes": train_ds.classes,
+        "mean": list(train_ds.mean),
+        "std": list(train_ds.std),
+        "train_images": len(train_ds),
+        "train_config": cfg.to_dict(),
+        "world_size": info.world,
+    }
+
+    def save(result: EpochResult, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        done = [*previous, result.to_dict()]
+        ckpt = checkpoint_for(
+            net,
+            arch,
+            arch_kwargs,
+            train_ds.input_shape,
+            train_ds.num_classes,
+            meta={**meta, "epochs": result.epoch, "val_acc": result.val_acc, "small_gamma_share": result.small_gamma},
+        )
+        ckpt.train_state = {"epoch": result.epoch, "optimizer": optimizer.state_dict(), "history": done}
+        previous.append(result.to_dict())
+        save_checkpoint(ckpt, out)
+
+    history = fit(
+        model,
+        train_ds,
+        val_ds,
+        cfg,
+        dist_info=info,
+        start_epoch=start_epoch,
+        optimizer_state=optimizer_state,
+        on_epoch_end=save,
+    )
+    if info.is_main:
+        tqdm.write(f"wrote {out}")
+    if info.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return history, info.is_main
