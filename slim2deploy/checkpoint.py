@@ -130,7 +130,7 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
             raise SlimError(f"{path} is not a readable torch checkpoint ({_first_line(exc)})") from exc
         obj = _pickled_module(path, trust_pickle)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as exc:
         raise SlimError(
             f"{path} is truncated or not a torch checkpoint ({_first_line(exc)}); re-create or re-download it"
         ) from exc

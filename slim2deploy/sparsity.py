@@ -6,7 +6,10 @@ Two ways to apply lambda * sum|gamma|:
   ``scaler.unscale_``) and under DDP (gradients are already averaged, so every rank adds the same).
   gamma oscillates around zero instead of reaching it.
 - ``proximal``: after ``optimizer.step()`` soft-threshold gamma <- sign(gamma) * max(|gamma| - lr*lambda, 0).
-  This is the proximal operator of the same penalty; it produces exact zeros.
+  This is the proximal operator of the same penalty; it produces exact zeros. The training loop
+  passes the effective step lr/(1-momentum): with momentum 0.9 the subgradient's pull is ten times
+  lr*lambda, and with the plain lr the same lambda pulled ten times weaker in proximal mode
+  (measured: 2% vs 89% of gamma below 1e-2 after the same short run).
 
 beta (the BatchNorm bias) is never penalised.
 """

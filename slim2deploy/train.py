@@ -231,7 +231,9 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             if cfg.sparsity_mode == "proximal":
-                sparsity.proximal_step(model, lr, lam)
+                # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
+                # the same effective step here gives lambda the same pull as in subgradient mode.
+                sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())

@@ -1,0 +1,112 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import run_cli
+from slim2deploy.checkpoint import (
+    Checkpoint, checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint,
+)
+from slim2deploy.errors import SlimError
+from slim2deploy.zoo import create_model
+
+
+def _ckpt(tmp_path, arch="resnet20"):
+    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.25}
+    model = create_model(arch, **kwargs)
+    ckpt = checkpoint_for(model, arch, kwargs, (1, 28, 28), 10, meta={"mean": [0.0], "std": [1.0]})
+    path = save_checkpoint(ckpt, tmp_path / "m.pt")
+    return model, path
+
+
+def test_round_trip_is_weights_only_and_exact(tmp_path):
+    model, path = _ckpt(tmp_path)
+    raw = torch.load(path, weights_only=True)  # the format itself needs no pickled classes
+    assert raw["format"].startswith("slim2deploy.checkpoint/")
+    rebuilt = model_from_checkpoint(load_checkpoint(path))
+    x = torch.randn(3, 1, 28, 28)
+    model.eval()
+    assert torch.equal(model(x), rebuilt(x))
+    assert "torch" in raw["meta"]["versions"]
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    _, path = _ckpt(tmp_path)
+    before = path.read_bytes()
+    bad = Checkpoint("vgg11", {}, (1, 28, 28), 10, {"w": torch.zeros(1)})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(bad, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "text", "state_dict", "directory"])
+def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case):
+    _, good = _ckpt(tmp_path)
+    target = tmp_path / "bad.pt"
+    if case == "truncated":
+        target.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif case == "text":
+        target.write_text("this is not a checkpoint\n")
+    elif case == "state_dict":
+        torch.save(create_model("vgg11", width=0.125).state_dict(), target)
+    elif case == "directory":
+        target.mkdir()
+    proc = run_cli("inspect", str(target))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and "error:" in lines[0], proc.stderr
+    expected = {"missing": "no such checkpoint", "truncated": "truncated", "text": "not",
+                "state_dict": "bare state_dict", "directory": "directory"}[case]
+    assert expected in lines[0]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_not_executed_without_trust(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "slim2deploy.checkpoint/1", "state_dict": {}, "x": _Payload(marker)}, evil)
+    with pytest.raises(SlimError, match="--trust-pickle"):
+        load_checkpoint(evil)
+    proc = run_cli("inspect", str(evil))
+    assert proc.returncode != 0 and "--trust-pickle" in proc.stderr
+    assert not marker.exists()
+
+
+def test_pickled_module_loads_only_with_trust(tmp_path):
+    model = create_model("vgg11", in_channels=1, num_classes=10, width=0.125).eval()
+    path = tmp_path / "module.pt"
+    torch.save(model, path)
+    with pytest.raises(SlimError, match="pickled"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match="runs any code"):
+        ckpt = load_checkpoint(path, trust_pickle=True)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model_from_checkpoint(ckpt)(x), model(x))
+
+
+def test_user_factory_needs_trust(tmp_path):
+    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
+    model = create_model("vgg11", **kwargs)
+    ckpt = checkpoint_for(model, "slim2deploy.zoo:VGG", {}, (1, 28, 28), 10)
+    with pytest.raises(SlimError, match="trust"):
+        model_from_checkpoint(ckpt)
+
+
+def test_pickle_module_used_by_payload_is_really_blocked():
+    # guards the test above: the payload would run if unpickled without weights_only
+    assert pickle.loads(pickle.dumps(_Payload("/dev/null"))) == 0
