@@ -114,6 +114,45 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics span all processes, for CPU (nn.SyncBatchNorm needs CUDA).
+
+    Sums and sums of squares are all-reduced with autograd support, so gradients flow to every
+    rank's inputs as they would through one big batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        totals = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        c = x.shape[1]
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = (totals[c : 2 * c] / n - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make BatchNorm statistics global across processes (in place; parameters are kept)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats:
+            m.__class__ = CpuSyncBatchNorm  # same parameters and buffers, global statistics
+    return model
+
+
 def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Learning rate at ``progress`` epochs (fractional)."""
     if cfg.schedule == "cosine":
@@ -178,7 +217,7 @@ def fit(
     model.to(info.device)
     net: nn.Module = model
     if info.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model, info.device)
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
@@ -316,6 +355,7 @@ def train_command(
             arch_kwargs["width"] = width
         if arch.startswith("torchvision:"):
             arch_kwargs.pop("in_channels")
+        torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed repeats
         model = create_model(arch, **arch_kwargs)
     val_ds = load_dataset(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std)).subset(limit_val)
     if val_ds.input_shape != train_ds.input_shape:

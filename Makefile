@@ -1,0 +1,36 @@
+# Two commands for a fresh machine:  make demo  (set up, run the main job)  and  make test.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+S2D    := $(VENV)/bin/slim2deploy
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO   ?= build/demo
+
+.PHONY: setup data test lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# type stubs only: the real tensorrt wheel downloads from NVIDIA's index, so skip its dependencies
+	$(PY) -m pip install -q --no-deps tensorrt-stubs
+	touch $@
+
+data:
+	@test -f $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+lint: setup
+	$(PY) -m ruff check slim2deploy tests bench
+	$(PY) -m mypy slim2deploy/engine.py slim2deploy/runtime.py
+
+test: setup data lint
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+demo: setup data
+	$(S2D) train --arch vgg11 --width 0.25 --data fashion-mnist --epochs 1 --limit-train 5000 \
+		--sparsity 1e-4 --out $(DEMO)/sparse.pt
+	$(S2D) inspect $(DEMO)/sparse.pt --plot $(DEMO)/gammas.png
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
