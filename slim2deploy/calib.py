@@ -1,0 +1,116 @@
+"""Calibration sets: a small, fixed sample of preprocessed training inputs for int8 calibration.
+
+Format (see ``calib/README.md``): an ``.npz`` file with ``x``, float32 N x C x H x W, preprocessed
+exactly as the model's training inputs, and optionally ``y`` (int64 labels), ``mean`` and ``std``
+(the per-channel normalisation that produced ``x``, for the record).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from slim2deploy.errors import SlimError
+from slim2deploy.fileio import atomic_path
+
+# Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
+PLAUSIBLE_ABS_MAX = 50.0
+
+
+def stratified_indices(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices drawn at random with each class represented in proportion to its frequency."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = np.floor(counts / counts.sum() * n).astype(int)
+    # hand out the rounding remainder to the classes with the largest fractional share
+    remainder = n - int(quota.sum())
+    frac = counts / counts.sum() * n - quota
+    quota[np.argsort(-frac, kind="stable")[:remainder]] += 1
+    picked = [
+        rng.choice(np.flatnonzero(y == c), size=min(q, cnt), replace=False)
+        for c, q, cnt in zip(classes, quota, counts, strict=True)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+def make_calib_set(
+    dataset_name: str,
+    n: int,
+    out: str | Path,
+    data_dir: str | None = None,
+    seed: int = 0,
+    *,
+    image_size: int | None = None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> Path:
+    """Write ``n`` training images of ``dataset_name`` (stratified by label, seeded) to ``out``.
+
+    ``stats`` = (mean, std) must be the model's training normalisation for sources whose
+    statistics are computed from the data (folders, .npz); Fashion-MNIST uses its standard values.
+    """
+    from slim2deploy.data import load_dataset
+
+    if n <= 0:
+        raise SlimError(f"a calibration set needs at least one image, got --n {n}")
+    ds = load_dataset(dataset_name, "train", data_dir, image_size=image_size, stats=stats)
+    if n > len(ds):
+        raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")
+    y = ds.y.numpy()
+    idx = stratified_indices(y, n, seed)
+    arrays = {
+        "x": ds.x.numpy()[idx].astype(np.float32),
+        "y": y[idx].astype(np.int64),
+        "mean": np.asarray(ds.mean, dtype=np.float32),
+        "std": np.asarray(ds.std, dtype=np.float32),
+    }
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return out
+
+
+def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Read ``x`` from a calibration set and check it fits a model taking ``input_shape`` = (C, H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimError(f"no such calibration set: {path} (make one with 'slim2deploy calib')")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise SlimError(f"{path} has no array 'x' (it has {sorted(arrays.files)}); see calib/README.md")
+            x = arrays["x"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SlimError(f"{path} is not a readable .npz calibration set ({exc}); re-create it") from exc
+    return check_calib(x, input_shape, str(path))
+
+
+def check_calib(
+    x: np.ndarray, input_shape: tuple[int, int, int] | None = None, source: str = "calibration set"
+) -> np.ndarray:
+    """Validate calibration inputs: float32, N x C x H x W matching ``input_shape``, finite, normalised."""
+    if x.dtype != np.float32:
+        raise SlimError(
+            f"{source}: x has dtype {x.dtype}, but calibration inputs must be float32 preprocessed exactly "
+            "like the training inputs; re-create it with 'slim2deploy calib'"
+        )
+    if x.ndim != 4 or len(x) == 0:
+        raise SlimError(f"{source}: x must be N x C x H x W with N >= 1, got shape {x.shape}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise SlimError(
+            f"{source}: images are {tuple(x.shape[1:])} (C, H, W) but the model takes {tuple(input_shape)}; "
+            "use a calibration set made from the model's own dataset"
+        )
+    if not np.isfinite(x).all():
+        raise SlimError(f"{source}: x contains NaN or infinite values; re-create it")
+    peak = float(np.abs(x).max())
+    if peak > PLAUSIBLE_ABS_MAX:
+        raise SlimError(
+            f"{source}: values reach {peak:.1f}, which looks like raw pixels rather than normalised inputs; "
+            "calibration data must be preprocessed like the training data (see calib/README.md)"
+        )
+    return x
