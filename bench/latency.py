@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Latency and throughput of ONNX models, TensorRT engines or slim2deploy checkpoints.
+
+Run it on each target machine; models given together are measured interleaved in one run:
+
+    python bench/latency.py slim.onnx --baseline baseline.onnx --batch 1,8,32,64,128 \\
+        --json bench.json --markdown bench.md --plot bench.png
+
+``.onnx`` runs on ONNX Runtime, ``.engine`` on TensorRT (needs cuda-python or pycuda), ``.pt``
+checkpoints on torch. For ``.onnx`` and ``.engine`` only numpy and the runtime are needed:
+torch is never imported. Works from a checkout without installing slim2deploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slim2deploy.benchmark import benchmark, format_table, plot, write_json, write_markdown  # noqa: E402
+from slim2deploy.errors import SlimError  # noqa: E402
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
+    p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
+    p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, comma-separated (default: 1)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="warm-up time per model and batch (default: 1 s)")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations per model and batch (default: 200)")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds the iterations are split into (default: 5)"
+    )
+    p.add_argument("--input-sets", type=int, default=3, help="random input sets rotated through (default: 3)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "cpu", "cuda", "tensorrt"],
+        default="auto",
+        help="device / ONNX Runtime execution provider: auto (CUDA when available), cpu, cuda, tensorrt (the "
+        "TensorRT EP for .onnx); .engine files always run on TensorRT",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own")
+    p.add_argument(
+        "--ort-opt-level",
+        choices=["disable", "basic", "extended", "all"],
+        default="all",
+        help="ONNX Runtime graph optimisation (judge TensorRT-bound Q/DQ graphs at basic)",
+    )
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="torch checkpoints only")
+    p.add_argument("--channels-last", action="store_true", help="torch checkpoints: channels_last memory format")
+    p.add_argument("--cuda-graph", action="store_true", help="capture and replay CUDA graphs (torch CUDA, TensorRT)")
+    p.add_argument("--no-rss", action="store_true", help="skip the separate-process peak memory of ONNX Runtime")
+    p.add_argument("--json", type=Path, help="write the full results as JSON")
+    p.add_argument("--markdown", type=Path, help="write the tables as Markdown")
+    p.add_argument("--plot", type=Path, help="write latency and throughput against batch as PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        result = benchmark(
+            args.models,
+            baseline=args.baseline,
+            batches=args.batch,
+            warmup_s=args.warmup_s,
+            iterations=args.iters,
+            rounds=args.rounds,
+            input_sets=args.input_sets,
+            measure_rss=not args.no_rss,
+            log=log,
+            device=args.backend,
+            threads=args.threads,
+            opt_level=args.ort_opt_level,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            cuda_graph=args.cuda_graph,
+        )
+        print(format_table(result), end="")
+        for path, write in ((args.json, write_json), (args.markdown, write_markdown), (args.plot, plot)):
+            if path is not None:
+                write(result, path)
+                print(f"wrote {path}")
+    except SlimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
