@@ -296,12 +296,17 @@ def _parser_errors(parser: trt.OnnxParser) -> list[dict[str, Any]]:
 
 
 def onnx_precision(onnx_path: str | os.PathLike[str]) -> str:
-    """``int8`` (Q/DQ nodes), ``fp16`` (fp16 tensors) or ``fp32``, read from the graph itself."""
+    """The graph's precision: slim2deploy's own tag, else ``int8`` (Q/DQ nodes), ``fp16`` or ``fp32``."""
     try:
         import onnx
     except ImportError:
         return "unknown"
+    from slim2deploy.export import PRECISION_KEY
+
     model = onnx.load(str(onnx_path), load_external_data=False)
+    tagged = {p.key: p.value for p in model.metadata_props}.get(PRECISION_KEY)
+    if tagged:  # written by slim2deploy's own export and precision stages
+        return tagged
     graph = model.graph
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
         return "int8"

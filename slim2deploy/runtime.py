@@ -604,13 +604,14 @@ class TrtRunner(Runner):
         self._memory: dict[str, int] = {}
 
     def _activate(self) -> RunnerInfo:
+        from slim2deploy.engine import dims_tuple, engine_available, load_engine
+
+        ok, reason = engine_available()
+        cuda = cuda_api()
+        if not ok or cuda is None:
+            raise SlimError(f"cannot run {self.path.name}: {reason}")
         import tensorrt as trt
 
-        from slim2deploy.engine import dims_tuple, load_engine
-
-        cuda = cuda_api()
-        if cuda is None or cuda.device_count() == 0:
-            raise SlimError("running a TensorRT engine needs a GPU and cuda-python or pycuda (pip install cuda-python)")
         self._cuda = cuda
         self._dims_tuple = dims_tuple
         free_before = cuda.mem_free()
