@@ -51,7 +51,7 @@ class RunnerInfo:
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "sample_shape": list(self.sample_shape)}
 
 
 class Runner(abc.ABC):

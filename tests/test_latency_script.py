@@ -1,0 +1,126 @@
+"""bench/latency.py as users run it: a subprocess, and on a Python that has no torch at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from test_runtime import export_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "latency.py"
+FAST = ["--warmup-s", "0.05", "--iters", "12", "--rounds", "3", "--threads", "1"]
+
+
+def run_script(*args: str, python: str = sys.executable, extra: list[str] | None = None, cwd: Path | None = None):
+    # no PYTHONPATH: the script must find the package by itself, as in a bare checkout
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [python, *(extra or []), str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("script")
+    return export_tiny(d / "baseline.onnx", 16)[0], export_tiny(d / "slim.onnx", 8)[0]
+
+
+def test_script_prints_table_and_writes_reports(models, tmp_path):
+    base, slim = models
+    out = tmp_path / "r"
+    proc = run_script(
+        str(slim),
+        "--baseline",
+        str(base),
+        "--batch",
+        "1,4",
+        *FAST,
+        "--json",
+        str(out / "r.json"),
+        "--markdown",
+        str(out / "r.md"),
+        "--plot",
+        str(out / "r.png"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1.00x (base)" in proc.stdout and "samples/s" in proc.stdout
+    assert "batch 4: warm-up" in proc.stderr
+    data = json.loads((out / "r.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["baseline", "slim"]
+    assert {s["batch"] for s in data["speedups"]} == {1, 4}
+    assert (out / "r.md").read_text().startswith("## Latency")
+    assert (out / "r.png").stat().st_size > 1000
+
+
+def test_script_errors_are_one_line(tmp_path):
+    proc = run_script(str(tmp_path / "missing.onnx"), *FAST)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no such model file")
+    proc = run_script(str(tmp_path / "x.onnx"), "--batch", "0,4")
+    assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
+
+
+def test_script_never_imports_torch(models):
+    """-X importtime lists every module the interpreter imported, torch would show up there."""
+    base, slim = models
+    proc = run_script(str(slim), "--baseline", str(base), *FAST, "--no-rss", extra=["-X", "importtime"])
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "onnxruntime" in imported and "slim2deploy.benchmark" in imported
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+
+
+def _torch_free_venv() -> Path:
+    """A venv with only numpy and onnxruntime, built once and reused across test sessions."""
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    venv = Path(tempfile.gettempdir()) / f"slim2deploy-notorch-venv-{tag}"
+    python = venv / "bin" / "python"
+    if (venv / ".complete").exists() and python.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "numpy", "onnxruntime"], capture_output=True, text=True, timeout=600
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install numpy + onnxruntime into a fresh venv: {pip.stderr.strip()[-300:]}")
+    (venv / ".complete").write_text("numpy onnxruntime\n")
+    return python
+
+
+@pytest.mark.slow
+def test_script_runs_on_onnx_in_a_venv_without_torch(models, tmp_path):
+    python = _torch_free_venv()
+    check = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
+    assert check.returncode != 0, "the test venv must not have torch"
+    base, slim = models
+    proc = run_script(
+        str(slim),
+        "--baseline",
+        str(base),
+        "--batch",
+        "1,2",
+        *FAST,
+        "--json",
+        str(tmp_path / "r.json"),
+        python=str(python),
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["environment"]["torch"] is None
+    slim_result = data["models"][1]
+    # without onnx installed MACs are unknown, but timings and the process memory are there
+    assert slim_result["size"]["memory"]["ort_peak_rss"] > 0
+    assert len(slim_result["batches"]) == 2 and data["speedups"][0]["speedup"] > 0
