@@ -1,0 +1,365 @@
+"""Precision lives in the graph: fp16 ONNX graphs and calibrated int8 Q/DQ ONNX graphs.
+
+TensorRT 10 (strongly typed networks) and 11 compile what the ONNX file says, so the precision
+is decided here and every variant is checked on ONNX Runtime (CPU).
+
+int8 flavours (both explicit QuantizeLinear/DequantizeLinear, per-channel symmetric weights):
+- ``tensorrt``: S8S8, symmetric activations, Q/DQ only on the inputs and weights of Conv/Gemm/
+  MatMul, float biases (TensorRT fuses the rest itself and has no int32 bias DQ). Judge it at ORT's
+  BASIC level: on this AVX2 CPU ORT's fused S8S8 int8 kernels lose accuracy badly, while BASIC
+  keeps the plain Q/DQ arithmetic that TensorRT reproduces. The file records this in its metadata
+  (``slim2deploy.ort_optimization = basic``), which ``export.ort_session(..., "auto")`` honours.
+- ``cpu``: U8S8 with ``reduce_range`` (7-bit weights avoid the AVX2 int16 saturation), Q/DQ
+  around Conv, Gemm, MatMul, Add, Concat and pooling so ORT fuses them into QLinear kernels.
+
+Calibration runs ONNX Runtime's calibrators directly rather than through ``quantize_static``:
+that function does not pass the histogram sizes on, so Entropy ran with 128 bins and 128
+quantized bins, which leaves exactly one candidate threshold (the full range) -- the same scales
+as MinMax. Here Entropy uses 2048 bins and 128 quantized bins (TensorRT's own entropy setting)
+and Percentile 2048 bins at the 99.99th percentile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slim2deploy.errors import SlimError
+from slim2deploy.export import (
+    ORT_LEVEL_KEY,
+    PRECISION_KEY,
+    compare_outputs,
+    load_onnx,
+    ort_session,
+    run_onnx,
+    save_onnx,
+)
+from slim2deploy.fileio import sha256_file
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_FLAVOURS = ("tensorrt", "cpu")
+HIST_BINS, ENTROPY_QUANT_BINS, DEFAULT_PERCENTILE = 2048, 128, 99.99
+_TRT_OPS = ["Conv", "Gemm", "MatMul"]
+_CPU_OPS = [*_TRT_OPS, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"]
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise SlimError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _tag(model: Any, precision: str, ort_level: str) -> None:
+    meta = {p.key: p for p in model.metadata_props}
+    for key, value in ((PRECISION_KEY, precision), (ORT_LEVEL_KEY, ort_level)):
+        if key in meta:
+            meta[key].value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def to_fp16(onnx_in: str | Path, onnx_out: str | Path, *, keep_io_fp32: bool = True) -> Path:
+    """Write an fp16 copy of ``onnx_in``: weights and activations in fp16; inputs/outputs fp32 by default.
+
+    Uses ONNX Runtime's own converter (``onnxruntime.transformers.float16``), which keeps ops that
+    have no fp16 definition (Resize scales, shape arithmetic) in fp32 behind Casts.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = load_onnx(onnx_in)
+    half = convert_float_to_float16(model, keep_io_types=keep_io_fp32)
+    _tag(half, "fp16" if keep_io_fp32 else "fp16-io", "all")
+    return save_onnx(half, onnx_out)
+
+
+class _Reader:
+    """A CalibrationDataReader over an in-memory array, in fixed-size batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch_size: int, fixed_batch: int | None):
+        step = fixed_batch or batch_size
+        chunks = [x[i : i + step] for i in range(0, len(x), step)]
+        if fixed_batch:  # a static-batch graph only takes full batches
+            chunks = [c for c in chunks if len(c) == fixed_batch] or [np.resize(x, (fixed_batch, *x.shape[1:]))]
+        self._feeds = iter([{name: np.ascontiguousarray(c, dtype=np.float32)} for c in chunks])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+@dataclass
+class Int8Result:
+    path: str
+    method: str
+    flavour: str
+    n_calib: int
+    seconds: float
+    ort_optimization: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Int8Result:
+        return cls(**d)
+
+
+def quantize_int8(
+    onnx_in: str | Path,
+    onnx_out: str | Path,
+    calib_x: np.ndarray,
+    *,
+    method: str = "minmax",
+    flavour: str = "tensorrt",
+    percentile: float = DEFAULT_PERCENTILE,
+    batch_size: int = 32,
+) -> Int8Result:
+    """Calibrate on ``calib_x`` (float32 N x C x H x W, preprocessed) and write an explicit Q/DQ graph."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType, create_calibrator
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+    from slim2deploy.calib import check_calib
+
+    if method not in CALIB_METHODS:
+        raise SlimError(f"unknown calibration method {method!r}; use one of {', '.join(CALIB_METHODS)}")
+    if flavour not in INT8_FLAVOURS:
+        raise SlimError(f"unknown int8 flavour {flavour!r}; use tensorrt (S8S8 for GPUs) or cpu (U8S8)")
+    model = load_onnx(onnx_in)
+    inp = model.graph.input[0]
+    dims = [d.dim_value if d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+    calib_x = check_calib(calib_x, tuple(dims[1:]), "calibration set")  # type: ignore[arg-type]
+    start = time.perf_counter()
+    trt = flavour == "tensorrt"
+    ops = _TRT_OPS if trt else _CPU_OPS
+    calib_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+    calib_options: dict[str, Any] = {"symmetric": trt, "num_bins": HIST_BINS}
+    if method == "entropy":
+        calib_options["num_quantized_bins"] = ENTROPY_QUANT_BINS
+    if method == "percentile":
+        calib_options.update(percentile=percentile, symmetric=True)
+    with tempfile.TemporaryDirectory(prefix="slim2deploy-int8-") as tmp, _quiet():
+        calibrator = create_calibrator(
+            Path(onnx_in),
+            ops,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=calib_method,
+            extra_options=calib_options,
+        )
+        calibrator.collect_data(_Reader(inp.name, calib_x, batch_size, dims[0]))
+        ranges = calibrator.compute_data()
+        del calibrator
+        options: dict[str, Any] = {"ActivationSymmetric": trt, "WeightSymmetric": True}
+        if trt:
+            options.update(QuantizeBias=False, OpTypesToExcludeOutputQuantization=_TRT_OPS)
+        quantizer = QDQQuantizer(
+            load_model_with_shape_infer(Path(onnx_in)),
+            True,  # per-channel weights
+            not trt,  # reduce_range: 7-bit weights for the CPU's u8s8 kernels
+            QuantType.QInt8,
+            QuantType.QInt8 if trt else QuantType.QUInt8,
+            ranges,
+            [],
+            [],
+            ops,
+            options,
+        )
+        quantizer.quantize_model()
+        quantized = quantizer.model.model
+    level = "basic" if trt else "all"
+    _tag(quantized, f"int8-{flavour}-{method}", level)
+    save_onnx(quantized, onnx_out)
+    return Int8Result(str(onnx_out), method, flavour, len(calib_x), round(time.perf_counter() - start, 3), level)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """ONNX Runtime's calibrators print progress and log pre-processing advice; keep the CLI readable."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def activation_scales(onnx_path: str | Path) -> dict[str, float]:
+    """Scale of every per-tensor (activation) QuantizeLinear in a Q/DQ graph, by quantized tensor name."""
+    from onnx import numpy_helper
+
+    model = load_onnx(onnx_path, check=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[1] in inits:
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            if scale.ndim == 0:
+                scales[node.input[0]] = float(scale)
+    return scales
+
+
+@dataclass
+class AgreementReport:
+    """A candidate ONNX graph against an fp32 reference on held-out inputs."""
+
+    candidate: str
+    n: int
+    top1_agreement: float
+    max_abs: float
+    max_rel: float
+    accuracy: float | None
+    reference_accuracy: float | None
+    ort_optimization: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgreementReport:
+        return cls(**d)
+
+    def summary(self) -> str:
+        text = f"{Path(self.candidate).name}: top-1 agreement with fp32 {self.top1_agreement:.2%} on {self.n} inputs"
+        if self.accuracy is not None and self.reference_accuracy is not None:
+            text += f", accuracy {self.accuracy:.2%} (fp32 {self.reference_accuracy:.2%})"
+        return text + f", max rel error {self.max_rel:.3g} (ORT optimisation {self.ort_optimization})"
+
+
+def evaluate_onnx(
+    candidate: str | Path,
+    reference: str | Path,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    optimization: str = "auto",
+    batch_size: int = 64,
+) -> AgreementReport:
+    """Top-1 agreement (and accuracy when labels ``y`` are given) of ``candidate`` against fp32 ``reference``.
+
+    ``optimization="auto"`` uses the level recorded in the candidate (BASIC for TensorRT int8 graphs).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sess = ort_session(candidate, optimization)
+    level = optimization
+    if optimization == "auto":
+        level = {p.key: p.value for p in load_onnx(candidate, check=False).metadata_props}.get(ORT_LEVEL_KEY, "all")
+    ref = run_onnx(ort_session(reference, "all"), x, batch_size)
+    out = run_onnx(sess, x, batch_size)
+    report = compare_outputs(ref, out, rtol=0.0, atol=0.0, what=str(candidate))
+    acc = ref_acc = None
+    if y is not None:
+        acc = float((out.argmax(1) == y).mean())
+        ref_acc = float((ref.argmax(1) == y).mean())
+    return AgreementReport(
+        str(candidate), len(x), report.top1_agreement, report.max_abs, report.max_rel, acc, ref_acc, level
+    )
+
+
+@dataclass
+class PrecisionExport:
+    """Everything one ``export_precision`` call produced and measured, JSON-able for reports."""
+
+    precision: str
+    export: dict[str, Any]
+    parity: dict[str, Any] | None = None
+    int8: dict[str, Any] | None = None
+    agreement: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrecisionExport:
+        return cls(**d)
+
+
+def export_precision(
+    model: Any,
+    input_shape: tuple[int, int, int],
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    calib_x: np.ndarray | None = None,
+    calib_method: str = "minmax",
+    flavour: str = "tensorrt",
+    static_batch: int | None = None,
+    opset: int | None = None,
+    eval_x: np.ndarray | None = None,
+    eval_y: np.ndarray | None = None,
+    seed: int = 0,
+    fp16_io: bool = False,
+) -> PrecisionExport:
+    """Export ``model`` at ``precision`` to ``out``, gated: fp32 and fp16 must match torch within tolerance.
+
+    The fp32 graph is always exported and parity-checked first (on random inputs plus up to 64
+    calibration/evaluation inputs); fp16 gets its own tolerance; int8 needs ``calib_x`` and reports
+    top-1 agreement with fp32 on ``eval_x`` (held-out data; the calibration set when none is given).
+    Nothing is written to ``out`` unless every check passes.
+    """
+    import torch
+
+    from slim2deploy.export import (
+        DEFAULT_OPSET,
+        FP16_ATOL,
+        FP16_RTOL,
+        FP32_ATOL,
+        FP32_RTOL,
+        check_parity,
+        export_onnx,
+    )
+
+    check_precision(precision)
+    if precision == "int8" and calib_x is None:
+        raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
+    if static_batch is not None and static_batch < 1:
+        raise SlimError(f"--static-batch must be at least 1, got {static_batch}")
+    rng = np.random.default_rng(seed)
+    probe = rng.standard_normal((8, *input_shape)).astype(np.float32)
+    real = eval_x if eval_x is not None else calib_x
+    if real is not None:
+        probe = np.concatenate([probe, np.asarray(real[:64], dtype=np.float32)])
+    example = torch.from_numpy(probe[: static_batch or 1].copy())
+    if static_batch and len(example) < static_batch:
+        example = torch.from_numpy(np.resize(probe, (static_batch, *input_shape)))
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        result = export_onnx(
+            model, example, fp32_path, opset=opset or DEFAULT_OPSET, dynamic_batch=static_batch is None
+        )
+        parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
+        parity.raise_if_failed()
+        report = PrecisionExport(precision, result.to_dict(), parity.to_dict())
+        final = Path(tmp) / "final.onnx"
+        if precision == "fp32":
+            final = fp32_path
+        elif precision == "fp16":
+            to_fp16(fp32_path, final, keep_io_fp32=not fp16_io)
+            fp16_parity = check_parity(model, final, probe, rtol=FP16_RTOL, atol=FP16_ATOL)
+            fp16_parity.raise_if_failed()
+            report.parity = fp16_parity.to_dict()
+        else:
+            assert calib_x is not None
+            report.int8 = quantize_int8(fp32_path, final, calib_x, method=calib_method, flavour=flavour).to_dict()
+            if eval_x is not None:
+                report.agreement = evaluate_onnx(final, fp32_path, eval_x, eval_y).to_dict()
+            else:
+                report.agreement = evaluate_onnx(final, fp32_path, calib_x).to_dict()
+        save_onnx(load_onnx(final), out)
+    report.export.update(path=str(out), bytes=out.stat().st_size, sha256=sha256_file(out))
+    return report
