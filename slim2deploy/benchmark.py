@@ -343,10 +343,25 @@ def model_size(runner: Runner) -> ModelSize:
 
 _RSS_SCRIPT = r"""
 import json, resource, sys
+
+
+def peak_bytes():
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across fork+exec
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 import numpy as np
 import onnxruntime as ort
+
 path, batch, threads, level = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_bytes()
 opts = ort.SessionOptions()
 opts.graph_optimization_level = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -362,8 +377,7 @@ dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
 x = np.zeros([batch, *inp.shape[1:]], dtype=dtype)
 for _ in range(3):
     sess.run(None, {inp.name: x})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"ort_peak_rss": peak * 1024, "ort_runtime_only_rss": base * 1024}))
+print(json.dumps({"ort_peak_rss": peak_bytes(), "ort_runtime_only_rss": base}))
 """
 
 

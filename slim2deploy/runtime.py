@@ -381,7 +381,7 @@ class TorchRunner(Runner):
             return host
 
     def memory(self) -> dict[str, int]:
-        if self._torch_device.type != "cuda":
+        if not self.is_active or self._torch_device.type != "cuda":
             return {}
         import torch
 
