@@ -401,3 +401,47 @@ def train_command(
         dist.barrier()
         dist.destroy_process_group()
     return history, info.is_main
+
+
+def finetune_checkpoint(
+    src: str,
+    dst: str,
+    *,
+    data: str,
+    data_dir: str | None = None,
+    epochs: int = 5,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
+    seed: int = 0,
+    schedule: str = "cosine",
+    device: str = "auto",
+    trust_code: bool = False,
+    progress: bool = True,
+) -> list[EpochResult]:
+    """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
+
+    The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
+    """
+    from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from slim2deploy.data import load_dataset
+
+    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    model = model_from_checkpoint(ckpt, trust_code=trust_code)
+    stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
+    train_ds = load_dataset(data, "train", data_dir, stats=stats).subset(limit_train)
+    val_ds = load_dataset(data, "val", data_dir, stats=stats).subset(limit_val)
+    if train_ds.input_shape != tuple(ckpt.input_shape):
+        raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
+    info = DistInfo(device=pick_device(device))
+    history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
+    meta = {
+        **ckpt.meta,
+        "finetune": {"epochs": epochs, "lr": lr, "data": data, "from": str(src)},
+        "val_acc": history[-1].val_acc,
+    }
+    out = checkpoint_for(model, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, ckpt.plan)
+    save_checkpoint(out, dst)
+    return history

@@ -1,0 +1,402 @@
+"""``slim2deploy build``: from a sparse-trained checkpoint to everything a user ships.
+
+Stages, each a function of its inputs:
+
+1. prune     plan + surgery (rails as options)                       -> slim.pt, plan.json
+2. finetune  optional, on ``data``                                    -> slim.pt
+3. export    ONNX of baseline and slim, parity-gated against torch   -> baseline.onnx, slim.onnx
+4. precision fp16 graphs and calibrated int8 Q/DQ graphs             -> *.fp16.onnx, *.int8.onnx
+5. engines   TensorRT engines + manifests (when TensorRT and a GPU are present)
+6. bench     ONNX Runtime CPU latency, baseline vs slim, interleaved -> benchmark.{json,md,png}
+7. report    report.json and report.md
+
+Every stage records a key (a hash of its inputs: upstream file contents and its options) in
+``build.json``; a re-run skips a stage whose key and outputs are unchanged. Every file is
+written atomically, so a failing stage leaves the earlier artifacts intact and nothing half-written.
+All checks that can fail on user input (ratio, precision list, calibration set) run before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slim2deploy.errors import SlimError
+from slim2deploy.fileio import atomic_write_text, sha256_file
+
+STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
+
+
+@dataclass
+class BuildConfig:
+    model: str
+    ratio: float
+    out: str = "build"
+    min_channels: int | None = None
+    max_prune: float | None = None
+    round_to: int | None = None
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    data: str | None = None
+    data_dir: str | None = None
+    limit_train: int | None = None
+    eval_limit: int | None = None
+    precisions: tuple[str, ...] = ("fp32",)
+    calib: str | None = None
+    calib_method: str = "minmax"
+    int8_flavour: str = "tensorrt"
+    opset: int | None = None
+    engine: str = "auto"
+    engine_batches: tuple[int, ...] = (1, 64)
+    workspace_mib: int = 1024
+    builder_opt_level: int = 3
+    bench: bool = True
+    bench_batches: tuple[int, ...] = (1, 64)
+    bench_iterations: int = 50
+    bench_rounds: int = 3
+    bench_warmup_s: float = 0.5
+    threads: int | None = None
+    seed: int = 0
+    trust_pickle: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    artifacts: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _State:
+    """build.json: the key each stage was last built with, and what it produced."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "build.json"
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            self.data = {}
+
+    def fresh(self, stage: str, key: str, outputs: list[Path]) -> bool:
+        entry = self.data.get(stage, {})
+        return entry.get("key") == key and all(p.exists() for p in outputs)
+
+    def done(self, stage: str, key: str, info: dict[str, Any] | None = None) -> None:
+        self.data[stage] = {"key": key, "info": info or {}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
+
+    def info(self, stage: str) -> dict[str, Any]:
+        return dict(self.data.get(stage, {}).get("info", {}))
+
+
+def validate(cfg: BuildConfig) -> None:
+    """Every check on user input, before any work is done."""
+    from slim2deploy.engine import ENGINE_POLICIES
+    from slim2deploy.precision import CALIB_METHODS, INT8_FLAVOURS, check_precision
+
+    if not (0.0 < cfg.ratio < 1.0):
+        raise SlimError(f"--ratio must be between 0 and 1 (the share of channels to prune), got {cfg.ratio}")
+    if not cfg.precisions:
+        raise SlimError("--precision needs at least one of fp32, fp16, int8")
+    for p in cfg.precisions:
+        check_precision(p)
+    if "int8" in cfg.precisions and not cfg.calib:
+        raise SlimError(
+            "--precision int8 needs a calibration set: --calib calib/fashion-mnist-512.npz "
+            "(make one with 'slim2deploy calib')"
+        )
+    if cfg.calib_method not in CALIB_METHODS:
+        raise SlimError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}")
+    if cfg.int8_flavour not in INT8_FLAVOURS:
+        raise SlimError(f"--int8-flavour must be one of {', '.join(INT8_FLAVOURS)}")
+    if cfg.engine not in ENGINE_POLICIES:
+        raise SlimError(f"--engine must be one of {', '.join(ENGINE_POLICIES)}")
+    if cfg.finetune_epochs < 0:
+        raise SlimError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
+    if cfg.finetune_epochs and not cfg.data:
+        raise SlimError("--finetune-epochs needs --data (the dataset to fine-tune on)")
+    if any(b < 1 for b in (*cfg.bench_batches, *cfg.engine_batches)):
+        raise SlimError("batch sizes must be positive integers")
+
+
+def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(x, y) numpy arrays of held-out data, from --data or the dataset the checkpoint was trained on."""
+    from slim2deploy.data import load_dataset
+
+    name = cfg.data or meta.get("dataset")
+    if not name:
+        return None
+    stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
+    try:
+        ds = load_dataset(name, "val", cfg.data_dir, stats=stats).subset(cfg.eval_limit)
+    except SlimError:
+        if cfg.data:
+            raise
+        return None  # the training data is not on this machine; the report says accuracy is unknown
+    return ds.x.numpy(), ds.y.numpy()
+
+
+def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
+    """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
+    import torch
+
+    from slim2deploy import plan as plan_mod
+    from slim2deploy.calib import load_calib
+    from slim2deploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from slim2deploy.engine import resolve_engine_policy
+    from slim2deploy.stats import count_macs, count_params
+
+    validate(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out)
+    result = BuildResult(out)
+    n_stages = len(STAGES)
+
+    def stage(i: int, name: str, text: str) -> None:
+        log(f"[{i}/{n_stages}] {name:<9} {text}")
+
+    ckpt = load_checkpoint(cfg.model, trust_pickle=cfg.trust_pickle)
+    if ckpt.is_pruned:
+        raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
+    baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
+    example = torch.zeros(1, *ckpt.input_shape)
+    calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
+    build_engines, engine_msg = resolve_engine_policy(cfg.engine)
+    ckpt_sha = sha256_file(cfg.model)
+    eval_xy = _eval_data(cfg, ckpt.meta)
+
+    # 1. prune
+    slim_path, plan_path = out / "slim.pt", out / "plan.json"
+    rails = {
+        k: v
+        for k, v in (("min_channels", cfg.min_channels), ("max_prune", cfg.max_prune), ("round_to", cfg.round_to))
+        if v is not None
+    }
+    key = _key(ckpt_sha, cfg.ratio, rails)
+    if state.fresh("prune", key, [slim_path, plan_path]):
+        stage(1, "prune", "unchanged, skipped")
+        result.skipped.append("prune")
+    else:
+        started = time.perf_counter()
+        plan = plan_mod.plan_pruning(baseline, example, cfg.ratio, **rails)
+        from slim2deploy.surgery import apply_plan
+
+        slim = apply_plan(baseline, plan)
+        log(plan.summary(baseline, example))
+        slim_ckpt = type(ckpt)(
+            ckpt.arch,
+            ckpt.arch_kwargs,
+            ckpt.input_shape,
+            ckpt.num_classes,
+            {k: v.detach().clone() for k, v in slim.state_dict().items()},
+            {**ckpt.meta, "pruned_from": str(cfg.model), "ratio": cfg.ratio, "rails": rails},
+            plan.to_dict(),
+        )
+        atomic_write_text(plan_path, plan.to_json())
+        save_checkpoint(slim_ckpt, slim_path)
+        state.done("prune", key, {"seconds": round(time.perf_counter() - started, 2)})
+        stage(1, "prune", f"ratio {cfg.ratio}: {slim_path} ({time.perf_counter() - started:.1f}s)")
+    result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
+
+    # 2. finetune
+    ft_path = out / "slim-finetuned.pt"
+    if cfg.finetune_epochs:
+        key = _key(
+            sha256_file(slim_path),
+            cfg.data,
+            cfg.data_dir,
+            cfg.finetune_epochs,
+            cfg.finetune_lr,
+            cfg.batch_size,
+            cfg.limit_train,
+            cfg.seed,
+        )
+        if state.fresh("finetune", key, [ft_path]):
+            stage(2, "finetune", "unchanged, skipped")
+            result.skipped.append("finetune")
+        else:
+            from slim2deploy.train import finetune_checkpoint
+
+            finetune_checkpoint(
+                slim_path,
+                ft_path,
+                data=cfg.data,
+                data_dir=cfg.data_dir,
+                epochs=cfg.finetune_epochs,
+                lr=cfg.finetune_lr,
+                batch_size=cfg.batch_size,
+                limit_train=cfg.limit_train,
+                seed=cfg.seed,
+            )
+            state.done("finetune", key)
+            stage(2, "finetune", f"{cfg.finetune_epochs} epochs on {cfg.data}: {ft_path}")
+        final_slim = ft_path
+        result.artifacts["slim_finetuned"] = str(ft_path)
+    else:
+        stage(2, "finetune", "off (--finetune-epochs 0)")
+        final_slim = slim_path
+    slim_model = model_from_checkpoint(load_checkpoint(final_slim))
+
+    # 3. export + parity
+    from slim2deploy.export import DEFAULT_OPSET, check_parity, export_onnx
+
+    opset = cfg.opset or DEFAULT_OPSET
+    parity_x = _parity_inputs(ckpt.input_shape, calib_x, eval_xy, cfg.seed)
+    onnx_paths: dict[str, dict[str, Path]] = {"baseline": {}, "slim": {}}
+    exports: dict[str, Any] = {}
+    for name, model, src in (("baseline", baseline, Path(cfg.model)), ("slim", slim_model, final_slim)):
+        path = out / f"{name}.onnx"
+        key = _key(sha256_file(src), opset)
+        onnx_paths[name]["fp32"] = path
+        if state.fresh(f"export:{name}", key, [path]):
+            exports[name] = state.info(f"export:{name}")
+            stage(3, "export", f"{path.name} unchanged, skipped")
+            result.skipped.append(f"export:{name}")
+            continue
+        res = export_onnx(model, example, path, opset=opset)
+        parity = check_parity(model, path, parity_x)
+        parity.raise_if_failed()
+        exports[name] = {**res.to_dict(), "parity": parity.to_dict()}
+        state.done(f"export:{name}", key, exports[name])
+        stage(3, "export", f"{path.name}: {res.bytes / 1e6:.2f} MB, {parity.summary()}")
+
+    # 4. precision
+    from slim2deploy.precision import evaluate_onnx, quantize_int8, to_fp16
+
+    agreement: dict[str, Any] = {}
+    for prec in cfg.precisions:
+        if prec == "fp32":
+            continue
+        for name in ("baseline", "slim"):
+            src = onnx_paths[name]["fp32"]
+            dst = out / f"{name}.{prec}.onnx"
+            onnx_paths[name][prec] = dst
+            extra = (cfg.calib_method, cfg.int8_flavour, sha256_file(cfg.calib)) if prec == "int8" else ()
+            key = _key(sha256_file(src), prec, *extra)
+            if state.fresh(f"{prec}:{name}", key, [dst]):
+                agreement[f"{name}.{prec}"] = state.info(f"{prec}:{name}")
+                stage(4, "precision", f"{dst.name} unchanged, skipped")
+                result.skipped.append(f"{prec}:{name}")
+                continue
+            if prec == "fp16":
+                to_fp16(src, dst)
+            else:
+                assert calib_x is not None
+                quantize_int8(src, dst, calib_x, method=cfg.calib_method, flavour=cfg.int8_flavour)
+            x, y = eval_xy if eval_xy is not None else (parity_x, None)
+            rep = evaluate_onnx(dst, src, x, y)
+            agreement[f"{name}.{prec}"] = rep.to_dict()
+            state.done(f"{prec}:{name}", key, rep.to_dict())
+            stage(4, "precision", rep.summary())
+    if set(cfg.precisions) == {"fp32"}:
+        stage(4, "precision", "fp32 only (--precision fp32,fp16,int8 adds more)")
+
+    # 5. engines
+    engines: dict[str, Any] = {}
+    if build_engines:
+        from slim2deploy.engine import BuildOptions, build_engine
+
+        options = BuildOptions.from_batches(
+            list(cfg.engine_batches),
+            workspace_mib=cfg.workspace_mib,
+            opt_level=cfg.builder_opt_level,
+            timing_cache=str(out / "timing.cache"),
+        )
+        for paths in onnx_paths.values():
+            for src in paths.values():
+                dst = src.with_suffix(".engine")
+                key = _key(sha256_file(src), options.to_dict())
+                if state.fresh(f"engine:{dst.name}", key, [dst]):
+                    stage(5, "engines", f"{dst.name} unchanged, skipped")
+                    continue
+                manifest = build_engine(src, dst, options)
+                engines[dst.name] = manifest.to_dict()
+                state.done(f"engine:{dst.name}", key, manifest.to_dict())
+                stage(5, "engines", f"{dst.name} built")
+    else:
+        stage(5, "engines", engine_msg)
+
+    # 6. bench
+    bench: dict[str, Any] | None = None
+    if cfg.bench:
+        from slim2deploy import benchmark
+
+        stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
+        comparison = benchmark.compare(
+            onnx_paths["baseline"]["fp32"],
+            onnx_paths["slim"]["fp32"],
+            batches=cfg.bench_batches,
+            iterations=cfg.bench_iterations,
+            rounds=cfg.bench_rounds,
+            warmup_s=cfg.bench_warmup_s,
+            threads=cfg.threads,
+        )
+        reports = benchmark.write_reports(comparison, out, stem="benchmark")
+        log(benchmark.format_table(comparison))
+        bench = comparison.to_dict()
+        result.artifacts.update({f"benchmark_{k}": str(v) for k, v in reports.items()})
+    else:
+        stage(6, "bench", "off (--no-bench)")
+
+    # 7. report
+    accuracy = None
+    if eval_xy is not None:
+        accuracy = {name: _torch_accuracy(m, *eval_xy) for name, m in (("baseline", baseline), ("slim", slim_model))}
+    report = {
+        "model": cfg.model,
+        "config": cfg.to_dict(),
+        "baseline": {"params": count_params(baseline), "macs": count_macs(baseline, example)},
+        "slim": {"params": count_params(slim_model), "macs": count_macs(slim_model, example)},
+        "accuracy": accuracy,
+        "exports": exports,
+        "precision": agreement,
+        "engines": engines or engine_msg,
+        "benchmark": bench,
+        "artifacts": {n: {p: str(v) for p, v in d.items()} for n, d in onnx_paths.items()},
+    }
+    from slim2deploy.report import write_build_report
+
+    written = write_build_report(report, out)
+    state.done("report", _key(report), {})
+    stage(7, "report", ", ".join(str(p) for p in written))
+    result.report = report
+    result.artifacts.update({f"report_{p.suffix[1:]}": str(p) for p in written})
+    return result
+
+
+def _parity_inputs(shape: tuple[int, int, int], calib_x: Any, eval_xy: Any, seed: int) -> Any:
+    """Random inputs plus real ones (calibration or held-out images) for the export parity gate."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal((8, *shape)).astype(np.float32)]
+    for real in (calib_x, None if eval_xy is None else eval_xy[0]):
+        if real is not None:
+            parts.append(np.asarray(real[:32], dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def _torch_accuracy(model: Any, x: Any, y: Any, batch_size: int = 500) -> float:
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out = model(torch.from_numpy(x[i : i + batch_size]))
+            correct += int((out.argmax(1).numpy() == y[i : i + batch_size]).sum())
+    return correct / max(len(y), 1)

@@ -1,0 +1,122 @@
+"""slim2deploy build: prune, fine-tune, export, quantise, build engines, benchmark, report."""
+
+from __future__ import annotations
+
+import argparse
+
+from slim2deploy.cli.common import add_trust_arg
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning (safety rails; --round-to 1 --min-channels 1 --max-prune 1 is the paper)")
+    g.add_argument("--ratio", type=float, required=True, help="share of prunable channels to remove, in (0, 1)")
+    g.add_argument("--min-channels", type=int, default=None, help="never keep fewer channels in a group (default 8)")
+    g.add_argument("--max-prune", type=float, default=None, help="never remove more of one group (default 0.9)")
+    g.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="round kept counts up to a multiple of this (default 8: GPU/CPU kernels want it)",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "build",
+        help="the whole pipeline: prune, fine-tune, export fp32/fp16/int8, engines, benchmark, report",
+        description="Turn a sparse-trained checkpoint into deployable artifacts in --out: slim.pt, plan.json, "
+        "baseline/slim ONNX per precision, TensorRT engines (when TensorRT and a GPU are present), "
+        "benchmark.{json,md,png} and report.{json,md}. Re-running skips stages whose inputs are unchanged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
+    p.add_argument("--out", default="build", help="output directory")
+    add_plan_args(p)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
+    g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--data", default=None, help="dataset for fine-tuning and accuracy (default: the checkpoint's)")
+    g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    g.add_argument("--limit-train", type=int, default=None, metavar="N", help="fine-tune on the first N images")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N held-out images")
+    g = p.add_argument_group("export and precision")
+    g.add_argument("--precision", type=_names, default=("fp32",), help="comma-separated: fp32, fp16, int8")
+    g.add_argument("--calib", default=None, help="calibration set (.npz) for int8, e.g. calib/fashion-mnist-512.npz")
+    g.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    g.add_argument(
+        "--int8-flavour",
+        default="tensorrt",
+        choices=["tensorrt", "cpu"],
+        help="tensorrt: symmetric S8S8 Q/DQ for GPUs; cpu: U8S8 reduce-range for ONNX Runtime CPU",
+    )
+    g.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's documented one)")
+    g = p.add_argument_group("TensorRT engines")
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "require", "off"],
+        help="auto: build when TensorRT and a GPU are present; require: fail otherwise",
+    )
+    g.add_argument("--batch", type=_ints, default=(1, 64), help="engine profile batches (min..max, opt = max)")
+    g.add_argument("--workspace-mib", type=int, default=1024)
+    g.add_argument("--builder-opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5")
+    g = p.add_argument_group("benchmark (ONNX Runtime CPU)")
+    g.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
+    g.add_argument("--bench-batch", type=_ints, default=(1, 64), help="batch sizes to time")
+    g.add_argument("--bench-iterations", type=int, default=50, help="timed iterations per batch and round")
+    g.add_argument("--bench-rounds", type=int, default=3, help="interleaved rounds")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
+    p.add_argument("--seed", type=int, default=0)
+    add_trust_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from slim2deploy.build import BuildConfig, build
+
+    cfg = BuildConfig(
+        model=args.model,
+        ratio=args.ratio,
+        out=args.out,
+        min_channels=args.min_channels,
+        max_prune=args.max_prune,
+        round_to=args.round_to,
+        finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr,
+        batch_size=args.batch_size,
+        data=args.data,
+        data_dir=args.data_dir,
+        limit_train=args.limit_train,
+        eval_limit=args.eval_limit,
+        precisions=args.precision,
+        calib=args.calib,
+        calib_method=args.calib_method,
+        int8_flavour=args.int8_flavour,
+        opset=args.opset,
+        engine=args.engine,
+        engine_batches=args.batch,
+        workspace_mib=args.workspace_mib,
+        builder_opt_level=args.builder_opt_level,
+        bench=not args.no_bench,
+        bench_batches=args.bench_batch,
+        bench_iterations=args.bench_iterations,
+        bench_rounds=args.bench_rounds,
+        threads=args.threads,
+        seed=args.seed,
+        trust_pickle=args.trust_pickle,
+    )
+    result = build(cfg)
+    print(f"done: {result.out_dir}/report.md")
+    return 0

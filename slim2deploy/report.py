@@ -1,0 +1,103 @@
+"""The build report: one JSON with every number, and a Markdown page a person reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slim2deploy.fileio import atomic_write_text
+
+
+def _fmt(n: float | None, digits: int = 2) -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.{digits}f}{suffix}"
+    return f"{n:g}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{b / a:.3f}x" if a and b is not None else "-"
+
+
+def build_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    base, slim = report["baseline"], report["slim"]
+    exports = report.get("exports", {})
+    acc = report.get("accuracy") or {}
+    lines = [
+        "# slim2deploy build report",
+        "",
+        f"Model `{report['model']}`, pruning ratio {cfg['ratio']}"
+        + (f", fine-tuned {cfg['finetune_epochs']} epochs on {cfg['data']}" if cfg.get("finetune_epochs") else "")
+        + ".",
+        "",
+        "| | baseline | slim | slim / baseline |",
+        "|---|---:|---:|---:|",
+        f"| params | {_fmt(base['params'])} | {_fmt(slim['params'])} | {_ratio(base['params'], slim['params'])} |",
+        f"| MACs / image | {_fmt(base['macs'])} | {_fmt(slim['macs'])} | {_ratio(base['macs'], slim['macs'])} |",
+    ]
+    if "baseline" in exports and "slim" in exports:
+        b, s = exports["baseline"].get("bytes"), exports["slim"].get("bytes")
+        lines.append(f"| ONNX fp32 bytes | {_fmt(b)} | {_fmt(s)} | {_ratio(b, s)} |")
+    if acc:
+        lines.append(
+            f"| top-1 accuracy (torch, held-out) | {acc['baseline']:.2%} | {acc['slim']:.2%} | "
+            f"{(acc['slim'] - acc['baseline']) * 100:+.2f} pts |"
+        )
+    parity = {n: e.get("parity") for n, e in exports.items() if e.get("parity")}
+    if parity:
+        lines += [
+            "",
+            "## ONNX parity (ONNX Runtime CPU vs torch)",
+            "",
+            "| model | max abs | max rel | top-1 agree |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, p in parity.items():
+            lines.append(f"| {name} | {p['max_abs']:.2e} | {p['max_rel']:.2e} | {p['top1_agreement']:.2%} |")
+    prec = report.get("precision") or {}
+    if prec:
+        lines += [
+            "",
+            "## Reduced precision (ONNX Runtime CPU, against the fp32 graph)",
+            "",
+            "| graph | top-1 agreement | accuracy | fp32 accuracy | ORT optimisation |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name, r in prec.items():
+            a = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2%}"
+            ra = "-" if r.get("reference_accuracy") is None else f"{r['reference_accuracy']:.2%}"
+            lines.append(f"| {name} | {r['top1_agreement']:.2%} | {a} | {ra} | {r.get('ort_optimization', '')} |")
+    engines = report.get("engines")
+    lines += ["", "## TensorRT engines", ""]
+    if isinstance(engines, dict) and engines:
+        for name, m in engines.items():
+            lines.append(f"- `{name}`: TensorRT {m.get('tensorrt_version')}, {m.get('gpu_name')}, {m.get('precision')}")
+    else:
+        lines.append(str(engines or "none built"))
+    if report.get("benchmark"):
+        from slim2deploy.benchmark import Comparison, to_markdown
+
+        lines += [
+            "",
+            "Benchmark: fp32 graphs on ONNX Runtime (CPU), baseline and slim measured interleaved.",
+            "",
+            to_markdown(Comparison.from_dict(report["benchmark"])),
+        ]
+    arts = report.get("artifacts", {})
+    lines += ["", "## Files", ""]
+    for name, paths in arts.items():
+        for prec_name, path in paths.items():
+            lines.append(f"- {name} {prec_name}: `{path}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_build_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    json_path, md_path = out / "report.json", out / "report.md"
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
+    atomic_write_text(md_path, build_markdown(report))
+    return [json_path, md_path]
