@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def test_onnx_costs_match_torch_on_a_zoo_model(tmp_path):
     model = create_model("resnet20", width=0.25).eval()
     x = torch.zeros(1, 3, 32, 32)
     path = tmp_path / "resnet20.onnx"
-    torch.onnx.export(model, (x,), str(path), input_names=["input"], dynamic_axes={"input": {0: "N"}}, dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], dynamic_axes={"input": {0: "N"}}, dynamo=False)
     assert onnx_costs(path)["macs"] == count_macs(model, x)
 
 

@@ -286,22 +286,25 @@ def usable_tensorrt_stubs(dest: Path) -> Path | None:
             lines = [_fix_stub_def(l) if l.lstrip().startswith("def ") else l for l in stub.read_text().splitlines()]
             text = "\n".join(lines) + "\n"
             ast.parse(text)
-            (dest / pkg / stub.name).write_text(text)
+            target = dest / pkg / stub.name
+            if not target.exists() or target.read_text() != text:
+                target.write_text(text)
     return dest
 
 
 @pytest.mark.slow
 def test_engine_and_runtime_are_mypy_clean_against_tensorrt_stubs(tmp_path):
-    stubs = usable_tensorrt_stubs(tmp_path / "stubs")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy-tests"
+    stubs = usable_tensorrt_stubs(cache / "tensorrt-stubs")  # a fixed place, so mypy's cache stays valid
     if stubs is None:
         pytest.skip("tensorrt-stubs not installed")
+    cache = cache / "mypy"
     config = tmp_path / "mypy.ini"
     # the stubs' own errors (e.g. a module attribute named 'bool') are theirs, not ours
     config.write_text(
         "[mypy]\nignore_missing_imports = True\npython_version = 3.11\n"
         "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\nignore_errors = True\n"
     )
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy-tests" / "mypy"
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(cache)]
         + ["--follow-imports=silent", "slim2deploy/engine.py", "slim2deploy/runtime.py"],
