@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@test -f $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
+# mypy on the TensorRT code runs inside the suite (tests/test_engine.py): it repairs two lines of
+# tensorrt-stubs that do not parse and points MYPYPATH at the repaired copy.
 lint: setup
 	$(PY) -m ruff check slim2deploy tests bench
-	$(PY) -m mypy slim2deploy/engine.py slim2deploy/runtime.py
 
 test: setup data lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

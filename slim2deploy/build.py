@@ -345,6 +345,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
             rounds=cfg.bench_rounds,
             warmup_s=cfg.bench_warmup_s,
             threads=cfg.threads,
+            device="cpu",
         )
         reports = benchmark.write_reports(comparison, out, stem="benchmark")
         log(benchmark.format_table(comparison))
