@@ -78,8 +78,25 @@ def to_fp16(onnx_in: str | Path, onnx_out: str | Path, *, keep_io_fp32: bool = T
 
     model = load_onnx(onnx_in)
     half = convert_float_to_float16(model, keep_io_types=keep_io_fp32)
+    _toposort(half.graph)
     _tag(half, "fp16" if keep_io_fp32 else "fp16-io", "all")
     return save_onnx(half, onnx_out)
+
+
+def _toposort(graph: Any) -> None:
+    """Order nodes after their inputs' producers; ORT's fp16 converter and quantizer append nodes at the end."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [n for n in pending if all(name in ready for name in n.input)]
+        if not runnable:
+            raise SlimError("the fp16 graph has a cycle or a dangling input; this is a bug, please report it")
+        for node in runnable:
+            ready.update(node.output)
+        ordered += runnable
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 class _Reader:
@@ -179,6 +196,7 @@ def quantize_int8(
         )
         quantizer.quantize_model()
         quantized = quantizer.model.model
+        _toposort(quantized.graph)
     level = "basic" if trt else "all"
     _tag(quantized, f"int8-{flavour}-{method}", level)
     save_onnx(quantized, onnx_out)
