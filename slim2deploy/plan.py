@@ -49,7 +49,6 @@ never emptied (one channel survives).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import operator
@@ -838,8 +837,6 @@ def trace_groups(model: nn.Module, example_input: torch.Tensor, *, fold: bool = 
     tracer = _Tracer(model, ep, fold)
     tracer.run()
     groups = tracer.groups()
-    for g in groups:
-        g.scores = _scores(model, g)
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     shapes = {m.tensor: list(state[m.tensor].shape) for g in groups for m in g.members}
     used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
@@ -852,9 +849,20 @@ def trace_groups(model: nn.Module, example_input: torch.Tensor, *, fold: bool = 
             + (" ..." if len(unused) > 8 else "")
             + "; the slim model is valid in eval mode only if they read pruned channels"
         )
-    return PruningPlan(
+    traced = PruningPlan(
         groups=groups, input_shape=list(example_input.shape[1:]), tensor_shapes=shapes, fold=fold, notes=notes
     )
+    return rescore(traced, model)
+
+
+def rescore(traced: PruningPlan, model: nn.Module) -> PruningPlan:
+    """The same groups scored with ``model``'s current gammas (the structure is traced once)."""
+    return replace(traced, groups=[_copy_group(g, scores=_scores(model, g)) for g in traced.groups])
+
+
+def _copy_group(g: Group, **changes: Any) -> Group:
+    """A group that can be changed without touching ``g`` (members are never modified in place)."""
+    return replace(g, members=list(g.members), keep=list(g.keep), reasons=list(g.reasons), **changes)
 
 
 def _check_rails(ratio: float, min_channels: int, max_prune: float, round_to: int) -> None:
@@ -878,9 +886,16 @@ def select_channels(
 ) -> PruningPlan:
     """Apply the global threshold and the rails to a traced plan; returns a new plan."""
     _check_rails(ratio, min_channels, max_prune, round_to)
-    plan = copy.deepcopy(traced)
-    plan.ratio, plan.min_channels, plan.max_prune, plan.round_to = ratio, min_channels, max_prune, round_to
-    plan.new_biases = []
+    plan = replace(
+        traced,
+        groups=[_copy_group(g) for g in traced.groups],
+        ratio=ratio,
+        min_channels=min_channels,
+        max_prune=max_prune,
+        round_to=round_to,
+        new_biases=[],
+        notes=list(traced.notes),
+    )
     prunable = [g for g in plan.groups if g.prunable]
     pooled = sorted(s for g in prunable for s in g.scores or [])
     if not pooled:

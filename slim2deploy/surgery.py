@@ -51,7 +51,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         old = getattr(module, attr)
         keep = torch.ones(old.shape[dim], dtype=torch.bool)
         keep[idx] = False
-        new = old.detach().index_select(dim, keep.nonzero().flatten().to(old.device)).clone()
+        new = old.detach().index_select(dim, keep.nonzero().flatten().to(old.device))
         if isinstance(old, nn.Parameter):
             setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         else:

@@ -1,0 +1,87 @@
+"""Models shared by the plan and surgery tests: small zoo nets and torchvision classifiers.
+
+Each is traced once per test session (tracing dominates the cost) with random BatchNorm
+statistics, so that BatchNorm is not the identity and scores differ.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from slim2deploy.plan import PruningPlan, trace_groups
+from slim2deploy.zoo import create_model
+
+
+def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:
+    return lambda: torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
+
+
+# name -> (factory, input side); torchvision nets at 64x64 keep the spatial sizes sane
+CASES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "vgg11": (lambda: create_model("vgg11", width=0.25), 28),
+    "resnet20": (lambda: create_model("resnet20", width=0.5), 28),
+    "resnet164": (lambda: create_model("resnet164", width=0.25), 28),
+    "densenet40": (lambda: create_model("densenet40", width=0.5), 28),
+    "resnet18": (_tv("resnet18"), 64),
+    "resnet50": (_tv("resnet50"), 64),
+    "vgg11_bn": (_tv("vgg11_bn"), 32),
+    "densenet121": (_tv("densenet121"), 64),
+    "mobilenet_v2": (_tv("mobilenet_v2"), 64),
+    "mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64),
+    "efficientnet_b0": (_tv("efficientnet_b0"), 64),
+    "regnet_x_400mf": (_tv("regnet_x_400mf"), 64),
+    "shufflenet_v2_x1_0": (_tv("shufflenet_v2_x1_0"), 64),
+    "mnasnet0_5": (_tv("mnasnet0_5"), 64),
+    "googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64),
+}
+ZOO = {"vgg11", "resnet20", "resnet164", "densenet40"}
+# big enough that one pass through them costs seconds on two cores
+HEAVY = {"vgg11_bn", "densenet121", "resnet50", "efficientnet_b0"}
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.05, 1.0, generator=gen)
+                m.bias.normal_(0.0, 0.2, generator=gen)
+                m.running_mean.normal_(0.0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model.eval()
+
+
+@functools.cache
+def traced(name: str) -> tuple[nn.Module, torch.Tensor, PruningPlan]:
+    """(model, input, traced plan); callers must not modify the model (deep-copy it)."""
+    torch.manual_seed(0)
+    factory, side = CASES[name]
+    model = randomize_batchnorm(factory(), seed=1)
+    x = torch.randn(2, 3, side, side)
+    return model, x, trace_groups(model, x)
+
+
+def zero_channels(model: nn.Module, plan: PruningPlan, fraction: float, seed: int, beta: bool = True) -> int:
+    """Set gamma (and beta) to zero for a random ``fraction`` of every prunable group's channels."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0
+    with torch.no_grad():
+        for g in plan.groups:
+            if not g.prunable:
+                continue
+            chosen = torch.randperm(g.size, generator=gen)[: int(g.size * fraction)].tolist()
+            bns = {m.module for m in g.members if m.role == "bn"}
+            for m in g.members:
+                if m.module in bns and (m.role == "bn" or (beta and m.tensor.endswith(".bias"))):
+                    model.get_parameter(m.tensor)[m.indices(chosen)] = 0
+            total += len(chosen)
+    return total
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
