@@ -29,9 +29,9 @@ test: setup data lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 demo: setup data
-	$(S2D) train --arch vgg11 --width 0.25 --data fashion-mnist --epochs 1 --limit-train 5000 \
-		--sparsity 1e-4 --out $(DEMO)/sparse.pt
-	$(S2D) inspect $(DEMO)/sparse.pt --plot $(DEMO)/gammas.png
+	$(S2D) inspect demo/vgg11-w0.25-sparse.pt --plot $(DEMO)/gammas.png
+	$(S2D) build --model demo/vgg11-w0.25-sparse.pt --ratio 0.5 --out $(DEMO) \
+		--precision fp32,fp16,int8 --calib calib/fashion-mnist-512.npz
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -92,11 +92,18 @@ class _State:
             self.data = {}
 
     def fresh(self, stage: str, key: str, outputs: list[Path]) -> bool:
+        """Same inputs as last time, and the outputs are still exactly what that run wrote."""
         entry = self.data.get(stage, {})
-        return entry.get("key") == key and all(p.exists() for p in outputs)
+        recorded = entry.get("outputs", {})
+        return entry.get("key") == key and all(p.exists() and recorded.get(p.name) == sha256_file(p) for p in outputs)
 
-    def done(self, stage: str, key: str, info: dict[str, Any] | None = None) -> None:
-        self.data[stage] = {"key": key, "info": info or {}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def done(self, stage: str, key: str, outputs: list[Path], info: dict[str, Any] | None = None) -> None:
+        self.data[stage] = {
+            "key": key,
+            "outputs": {p.name: sha256_file(p) for p in outputs},
+            "info": info or {},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
 
     def info(self, stage: str) -> dict[str, Any]:
@@ -209,7 +216,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         )
         atomic_write_text(plan_path, plan.to_json())
         save_checkpoint(slim_ckpt, slim_path)
-        state.done("prune", key, {"seconds": round(time.perf_counter() - started, 2)})
+        state.done("prune", key, [slim_path, plan_path], {"seconds": round(time.perf_counter() - started, 2)})
         stage(1, "prune", f"ratio {cfg.ratio}: {slim_path} ({time.perf_counter() - started:.1f}s)")
     result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
 
@@ -243,7 +250,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                 limit_train=cfg.limit_train,
                 seed=cfg.seed,
             )
-            state.done("finetune", key)
+            state.done("finetune", key, [ft_path])
             stage(2, "finetune", f"{cfg.finetune_epochs} epochs on {cfg.data}: {ft_path}")
         final_slim = ft_path
         result.artifacts["slim_finetuned"] = str(ft_path)
@@ -272,7 +279,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         parity = check_parity(model, path, parity_x)
         parity.raise_if_failed()
         exports[name] = {**res.to_dict(), "parity": parity.to_dict()}
-        state.done(f"export:{name}", key, exports[name])
+        state.done(f"export:{name}", key, [path], exports[name])
         stage(3, "export", f"{path.name}: {res.bytes / 1e6:.2f} MB, {parity.summary()}")
 
     # 4. precision
@@ -301,7 +308,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
             x, y = eval_xy if eval_xy is not None else (parity_x, None)
             rep = evaluate_onnx(dst, src, x, y)
             agreement[f"{name}.{prec}"] = rep.to_dict()
-            state.done(f"{prec}:{name}", key, rep.to_dict())
+            state.done(f"{prec}:{name}", key, [dst], rep.to_dict())
             stage(4, "precision", rep.summary())
     if set(cfg.precisions) == {"fp32"}:
         stage(4, "precision", "fp32 only (--precision fp32,fp16,int8 adds more)")
@@ -322,11 +329,12 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                 dst = src.with_suffix(".engine")
                 key = _key(sha256_file(src), options.to_dict())
                 if state.fresh(f"engine:{dst.name}", key, [dst]):
+                    engines[dst.name] = state.info(f"engine:{dst.name}")
                     stage(5, "engines", f"{dst.name} unchanged, skipped")
                     continue
                 manifest = build_engine(src, dst, options)
                 engines[dst.name] = manifest.to_dict()
-                state.done(f"engine:{dst.name}", key, manifest.to_dict())
+                state.done(f"engine:{dst.name}", key, [dst], manifest.to_dict())
                 stage(5, "engines", f"{dst.name} built")
     else:
         stage(5, "engines", engine_msg)
@@ -336,21 +344,30 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     if cfg.bench:
         from slim2deploy import benchmark
 
-        stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
-        comparison = benchmark.compare(
-            onnx_paths["baseline"]["fp32"],
-            onnx_paths["slim"]["fp32"],
-            batches=cfg.bench_batches,
-            iterations=cfg.bench_iterations,
-            rounds=cfg.bench_rounds,
-            warmup_s=cfg.bench_warmup_s,
-            threads=cfg.threads,
-            device="cpu",
-        )
-        reports = benchmark.write_reports(comparison, out, stem="benchmark")
+        bench_files = [out / f"benchmark.{ext}" for ext in ("json", "md", "png")]
+        settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
+        key = _key(*(sha256_file(onnx_paths[n]["fp32"]) for n in ("baseline", "slim")), settings)
+        if state.fresh("bench", key, bench_files):
+            comparison = benchmark.Comparison.from_dict(json.loads(bench_files[0].read_text()))
+            stage(6, "bench", "unchanged, skipped (the numbers below are from the previous run)")
+            result.skipped.append("bench")
+        else:
+            stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
+            comparison = benchmark.compare(
+                onnx_paths["baseline"]["fp32"],
+                onnx_paths["slim"]["fp32"],
+                batches=cfg.bench_batches,
+                iterations=cfg.bench_iterations,
+                rounds=cfg.bench_rounds,
+                warmup_s=cfg.bench_warmup_s,
+                threads=cfg.threads,
+                device="cpu",
+            )
+            benchmark.write_reports(comparison, out, stem="benchmark")
+            state.done("bench", key, bench_files)
         log(benchmark.format_table(comparison))
         bench = comparison.to_dict()
-        result.artifacts.update({f"benchmark_{k}": str(v) for k, v in reports.items()})
+        result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in bench_files})
     else:
         stage(6, "bench", "off (--no-bench)")
 
@@ -373,7 +390,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     from slim2deploy.report import write_build_report
 
     written = write_build_report(report, out)
-    state.done("report", _key(report), {})
+    state.done("report", _key(report), written)
     stage(7, "report", ", ".join(str(p) for p in written))
     result.report = report
     result.artifacts.update({f"report_{p.suffix[1:]}": str(p) for p in written})

@@ -15,7 +15,10 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run the real `slim2deploy` command in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "slim2deploy", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 

@@ -3,10 +3,14 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from slim2deploy.checkpoint import (
-    Checkpoint, checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint,
+    Checkpoint,
+    checkpoint_for,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
 )
 from slim2deploy.errors import SlimError
 from slim2deploy.zoo import create_model
@@ -63,8 +67,13 @@ def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and "error:" in lines[0], proc.stderr
-    expected = {"missing": "no such checkpoint", "truncated": "truncated", "text": "not",
-                "state_dict": "bare state_dict", "directory": "directory"}[case]
+    expected = {
+        "missing": "no such checkpoint",
+        "truncated": "truncated",
+        "text": "not",
+        "state_dict": "bare state_dict",
+        "directory": "directory",
+    }[case]
     assert expected in lines[0]
 
 

@@ -77,7 +77,9 @@ def test_sparse_training_drives_gammas_to_zero_far_more_than_baseline(mode):
     for name, value in (("baseline", 0.0), ("sparse", 5e-2)):
         torch.manual_seed(0)
         model = create_model("vgg11", in_channels=1, num_classes=4, width=0.125)
-        cfg = TrainConfig(epochs=4, batch_size=32, lr=0.1, schedule="cosine", sparsity=value, sparsity_mode=mode, seed=1)
+        cfg = TrainConfig(
+            epochs=4, batch_size=32, lr=0.1, schedule="cosine", sparsity=value, sparsity_mode=mode, seed=1
+        )
         fit(model, ds, None, cfg, progress=False)
         shares[name] = sparsity.small_gamma_share(model, 1e-2)
     assert shares["baseline"] < 0.05

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, needs_fashion_mnist, run_cli
+
 from slim2deploy.checkpoint import load_checkpoint
 
 
@@ -50,9 +50,24 @@ def test_two_process_torchrun_equals_one_process_at_same_global_batch(tmp_path, 
     assert run_cli(*common, "--batch-size", "32", "--out", str(one)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "slim2deploy", *common, "--batch-size", "16", "--out", str(two)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            "-m",
+            "slim2deploy",
+            *common,
+            "--batch-size",
+            "16",
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(one), _weights(two)
@@ -66,8 +81,25 @@ def test_two_process_torchrun_equals_one_process_at_same_global_batch(tmp_path, 
 @needs_fashion_mnist
 def test_issue_command_shows_progress_and_inspect_reads_it(tmp_path):
     out = tmp_path / "x.pt"
-    proc = run_cli("train", "--arch", "vgg11", "--width", "0.25", "--data", "fashion-mnist", "--epochs", "1",
-                   "--limit-train", "5000", "--limit-val", "1000", "--sparsity", "1e-4", "--out", str(out))
+    proc = run_cli(
+        "train",
+        "--arch",
+        "vgg11",
+        "--width",
+        "0.25",
+        "--data",
+        "fashion-mnist",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "5000",
+        "--limit-val",
+        "1000",
+        "--sparsity",
+        "1e-4",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train 1/1" in proc.stderr and "batch/s" in proc.stderr  # the progress bar
     assert "gamma<1e-2" in proc.stderr or "gamma<1e-2" in proc.stdout

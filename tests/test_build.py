@@ -1,0 +1,151 @@
+"""`slim2deploy build` end to end on the embedded demo model, in a subprocess, and its failure modes."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, needs_fashion_mnist, run_cli
+
+DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
+CALIB = ROOT / "calib" / "fashion-mnist-512.npz"
+# every file the README lists for a CPU build with --precision fp32,fp16,int8
+EXPECTED = [
+    "slim.pt",
+    "plan.json",
+    "baseline.onnx",
+    "slim.onnx",
+    "baseline.fp16.onnx",
+    "slim.fp16.onnx",
+    "baseline.int8.onnx",
+    "slim.int8.onnx",
+    "benchmark.json",
+    "benchmark.md",
+    "benchmark.png",
+    "report.json",
+    "report.md",
+    "build.json",
+]
+FAST = ["--bench-iterations", "5", "--bench-rounds", "2", "--eval-limit", "2000"]
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "demo"
+    proc = run_cli(
+        "build",
+        "--model",
+        str(DEMO),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(out),
+        "--precision",
+        "fp32,fp16,int8",
+        "--calib",
+        str(CALIB),
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_build_produces_every_listed_file_and_a_sane_report(built):
+    out, proc = built
+    for name in EXPECTED:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for i in range(1, 8):
+        assert f"[{i}/7]" in proc.stdout
+    assert "TensorRT engines: skipped" in proc.stdout  # one line, no TensorRT here
+    report = json.loads((out / "report.json").read_text())
+    assert report["slim"]["macs"] < 0.6 * report["baseline"]["macs"]
+    assert report["slim"]["params"] < report["baseline"]["params"]
+    # the demo model is sparse-trained: removing half the channels costs little before fine-tuning
+    acc = report["accuracy"]
+    assert acc["baseline"] > 0.85 and acc["slim"] > acc["baseline"] - 0.02, acc
+    # int8 (TensorRT flavour, judged at ORT BASIC) agrees with fp32 on >= 98% of held-out images
+    assert report["precision"]["slim.int8"]["top1_agreement"] >= 0.98
+    assert report["precision"]["slim.fp16"]["top1_agreement"] >= 0.99
+    md = (out / "report.md").read_text()
+    assert "| MACs / image |" in md and "Latency" in md
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_rerun_skips_unchanged_stages_and_redoes_damaged_outputs(built):
+    out, _ = built
+    (out / "slim.onnx").write_bytes((out / "slim.onnx").read_bytes()[:1000])  # truncate one artifact
+    proc = run_cli(
+        "build",
+        "--model",
+        str(DEMO),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(out),
+        "--precision",
+        "fp32,fp16,int8",
+        "--calib",
+        str(CALIB),
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prune     unchanged, skipped" in proc.stdout
+    assert "baseline.onnx unchanged, skipped" in proc.stdout
+    assert "slim.onnx:" in proc.stdout  # the truncated file was rebuilt, not trusted
+    assert (out / "slim.onnx").stat().st_size > 100_000
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ratio", "precision", "calib_shape", "int8_without_calib", "corrupt_model"])
+def test_bad_input_is_one_clear_error_and_leaves_artifacts_intact(built, tmp_path, case):
+    out, _ = built
+    before = _snapshot(out)
+    args = ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), *FAST]
+    if case == "ratio":
+        args[4] = "1.5"
+        needle = "--ratio must be between 0 and 1"
+    elif case == "precision":
+        args += ["--precision", "fp32,fp8"]
+        needle = "fp8"
+    elif case == "calib_shape":
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, x=np.zeros((8, 3, 32, 32), np.float32))
+        args += ["--precision", "int8", "--calib", str(bad)]
+        needle = "(3, 32, 32)"
+    elif case == "int8_without_calib":
+        args += ["--precision", "int8"]
+        needle = "--calib"
+    else:
+        broken = tmp_path / "broken.pt"
+        broken.write_bytes(DEMO.read_bytes()[:5000])
+        args[2] = str(broken)
+        needle = "truncated"
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert _snapshot(out) == before
+
+
+def test_truncated_onnx_is_one_clear_error(tmp_path):
+    """bench/latency.py (the tool users run on target machines) on a damaged ONNX file."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "slim.onnx"
+    bad.write_bytes(b"\x08\x07\x12\x04" + os.urandom(200))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "latency.py"), str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "slim.onnx" in proc.stderr
