@@ -181,12 +181,15 @@ class PruningPlan:
                 out.append((g, "no BatchNorm gamma to score it"))
         return out
 
-    def summary(self, model: nn.Module, example_input: torch.Tensor) -> str:
-        """Per-layer table (channels, params, MACs before -> after), totals and unprunable groups."""
+    def summary(self, model: nn.Module, example_input: torch.Tensor, slim: nn.Module | None = None) -> str:
+        """Per-layer table (channels, params, MACs before -> after), totals and unprunable groups.
+
+        ``slim`` is ``apply_plan(model, self)`` if already at hand.
+        """
         from slim2deploy.stats import count_params, layer_costs
         from slim2deploy.surgery import apply_plan
 
-        slim = apply_plan(model, self)
+        slim = slim if slim is not None else apply_plan(model, self)
         before = layer_costs(model, example_input)
         after = {c.name: c for c in layer_costs(slim, example_input)}
         width = max([len(c.name) for c in before] + [5])

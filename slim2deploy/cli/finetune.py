@@ -1,0 +1,58 @@
+"""slim2deploy finetune: train a pruned model (no sparsity penalty) to recover its accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+from slim2deploy.cli.common import add_trust_arg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pruned checkpoint; the plan travels with the weights",
+        description="Fine-tune a (pruned) checkpoint with plain SGD, without the sparsity penalty, "
+        "and save it with the same architecture + plan.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="SLIM.pt", help="checkpoint written by 'slim2deploy prune'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="'fashion-mnist', a folder of class sub-folders (or with train/ and val/), or a .npz file",
+    )
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--out", required=True, metavar="FT.pt", help="fine-tuned checkpoint to write")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--schedule", choices=["step", "cosine"], default="cosine")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
+    p.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_trust_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from slim2deploy.train import finetune_checkpoint
+
+    history = finetune_checkpoint(
+        args.model,
+        args.out,
+        data=args.data,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        limit_train=args.limit_train,
+        limit_val=args.limit_val,
+        seed=args.seed,
+        schedule=args.schedule,
+        device=args.device,
+        trust_code=args.trust_pickle,
+    )
+    last = history[-1]
+    print(f"val_acc {last.val_acc:.4f} after {last.epoch} epoch(s); wrote {args.out}")
+    return 0

@@ -1,0 +1,89 @@
+"""The prune and finetune commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from model_cases import randomize_batchnorm, rel_err, zero_channels
+
+from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
+from slim2deploy.plan import PruningPlan, trace_groups
+from slim2deploy.stats import count_params
+from slim2deploy.zoo import create_model
+
+ARCH_KWARGS = {"in_channels": 1, "num_classes": 4, "width": 0.25}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slim2deploy", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sparse_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet20 whose zeroed channels (gamma = beta = 0) can be removed without changing outputs."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model("resnet20", **ARCH_KWARGS), seed=5)
+    zero_channels(model, trace_groups(model, torch.zeros(1, 1, 28, 28)), 0.5, seed=6)
+    path = tmp_path_factory.mktemp("prune") / "sparse.pt"
+    save_checkpoint(checkpoint_for(model, "resnet20", ARCH_KWARGS, (1, 28, 28), 4, meta={"val_acc": 0.5}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned(sparse_ckpt: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    out, plan_json = sparse_ckpt.with_name("slim.pt"), sparse_ckpt.with_name("plan.json")
+    r = _cli(
+        "prune", "--model", str(sparse_ckpt), "--ratio", "0.3", "--out", str(out),
+        "--round-to", "1", "--min-channels", "1", "--max-prune", "1", "--plan-json", str(plan_json),
+    )  # fmt: skip
+    return out, plan_json, r
+
+
+def test_prune_prints_the_table_and_saves_a_checkpoint_that_rebuilds_the_slim_model(
+    sparse_ckpt: Path, pruned: tuple[Path, Path, subprocess.CompletedProcess]
+) -> None:
+    out, plan_json, r = pruned
+    assert r.returncode == 0, r.stderr
+    assert "total" in r.stdout and "layer1.0.conv1" in r.stdout and "unprunable groups" in r.stdout
+
+    original = model_from_checkpoint(load_checkpoint(sparse_ckpt))
+    ckpt = load_checkpoint(out)
+    slim = model_from_checkpoint(ckpt)
+    assert PruningPlan.from_dict(ckpt.plan) == PruningPlan.from_json(plan_json.read_text())
+    assert count_params(slim) < count_params(original)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert rel_err(original(x), slim(x)) <= 1e-5
+
+
+def test_prune_refuses_bad_ratios_and_pruned_input(
+    sparse_ckpt: Path, pruned: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    out = tmp_path / "slim.pt"
+    r = _cli("prune", "--model", str(sparse_ckpt), "--ratio", "1.5", "--out", str(out))
+    assert r.returncode == 2 and "ratio" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    r = _cli("prune", "--model", str(pruned[0]), "--ratio", "0.5", "--out", str(out))
+    assert r.returncode == 2 and "already pruned" in r.stderr and not out.exists()
+
+
+def test_finetune_trains_the_slim_model_and_keeps_its_plan(
+    pruned: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    slim, tuned, data = pruned[0], tmp_path / "ft.pt", tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((80, 1, 28, 28), dtype=np.float32), y=rng.integers(0, 4, 80))
+    r = _cli(
+        "finetune", "--model", str(slim), "--data", str(data), "--epochs", "1", "--batch-size", "16",
+        "--out", str(tuned), "--device", "cpu",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    before, after = load_checkpoint(slim), load_checkpoint(tuned)
+    assert after.plan == before.plan
+    assert any(not torch.equal(before.state_dict[k], after.state_dict[k]) for k in before.state_dict)
+    model_from_checkpoint(after)
