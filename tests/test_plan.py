@@ -81,8 +81,8 @@ def test_ratio_sweep_never_empties_a_group_or_crashes(name: str) -> None:
         _check_rails(select_channels(structure, ratio))
         plan = select_channels(structure, ratio, **PAPER)
         _check_rails(plan)
-        if name in HEAVY and ratio != 0.9:
-            continue
+        if ratio not in ((0.9,) if name in HEAVY else (0.1, 0.5, 0.9)):
+            continue  # cutting is what costs; every plan above was checked
         with torch.no_grad():
             out = apply_plan(model, plan)(x)
         assert out.shape == (x.shape[0], 10) and torch.isfinite(out).all()
