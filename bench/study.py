@@ -98,13 +98,17 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def key(self, setup: ModelSetup) -> str:
-        """Hash of the training settings; which ratios, rails and benchmarks run does not change a stage."""
+    def key(self, setup: ModelSetup, sparse: bool = True) -> str:
+        """Hash of the training settings; which ratios, rails and benchmarks run does not change a stage.
+
+        ``sparse=False`` leaves out the sparsity settings: the baseline is shared by every lambda.
+        """
         d = self.to_dict()
         for k in ("models", "rails", "threads", "bench_batches", "bench_iterations", "bench_rounds", "bench_warmup_s"):
             d.pop(k)
         d.pop("mode")
-        d["setup"] = {k: v for k, v in asdict(setup).items() if k not in ("ratios", "control_ratios")}
+        skip = {"ratios", "control_ratios"} | (set() if sparse else {"sparsity", "sparsity_mode", "sparsity_warmup"})
+        d["setup"] = {k: v for k, v in asdict(setup).items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -186,6 +190,8 @@ class Study:
     def __init__(self, cfg: StudyConfig, setup: ModelSetup, work: Path, device: torch.device, log: Any):
         self.cfg, self.setup, self.device, self.log = cfg, setup, device, log
         self.dir = work / f"{setup.arch}-w{setup.width:g}-{cfg.key(setup)}"
+        self.base_dir = work / f"{setup.arch}-w{setup.width:g}-baseline-{cfg.key(setup, sparse=False)}"
+        self.base_dir.mkdir(parents=True, exist_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "config.json", json.dumps({**cfg.to_dict(), "setup": asdict(setup)}, indent=2))
         self.train_ds = load_dataset("fashion-mnist", "train").subset(cfg.limit_train)
@@ -212,7 +218,8 @@ class Study:
 
     def train(self, name: str, model: torch.nn.Module, cfg: TrainConfig, plan: dict[str, Any] | None = None) -> Any:
         """Train (or resume, or load) ``model``; the finished checkpoint is ``<name>.pt``."""
-        done, partial = self.dir / f"{name}.pt", self.dir / f"{name}.partial.pt"
+        where = self.base_dir if name == "baseline" else self.dir
+        done, partial = where / f"{name}.pt", where / f"{name}.partial.pt"
         if done.exists():
             ckpt = load_checkpoint(done)
             return model_from_checkpoint(ckpt), ckpt.meta["history"]
@@ -599,6 +606,18 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+DISCUSSION = "<!-- discussion: hand-written, kept when the study is re-run -->"
+
+
+def _discussion(path: Path) -> str:
+    """The hand-written discussion at the end of an earlier report, so a re-run does not erase it."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(DISCUSSION)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: vgg11, 10k images, 2+1 epochs, 50%% only")
@@ -610,6 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the baseline/sparse training epochs")
     p.add_argument("--ft-epochs", type=int, help="override the fine-tuning epochs")
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
+    p.add_argument("--sparsity", type=float, help="override lambda of the selected models")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads (default 2)")
     return p.parse_args(argv)
 
@@ -628,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, epochs=args.epochs)
     if args.ft_epochs:
         cfg = replace(cfg, ft_epochs=args.ft_epochs)
+    if args.sparsity is not None:
+        cfg.models = [replace(m, sparsity=args.sparsity) for m in cfg.models]
     if args.limit_train:
         cfg = replace(cfg, limit_train=args.limit_train)
     if not cfg.models:
@@ -663,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2, default=str))
-    atomic_write_text(out, render(report))
+    atomic_write_text(out, render(report) + _discussion(out))
     log(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
