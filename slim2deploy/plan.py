@@ -442,7 +442,8 @@ class _Tracer:
         val = node.meta.get("val")
         if node.target is operator.getitem:
             src = self.lay(node.args[0])
-            return src[node.args[1]] if isinstance(src, (list, tuple)) else None
+            index: Any = node.args[1]
+            return src[index] if isinstance(src, (list, tuple)) else None
         tensors = [v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor)]
         if not tensors:
             return None  # shape queries and assertions carry no channels
@@ -592,14 +593,15 @@ class _Tracer:
         if not isinstance(lay, _Layout):
             return None
         nd = len(_shape(node))
+        args: Any = node.args
         if name == "t":
             order = list(range(nd))[::-1]
         elif name == "transpose":
-            a, b = (int(v) % nd for v in node.args[1:3])
+            a, b = (int(v) % nd for v in args[1:3])
             order = list(range(nd))
             order[a], order[b] = order[b], order[a]
         else:
-            order = [int(v) % nd for v in node.args[1]]
+            order = [int(v) % nd for v in args[1]]
         return replace(lay, dim=order.index(lay.dim))
 
     def spatial(self, node: fx.Node, name: str) -> Any:
@@ -692,7 +694,8 @@ class _Tracer:
         if not isinstance(lay, _Layout):
             return None
         nd = len(_shape(x))
-        dim = int(node.args[1]) % nd if len(node.args) > 1 else 0
+        args: Any = node.args
+        dim = int(args[1]) % nd if len(args) > 1 else 0
         if dim == lay.dim:
             return lay if _shape(node) == _shape(x) and name == "slice" else None
         if name == "select":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         return slim
     for fqn in plan.new_biases:
         module = slim.get_submodule(fqn.rpartition(".")[0])
-        w = module.weight
+        w: torch.Tensor = module.weight  # type: ignore[assignment]
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     folds = [(g, m) for g in pruned for m in g.members if m.fold]
     if folds:
@@ -113,16 +114,16 @@ def _fold(slim: nn.Module, plan: PruningPlan, pruned: list[Group], folds: list[t
             mod.training = training
     with torch.no_grad():
         for g, m in folds:
-            layer = slim.get_submodule(m.module)
+            layer: Any = slim.get_submodule(m.module)
             idx = torch.tensor(m.indices(g.removed), device=ref.device)
             w = layer.weight.index_select(1, idx)
-            x = seen[m.module]
+            x, bias = seen[m.module], layer.bias
             if isinstance(layer, nn.Linear):
                 value = x.reshape(-1, x.shape[-1])[0].index_select(0, idx)
-                layer.bias += w @ value
+                bias += w @ value
             else:  # a convolution without padding reading a spatially constant input
                 value = x[0].index_select(0, idx).flatten(1).mean(1)
-                layer.bias += (w * value.view(1, -1, *[1] * (w.dim() - 2))).sum(dim=tuple(range(1, w.dim())))
+                bias += (w * value.view(1, -1, *[1] * (w.dim() - 2))).sum(dim=tuple(range(1, w.dim())))
 
 
 def _update_sizes(module: nn.Module) -> None:
