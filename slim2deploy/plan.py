@@ -846,7 +846,14 @@ def trace_groups(model: nn.Module, example_input: torch.Tensor, *, fold: bool = 
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     shapes = {m.tensor: list(state[m.tensor].shape) for g in groups for m in g.members}
     used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
-    unused = sorted({fqn.rpartition(".")[0] for name, fqn in tracer.fqn.items() if name not in used})
+    # BatchNorm's step counter is never read in eval mode; that says nothing about the layer
+    unused = sorted(
+        {
+            fqn.rpartition(".")[0]
+            for name, fqn in tracer.fqn.items()
+            if name not in used and not fqn.endswith("num_batches_tracked")
+        }
+    )
     notes = []
     if unused:
         notes.append(
