@@ -24,6 +24,7 @@ data:
 # tensorrt-stubs that do not parse and points MYPYPATH at the repaired copy.
 lint: setup
 	$(PY) -m ruff check slim2deploy tests bench
+	$(PY) -m mypy slim2deploy
 
 test: setup data lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -189,7 +189,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
-    rails = {
+    rails: dict[str, Any] = {
         k: v
         for k, v in (("min_channels", cfg.min_channels), ("max_prune", cfg.max_prune), ("round_to", cfg.round_to))
         if v is not None
@@ -239,6 +239,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         else:
             from slim2deploy.train import finetune_checkpoint
 
+            assert cfg.data is not None  # validate() insists on it
             finetune_checkpoint(
                 slim_path,
                 ft_path,
@@ -293,7 +294,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
             src = onnx_paths[name]["fp32"]
             dst = out / f"{name}.{prec}.onnx"
             onnx_paths[name][prec] = dst
-            extra = (cfg.calib_method, cfg.int8_flavour, sha256_file(cfg.calib)) if prec == "int8" else ()
+            extra = (cfg.calib_method, cfg.int8_flavour, sha256_file(cfg.calib)) if prec == "int8" and cfg.calib else ()
             key = _key(sha256_file(src), prec, *extra)
             if state.fresh(f"{prec}:{name}", key, [dst]):
                 agreement[f"{name}.{prec}"] = state.info(f"{prec}:{name}")

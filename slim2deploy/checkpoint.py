@@ -198,8 +198,8 @@ def checkpoint_for(
     return Checkpoint(
         arch,
         dict(arch_kwargs),
-        tuple(input_shape),
-        num_classes,  # type: ignore[arg-type]
+        (int(input_shape[0]), int(input_shape[1]), int(input_shape[2])),
+        num_classes,
         {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()},
         dict(meta or {}),
         plan,

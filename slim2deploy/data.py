@@ -153,7 +153,7 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     if len(x) != len(y):
         raise SlimError(f"{path}: {len(x)} images but {len(y)} labels")
     xt, mean, std = _normalise(x, *(stats or (None, None)))
-    n_classes = int(max(arrays.get("y_train", y).max(), y.max())) + 1
+    n_classes = int(max(arrays["y_train"].max() if "y_train" in arrays else 0, y.max())) + 1
     return Dataset(
         xt, torch.from_numpy(y.astype(np.int64)), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}"
     )
@@ -180,11 +180,11 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
         files = [files[i] for i in _split_90_10(len(files), split)]
     arrays = []
     for path, _ in files:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if image_size:
-                img = img.resize((image_size, image_size))
-            arrays.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        with Image.open(path) as opened:
+            rgb = opened.convert("RGB")
+        if image_size:
+            rgb = rgb.resize((image_size, image_size))
+        arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")

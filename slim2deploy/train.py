@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,8 +134,10 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         n = totals[-1]
         mean = totals[:c] / n
         var = (totals[c : 2 * c] / n - mean * mean).clamp(min=0)
+        assert self.running_mean is not None and self.running_var is not None  # only swapped in when tracked
+        assert self.num_batches_tracked is not None
         with torch.no_grad():
-            self.num_batches_tracked += 1
+            self.num_batches_tracked.add_(1)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
@@ -335,6 +338,7 @@ def train_command(
     cfg.validate()
     info = init_distributed(device)
     start_epoch, optimizer_state, previous = 0, None, []
+    arch_kwargs: dict[str, Any]
     if resume:
         ckpt = load_checkpoint(resume, trust_pickle=trust_code)
         if not ckpt.train_state:
@@ -350,7 +354,7 @@ def train_command(
             raise SlimError(f"{resume} already finished {start_epoch} epochs; pass a larger --epochs to go on")
     else:
         train_ds = load_dataset(data, "train", data_dir, image_size).subset(limit_train)
-        arch_kwargs: dict[str, Any] = {"num_classes": train_ds.num_classes, "in_channels": train_ds.input_shape[0]}
+        arch_kwargs = {"num_classes": train_ds.num_classes, "in_channels": train_ds.input_shape[0]}
         if width is not None:
             arch_kwargs["width"] = width
         if arch.startswith("torchvision:"):
@@ -404,8 +408,8 @@ def train_command(
 
 
 def finetune_checkpoint(
-    src: str,
-    dst: str,
+    src: str | Path,
+    dst: str | Path,
     *,
     data: str,
     data_dir: str | None = None,
