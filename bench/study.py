@@ -635,6 +635,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, help="override the fine-tuning epochs")
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
     p.add_argument("--sparsity", type=float, help="override lambda of the selected models")
+    p.add_argument("--sparsity-warmup", type=float, help="override the lambda warm-up (epochs) of the selected models")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads (default 2)")
     return p.parse_args(argv)
 
@@ -655,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, ft_epochs=args.ft_epochs)
     if args.sparsity is not None:
         cfg.models = [replace(m, sparsity=args.sparsity) for m in cfg.models]
+    if args.sparsity_warmup is not None:
+        cfg.models = [replace(m, sparsity_warmup=args.sparsity_warmup) for m in cfg.models]
     if args.limit_train:
         cfg = replace(cfg, limit_train=args.limit_train)
     if not cfg.models:
