@@ -27,7 +27,7 @@ EXPECTED = [
     "report.md",
     "build.json",
 ]
-FAST = ["--bench-iterations", "5", "--bench-rounds", "2", "--eval-limit", "2000"]
+FAST = ["--bench-iterations", "5", "--bench-rounds", "2"]  # accuracy on all 10k test images
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
