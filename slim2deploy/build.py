@@ -28,6 +28,7 @@ from typing import Any
 
 from slim2deploy.errors import SlimError
 from slim2deploy.fileio import atomic_write_text, sha256_file
+from slim2deploy.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -37,9 +38,10 @@ class BuildConfig:
     model: str
     ratio: float
     out: str = "build"
-    min_channels: int | None = None
-    max_prune: float | None = None
-    round_to: int | None = None
+    min_channels: int = DEFAULT_MIN_CHANNELS
+    max_prune: float = DEFAULT_MAX_PRUNE
+    round_to: int = DEFAULT_ROUND_TO
+    fold: bool = True
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
     batch_size: int = 64
@@ -117,6 +119,7 @@ def validate(cfg: BuildConfig) -> None:
 
     if not (0.0 < cfg.ratio < 1.0):
         raise SlimError(f"--ratio must be between 0 and 1 (the share of channels to prune), got {cfg.ratio}")
+    check_rails(cfg.ratio, cfg.min_channels, cfg.max_prune, cfg.round_to)
     if not cfg.precisions:
         raise SlimError("--precision needs at least one of fp32, fp16, int8")
     for p in cfg.precisions:
@@ -161,9 +164,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
     import torch
 
-    from slim2deploy import plan as plan_mod
     from slim2deploy.calib import load_calib
-    from slim2deploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from slim2deploy.checkpoint import load_checkpoint, model_from_checkpoint
     from slim2deploy.engine import resolve_engine_policy
     from slim2deploy.stats import count_macs, count_params
 
@@ -189,33 +191,27 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
-    rails: dict[str, Any] = {
-        k: v
-        for k, v in (("min_channels", cfg.min_channels), ("max_prune", cfg.max_prune), ("round_to", cfg.round_to))
-        if v is not None
-    }
+    rails = {"min_channels": cfg.min_channels, "max_prune": cfg.max_prune, "round_to": cfg.round_to, "fold": cfg.fold}
     key = _key(ckpt_sha, cfg.ratio, rails)
     if state.fresh("prune", key, [slim_path, plan_path]):
         stage(1, "prune", "unchanged, skipped")
         result.skipped.append("prune")
     else:
-        started = time.perf_counter()
-        plan = plan_mod.plan_pruning(baseline, example, cfg.ratio, **rails)
-        from slim2deploy.surgery import apply_plan
+        from slim2deploy.surgery import prune_checkpoint
 
-        slim = apply_plan(baseline, plan)
-        log(plan.summary(baseline, example))
-        slim_ckpt = type(ckpt)(
-            ckpt.arch,
-            ckpt.arch_kwargs,
-            ckpt.input_shape,
-            ckpt.num_classes,
-            {k: v.detach().clone() for k, v in slim.state_dict().items()},
-            {**ckpt.meta, "pruned_from": str(cfg.model), "ratio": cfg.ratio, "rails": rails},
-            plan.to_dict(),
+        started = time.perf_counter()
+        plan, table = prune_checkpoint(
+            cfg.model,
+            slim_path,
+            cfg.ratio,
+            min_channels=cfg.min_channels,
+            max_prune=cfg.max_prune,
+            round_to=cfg.round_to,
+            fold=cfg.fold,
+            trust_code=cfg.trust_pickle,
         )
+        log(table)
         atomic_write_text(plan_path, plan.to_json())
-        save_checkpoint(slim_ckpt, slim_path)
         state.done("prune", key, [slim_path, plan_path], {"seconds": round(time.perf_counter() - started, 2)})
         stage(1, "prune", f"ratio {cfg.ratio}: {slim_path} ({time.perf_counter() - started:.1f}s)")
     result.artifacts.update(slim=str(slim_path), plan=str(plan_path))

@@ -60,11 +60,9 @@ import torch
 from torch import fx, nn
 
 from slim2deploy.errors import SlimError
+from slim2deploy.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
 
 PLAN_VERSION = 1
-DEFAULT_MIN_CHANNELS = 8  # below 8 channels a layer is cheap anyway and tensor cores idle
-DEFAULT_MAX_PRUNE = 0.9  # keeps a tenth of every group, so no layer is reduced to a sliver
-DEFAULT_ROUND_TO = 8  # ORT's blocked conv layout and TensorRT FP16 both want multiples of 8
 
 ROLES = ("out", "in", "bn", "through")
 
@@ -878,17 +876,6 @@ def _copy_group(g: Group, **changes: Any) -> Group:
     return replace(g, members=list(g.members), keep=list(g.keep), reasons=list(g.reasons), **changes)
 
 
-def _check_rails(ratio: float, min_channels: int, max_prune: float, round_to: int) -> None:
-    if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
-        raise SlimError(f"ratio must be a fraction between 0 and 1 (exclusive), got {ratio!r}")
-    if not (isinstance(min_channels, int) and min_channels >= 1):
-        raise SlimError(f"min_channels must be an integer >= 1 (a group is never emptied), got {min_channels!r}")
-    if not (isinstance(max_prune, (int, float)) and 0 < max_prune <= 1):
-        raise SlimError(f"max_prune must be in (0, 1], got {max_prune!r}")
-    if not (isinstance(round_to, int) and round_to >= 1):
-        raise SlimError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
-
-
 def select_channels(
     traced: PruningPlan,
     ratio: float,
@@ -898,7 +885,7 @@ def select_channels(
     round_to: int = DEFAULT_ROUND_TO,
 ) -> PruningPlan:
     """Apply the global threshold and the rails to a traced plan; returns a new plan."""
-    _check_rails(ratio, min_channels, max_prune, round_to)
+    check_rails(ratio, min_channels, max_prune, round_to)
     plan = replace(
         traced,
         groups=[_copy_group(g) for g in traced.groups],
@@ -965,7 +952,7 @@ def plan_pruning(
     the rails then keep at least ``min_channels`` per group, remove at most ``max_prune`` of a
     group and round kept counts up to a multiple of ``round_to``. The model is not modified.
     """
-    _check_rails(ratio, min_channels, max_prune, round_to)
+    check_rails(ratio, min_channels, max_prune, round_to)
     return select_channels(
         trace_groups(model, example_input, fold=fold),
         ratio,

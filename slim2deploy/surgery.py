@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,8 +143,8 @@ def _update_sizes(module: nn.Module) -> None:
 
 
 def prune_checkpoint(
-    src: str,
-    dst: str,
+    src: str | Path,
+    dst: str | Path,
     ratio: float,
     *,
     min_channels: int = DEFAULT_MIN_CHANNELS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_trust_arg
+from slim2deploy.cli.common import add_rails_args, add_trust_arg
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -18,19 +18,6 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning (safety rails; --round-to 1 --min-channels 1 --max-prune 1 is the paper)")
-    g.add_argument("--ratio", type=float, required=True, help="share of prunable channels to remove, in (0, 1)")
-    g.add_argument("--min-channels", type=int, default=None, help="never keep fewer channels in a group (default 8)")
-    g.add_argument("--max-prune", type=float, default=None, help="never remove more of one group (default 0.9)")
-    g.add_argument(
-        "--round-to",
-        type=int,
-        default=None,
-        help="round kept counts up to a multiple of this (default 8: GPU/CPU kernels want it)",
-    )
-
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "build",
@@ -42,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
     p.add_argument("--out", default="build", help="output directory")
-    add_plan_args(p)
+    add_rails_args(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
@@ -93,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         min_channels=args.min_channels,
         max_prune=args.max_prune,
         round_to=args.round_to,
+        fold=not args.no_fold,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         batch_size=args.batch_size,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slim2deploy.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
+
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g = p.add_argument_group("data")
@@ -49,4 +51,33 @@ def add_trust_arg(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow checkpoints that run code when loaded (a pickled nn.Module, or a model "
         "built by a 'package.module:factory'); only for files you trust",
+    )
+
+
+def add_rails_args(p: argparse.ArgumentParser) -> None:
+    """--ratio and the safety rails, as ``plan_pruning`` takes them."""
+    g = p.add_argument_group("pruning (--min-channels 1 --max-prune 1 --round-to 1: the paper exactly)")
+    g.add_argument("--ratio", type=float, required=True, help="fraction of prunable channels to remove, in (0, 1)")
+    g.add_argument(
+        "--min-channels",
+        type=int,
+        default=DEFAULT_MIN_CHANNELS,
+        help="keep at least this many channels per group",
+    )
+    g.add_argument(
+        "--max-prune",
+        type=float,
+        default=DEFAULT_MAX_PRUNE,
+        help="remove at most this fraction of a group",
+    )
+    g.add_argument(
+        "--round-to",
+        type=int,
+        default=DEFAULT_ROUND_TO,
+        help="round kept channel counts up to a multiple of this; GPU and CPU kernels want 8 (TensorRT int8: 32)",
+    )
+    g.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="do not fold removed channels' constant output into the next layer's bias",
     )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_trust_arg
-from slim2deploy.plan import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
+from slim2deploy.cli.common import add_rails_args, add_trust_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,22 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of prunable channels to remove, in (0, 1)")
     p.add_argument("--out", required=True, metavar="SLIM.pt", help="pruned checkpoint to write")
-    g = p.add_argument_group("rails (--min-channels 1 --max-prune 1 --round-to 1: the paper exactly)")
-    g.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="keep at least this many per group")
-    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
-    g.add_argument(
-        "--round-to",
-        type=int,
-        default=DEFAULT_ROUND_TO,
-        help="round kept channel counts up to a multiple of this (fast kernels want 8 or 32)",
-    )
-    g.add_argument(
-        "--no-fold",
-        action="store_true",
-        help="do not fold removed channels' constant output into the next layer's bias",
-    )
+    add_rails_args(p)
     p.add_argument("--plan-json", default=None, metavar="FILE", help="also write the plan as JSON")
     add_trust_arg(p)
     return p
