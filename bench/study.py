@@ -660,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.models = [replace(m, sparsity_warmup=args.sparsity_warmup) for m in cfg.models]
     if args.limit_train:
         cfg = replace(cfg, limit_train=args.limit_train)
+    overridden = any(v is not None for v in (args.epochs, args.ft_epochs, args.sparsity, args.sparsity_warmup,
+                                              args.limit_train))
+    if overridden:
+        cfg = replace(cfg, mode=f"{cfg.mode}, overridden by the flags")
     if not cfg.models:
         print(f"no model left after --models {args.models}", file=sys.stderr)
         return 2

@@ -60,9 +60,9 @@ class BuildConfig:
     builder_opt_level: int = 3
     bench: bool = True
     bench_batches: tuple[int, ...] = (1, 64)
-    bench_iterations: int = 50
-    bench_rounds: int = 3
-    bench_warmup_s: float = 0.5
+    bench_iterations: int = 200
+    bench_rounds: int = 5
+    bench_warmup_s: float = 1.0
     threads: int | None = None
     seed: int = 0
     trust_pickle: bool = False
