@@ -42,6 +42,7 @@ class TrainConfig:
     sparsity: float = 0.0  # lambda of the L1 penalty on BatchNorm gammas; 0 trains the baseline
     sparsity_mode: str = "subgradient"  # or "proximal"
     sparsity_warmup: float = 0.0  # epochs over which lambda ramps from 0
+    sparsity_scope: str = "all"  # or "prunable": only gammas of channels the surgery can remove
     amp: bool = False
     augment: bool = True
     seed: int = 0
@@ -58,6 +59,8 @@ class TrainConfig:
             raise SlimError(f"--sparsity must be >= 0, got {self.sparsity}")
         if self.sparsity_mode not in sparsity.MODES:
             raise SlimError(f"--sparsity-mode must be one of {', '.join(sparsity.MODES)}")
+        if self.sparsity_scope not in sparsity.SCOPES:
+            raise SlimError(f"--sparsity-scope must be one of {', '.join(sparsity.SCOPES)}")
         if self.schedule not in SCHEDULES:
             raise SlimError(f"--schedule must be one of {', '.join(SCHEDULES)}")
 
@@ -217,6 +220,9 @@ def fit(
             f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
         )
     torch.manual_seed(cfg.seed)
+    masks = None
+    if cfg.sparsity > 0 and cfg.sparsity_scope == "prunable":
+        masks = sparsity.prunable_masks(model.cpu(), torch.zeros(1, *train_ds.input_shape))
     model.to(info.device)
     net: nn.Module = model
     if info.world > 1:
@@ -269,13 +275,13 @@ def fit(
             scaler.scale(loss).backward()
             if cfg.sparsity_mode == "subgradient":
                 scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
-                sparsity.add_l1_subgradient(model, lam)
+                sparsity.add_l1_subgradient(model, lam, masks)
             scaler.step(optimizer)
             scaler.update()
             if cfg.sparsity_mode == "proximal":
                 # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
                 # the same effective step here gives lambda the same pull as in subgradient mode.
-                sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam)
+                sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())

@@ -84,3 +84,27 @@ def test_sparse_training_drives_gammas_to_zero_far_more_than_baseline(mode):
         shares[name] = sparsity.small_gamma_share(model, 1e-2)
     assert shares["baseline"] < 0.05
     assert shares["sparse"] > shares["baseline"] + 0.3, shares
+
+
+def test_prunable_scope_penalises_only_channels_the_surgery_can_remove():
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, num_classes=10, width=0.5)
+    masks = sparsity.prunable_masks(model, torch.zeros(1, 1, 28, 28))
+    # inside a block, bn2 sits between two convs: prunable; a stage's residual stream read by a
+    # shortcut convolution (bn1 of the first block of layer2) is not
+    assert masks["layer1.0.bn2.weight"].all()
+    assert not masks["layer2.0.bn1.weight"].any()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    plain = _grads(model, x, y)
+    _grads(model, x, y)
+    sparsity.add_l1_subgradient(model, 1e-2, masks)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        expected = plain[name] + 1e-2 * torch.sign(params[name].detach()) * mask
+        assert torch.equal(params[name].grad, expected), name
+    before = {n: p.detach().clone() for n, p in params.items()}
+    sparsity.proximal_step(model, lr=1.0, lam=10.0, masks=masks)  # threshold 10: every penalised gamma -> 0
+    for name, mask in masks.items():
+        after = params[name].detach()
+        assert torch.equal(after[~mask], before[name][~mask]), name
+        assert (after[mask] == 0).all(), name

@@ -48,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="EPOCHS",
         help="ramp lambda linearly from 0 over this many epochs",
     )
+    g.add_argument(
+        "--sparsity-scope",
+        choices=["all", "prunable"],
+        default="all",
+        help="all: every BatchNorm gamma (the paper); prunable: only gammas of channels the surgery can "
+        "remove (e.g. not a pre-activation ResNet's residual stream)",
+    )
     g.add_argument("--history", default=None, metavar="JSON", help="also write per-epoch results here")
     add_trust_arg(p)
     return p
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         sparsity_mode=args.sparsity_mode,
         sparsity_warmup=args.sparsity_warmup,
+        sparsity_scope=args.sparsity_scope,
         amp=args.amp,
         augment=not args.no_augment,
         seed=args.seed,
