@@ -70,15 +70,15 @@ def _blobs(n=768, seed=0):
     return Dataset(x, y, ["a", "b", "c", "d"], (0.0,), (1.0,), "blobs")
 
 
-@pytest.mark.parametrize("mode", ["subgradient", "proximal"])
-def test_sparse_training_drives_gammas_to_zero_far_more_than_baseline(mode):
+@pytest.mark.parametrize("mode,amp", [("subgradient", False), ("proximal", False), ("subgradient", True)])
+def test_sparse_training_drives_gammas_to_zero_far_more_than_baseline(mode, amp):
     ds = _blobs()
     shares = {}
     for name, value in (("baseline", 0.0), ("sparse", 5e-2)):
         torch.manual_seed(0)
         model = create_model("vgg11", in_channels=1, num_classes=4, width=0.125)
         cfg = TrainConfig(
-            epochs=4, batch_size=32, lr=0.1, schedule="cosine", sparsity=value, sparsity_mode=mode, seed=1
+            epochs=4, batch_size=32, lr=0.1, schedule="cosine", sparsity=value, sparsity_mode=mode, amp=amp, seed=1
         )
         fit(model, ds, None, cfg, progress=False)
         shares[name] = sparsity.small_gamma_share(model, 1e-2)
