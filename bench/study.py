@@ -91,9 +91,9 @@ class StudyConfig:
     seed: int = 0
     threads: int = 2
     bench_batches: tuple[int, ...] = (1, 64)
-    bench_iterations: int = 60
-    bench_rounds: int = 6
-    bench_warmup_s: float = 0.5
+    bench_iterations: int = 200
+    bench_rounds: int = 8
+    bench_warmup_s: float = 1.0
     mode: str = "full"
 
     def to_dict(self) -> dict[str, Any]:
