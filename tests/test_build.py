@@ -34,23 +34,16 @@ def _snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
+def _build_demo(out: Path):
+    """The README's demo build (all precisions) into ``out``, with a short benchmark."""
+    return run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out),
+                   "--precision", "fp32,fp16,int8", "--calib", str(CALIB), *FAST)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "demo"
-    proc = run_cli(
-        "build",
-        "--model",
-        str(DEMO),
-        "--ratio",
-        "0.5",
-        "--out",
-        str(out),
-        "--precision",
-        "fp32,fp16,int8",
-        "--calib",
-        str(CALIB),
-        *FAST,
-    )
+    proc = _build_demo(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -83,20 +76,7 @@ def test_build_produces_every_listed_file_and_a_sane_report(built):
 def test_rerun_skips_unchanged_stages_and_redoes_damaged_outputs(built):
     out, _ = built
     (out / "slim.onnx").write_bytes((out / "slim.onnx").read_bytes()[:1000])  # truncate one artifact
-    proc = run_cli(
-        "build",
-        "--model",
-        str(DEMO),
-        "--ratio",
-        "0.5",
-        "--out",
-        str(out),
-        "--precision",
-        "fp32,fp16,int8",
-        "--calib",
-        str(CALIB),
-        *FAST,
-    )
+    proc = _build_demo(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prune     unchanged, skipped" in proc.stdout
     assert "baseline.onnx unchanged, skipped" in proc.stdout
