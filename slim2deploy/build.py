@@ -143,8 +143,8 @@ def validate(cfg: BuildConfig) -> None:
         raise SlimError("batch sizes must be positive integers")
 
 
-def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> tuple[Any, Any] | None:
-    """(x, y) numpy arrays of held-out data, from --data or the dataset the checkpoint was trained on."""
+def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Any:
+    """Held-out data (a ``data.Dataset``), from --data or the dataset the checkpoint was trained on."""
     from slim2deploy.data import load_dataset
 
     name = cfg.data or meta.get("dataset")
@@ -157,7 +157,7 @@ def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> tuple[Any, Any] | None
         if cfg.data:
             raise
         return None  # the training data is not on this machine; the report says accuracy is unknown
-    return ds.x.numpy(), ds.y.numpy()
+    return ds
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
@@ -187,7 +187,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
     build_engines, engine_msg = resolve_engine_policy(cfg.engine)
     ckpt_sha = sha256_file(cfg.model)
-    eval_xy = _eval_data(cfg, ckpt.meta)
+    eval_ds = _eval_data(cfg, ckpt.meta)
+    eval_xy = None if eval_ds is None else (eval_ds.x.numpy(), eval_ds.y.numpy())
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
@@ -370,8 +371,10 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
 
     # 7. report
     accuracy = None
-    if eval_xy is not None:
-        accuracy = {name: _torch_accuracy(m, *eval_xy) for name, m in (("baseline", baseline), ("slim", slim_model))}
+    if eval_ds is not None:
+        from slim2deploy.train import evaluate
+
+        accuracy = {name: evaluate(m, eval_ds)[1] for name, m in (("baseline", baseline), ("slim", slim_model))}
     report = {
         "model": cfg.model,
         "config": cfg.to_dict(),
@@ -404,14 +407,3 @@ def _parity_inputs(shape: tuple[int, int, int], calib_x: Any, eval_xy: Any, seed
         if real is not None:
             parts.append(np.asarray(real[:32], dtype=np.float32))
     return np.concatenate(parts)
-
-
-def _torch_accuracy(model: Any, x: Any, y: Any, batch_size: int = 500) -> float:
-    import torch
-
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out = model(torch.from_numpy(x[i : i + batch_size]))
-            correct += int((out.argmax(1).numpy() == y[i : i + batch_size]).sum())
-    return correct / max(len(y), 1)
