@@ -419,6 +419,7 @@ def finetune_checkpoint(
     *,
     data: str,
     data_dir: str | None = None,
+    image_size: int | None = None,
     epochs: int = 5,
     lr: float = 0.01,
     batch_size: int = 64,
@@ -440,8 +441,8 @@ def finetune_checkpoint(
     ckpt = load_checkpoint(src, trust_pickle=trust_code)
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
-    train_ds = load_dataset(data, "train", data_dir, stats=stats).subset(limit_train)
-    val_ds = load_dataset(data, "val", data_dir, stats=stats).subset(limit_val)
+    train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
+    val_ds = load_dataset(data, "val", data_dir, image_size, stats).subset(limit_val)
     if train_ds.input_shape != tuple(ckpt.input_shape):
         raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)

@@ -19,7 +19,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument(
         "--data-dir",
         default=None,
-        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
+        help="folder with the Fashion-MNIST IDX files; unset means /usr/share/datasets/fashion-mnist",
     )
     g.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
     g.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_trust_arg
+from slim2deploy.cli.common import add_data_args, add_trust_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,21 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="SLIM.pt", help="checkpoint written by 'slim2deploy prune'")
-    p.add_argument(
-        "--data",
-        required=True,
-        help="'fashion-mnist', a folder of class sub-folders (or with train/ and val/), or a .npz file",
-    )
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", required=True, metavar="FT.pt", help="fine-tuned checkpoint to write")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", choices=["step", "cosine"], default="cosine")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
-    p.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_data_args(p, required=True)
     add_trust_arg(p)
     return p
 
@@ -43,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         data=args.data,
         data_dir=args.data_dir,
+        image_size=args.image_size,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
