@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slim2deploy.benchmark import benchmark, format_table, plot, write_json, write_markdown  # noqa: E402
-from slim2deploy.errors import SlimError  # noqa: E402
+from slim2deploy.base.errors import SlimError  # noqa: E402
+from slim2deploy.measure.benchmark import benchmark, format_table, plot, write_json, write_markdown  # noqa: E402
 
 
 def _batches(text: str) -> list[int]:

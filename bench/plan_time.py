@@ -14,8 +14,8 @@ import time
 import torch
 import torchvision
 
-from slim2deploy.plan import select_channels, trace_groups
-from slim2deploy.surgery import apply_plan
+from slim2deploy.prune.plan import select_channels, trace_groups
+from slim2deploy.prune.surgery import apply_plan
 
 
 def main() -> None:

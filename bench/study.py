@@ -35,19 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from slim2deploy import benchmark
-from slim2deploy import plan as plan_mod
-from slim2deploy.calib import load_calib
-from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
-from slim2deploy.data import load_dataset
-from slim2deploy.export import check_parity, export_onnx
-from slim2deploy.fileio import atomic_write_text
-from slim2deploy.precision import evaluate_onnx, quantize_int8, to_fp16
-from slim2deploy.sparsity import small_gamma_share
-from slim2deploy.stats import count_macs, count_params
-from slim2deploy.surgery import apply_plan
-from slim2deploy.train import DistInfo, TrainConfig, evaluate, fit, pick_device
-from slim2deploy.zoo import create_model, init_weights
+from slim2deploy.base.files import atomic_write_text
+from slim2deploy.deploy.calib import load_calib
+from slim2deploy.deploy.export import check_parity, export_onnx
+from slim2deploy.deploy.precision import evaluate_onnx, quantize_int8, to_fp16
+from slim2deploy.measure import benchmark
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.data import load_dataset
+from slim2deploy.model.loop import DistInfo, TrainConfig, evaluate, fit, pick_device
+from slim2deploy.model.sparsity import small_gamma_share
+from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.model.zoo import create_model, init_weights
+from slim2deploy.prune import plan as plan_mod
+from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ROOT / "calib" / "fashion-mnist-512.npz"

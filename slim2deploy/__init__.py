@@ -13,16 +13,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it; resolved on first access
 _EXPORTS = {
-    "SlimError": "slim2deploy.errors",
-    "create_model": "slim2deploy.zoo",
-    "list_models": "slim2deploy.zoo",
-    "Checkpoint": "slim2deploy.checkpoint",
-    "save_checkpoint": "slim2deploy.checkpoint",
-    "load_checkpoint": "slim2deploy.checkpoint",
-    "model_from_checkpoint": "slim2deploy.checkpoint",
-    "PruningPlan": "slim2deploy.plan",
-    "plan_pruning": "slim2deploy.plan",
-    "apply_plan": "slim2deploy.surgery",
+    "SlimError": "slim2deploy.base.errors",
+    "create_model": "slim2deploy.model.zoo",
+    "list_models": "slim2deploy.model.zoo",
+    "Checkpoint": "slim2deploy.model.checkpoint",
+    "save_checkpoint": "slim2deploy.model.checkpoint",
+    "load_checkpoint": "slim2deploy.model.checkpoint",
+    "model_from_checkpoint": "slim2deploy.prune.rebuild",
+    "PruningPlan": "slim2deploy.prune.plan",
+    "plan_pruning": "slim2deploy.prune.plan",
+    "apply_plan": "slim2deploy.prune.surgery",
 }
 
 __all__ = sorted(_EXPORTS)

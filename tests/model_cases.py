@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from slim2deploy.plan import PruningPlan, trace_groups
-from slim2deploy.zoo import create_model
+from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.plan import PruningPlan, trace_groups
 
 
 def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:

@@ -11,21 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_runtime import SAMPLE, export_tiny
 
-from slim2deploy.benchmark import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.onnx_info import onnx_costs
+from slim2deploy.measure.benchmark import (
     Comparison,
     LatencyStats,
     benchmark,
     compare,
     format_table,
-    onnx_costs,
     ort_peak_rss,
     to_markdown,
     write_reports,
 )
-from slim2deploy.checkpoint import checkpoint_for, save_checkpoint
-from slim2deploy.errors import SlimError
-from slim2deploy.stats import count_macs, count_params
-from slim2deploy.zoo import create_model
+from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.model.zoo import create_model
 
 FAST = {"warmup_s": 0.05, "iterations": 24, "rounds": 4, "input_sets": 2, "device": "cpu", "threads": 1}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, needs_fashion_mnist, run_cli
 
-from slim2deploy.calib import check_calib, load_calib, make_calib_set, stratified_indices
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.calib import check_calib, load_calib, make_calib_set, stratified_indices
 
 
 def test_stratified_indices_are_unique_sized_and_proportional():

@@ -5,15 +5,15 @@ import pytest
 import torch
 from conftest import run_cli
 
-from slim2deploy.checkpoint import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.checkpoint import (
     Checkpoint,
     checkpoint_for,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
-from slim2deploy.errors import SlimError
-from slim2deploy.zoo import create_model
+from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.rebuild import model_from_checkpoint
 
 
 def _ckpt(tmp_path, arch="resnet20"):
@@ -111,7 +111,7 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
 def test_user_factory_needs_trust(tmp_path):
     kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
     model = create_model("vgg11", **kwargs)
-    ckpt = checkpoint_for(model, "slim2deploy.zoo:VGG", {}, (1, 28, 28), 10)
+    ckpt = checkpoint_for(model, "slim2deploy.model.zoo:VGG", {}, (1, 28, 28), 10)
     with pytest.raises(SlimError, match="trust"):
         model_from_checkpoint(ckpt)
 

@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from slim2deploy.engine import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.engine import (
     BuildOptions,
     EngineManifest,
     build_engine,
@@ -32,7 +33,6 @@ from slim2deploy.engine import (
     read_manifest,
     resolve_engine_policy,
 )
-from slim2deploy.errors import SlimError
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -307,7 +307,7 @@ def test_engine_and_runtime_are_mypy_clean_against_tensorrt_stubs(tmp_path):
     )
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(cache)]
-        + ["--follow-imports=silent", "slim2deploy/engine.py", "slim2deploy/runtime.py"],
+        + ["--follow-imports=silent", "slim2deploy/deploy/engine.py", "slim2deploy/runtime/runners.py"],
         cwd=ROOT,
         env={**os.environ, "MYPYPATH": str(stubs)},
         capture_output=True,

@@ -9,9 +9,8 @@ import torch
 from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from slim2deploy.checkpoint import checkpoint_for, save_checkpoint
-from slim2deploy.errors import SlimError
-from slim2deploy.export import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.export import (
     FP32_RTOL,
     check_parity,
     export_onnx,
@@ -21,7 +20,8 @@ from slim2deploy.export import (
     ort_session,
     run_onnx,
 )
-from slim2deploy.zoo import create_model
+from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+from slim2deploy.model.zoo import create_model
 
 MODELS = [
     ("vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28)),

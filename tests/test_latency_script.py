@@ -78,7 +78,7 @@ def test_script_never_imports_torch(models):
     proc = run_script(str(slim), "--baseline", str(base), *FAST, "--no-rss", extra=["-X", "importtime"])
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
-    assert "onnxruntime" in imported and "slim2deploy.benchmark" in imported
+    assert "onnxruntime" in imported and "slim2deploy.measure.benchmark" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
 
 

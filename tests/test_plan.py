@@ -10,10 +10,11 @@ import torch
 from model_cases import CASES, HEAVY, rel_err, traced
 from torch import nn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.plan import PruningPlan, plan_pruning, select_channels
-from slim2deploy.surgery import apply_plan
-from slim2deploy.zoo import create_model
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.plan import PruningPlan, plan_pruning, select_channels
+from slim2deploy.prune.summary import summarize
+from slim2deploy.prune.surgery import apply_plan
 
 PAPER = {"min_channels": 1, "max_prune": 1.0, "round_to": 1}
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
@@ -115,7 +116,7 @@ def test_channels_it_cannot_follow_are_listed_unprunable(name: str, why: str) ->
     reasons = [r for _, r in plan.unprunable()]
     assert any(why in r for r in reasons)
     assert any(g.pruned for g in plan.groups)
-    assert "unprunable groups" in plan.summary(model, x)
+    assert "unprunable groups" in summarize(plan, model, x)
 
 
 class _ChannelSoftmax(nn.Module):
@@ -156,7 +157,7 @@ def test_plan_round_trips_through_json_and_prints_a_table() -> None:
     plan = select_channels(structure, 0.4, **PAPER)
     again = PruningPlan.from_json(plan.to_json())
     assert again == plan
-    text = plan.summary(model, x)
+    text = summarize(plan, model, x)
     assert "total" in text and "layer1.0.conv1" in text and "params -" in text
 
 

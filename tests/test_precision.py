@@ -10,16 +10,16 @@ from conftest import needs_fashion_mnist
 from onnx import numpy_helper
 from test_export import randomise_bn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.export import FP16_RTOL, check_parity, export_onnx, load_onnx, ort_session
-from slim2deploy.precision import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.export import FP16_RTOL, check_parity, export_onnx, load_onnx, ort_session
+from slim2deploy.deploy.precision import (
     activation_scales,
     evaluate_onnx,
     export_precision,
     quantize_int8,
     to_fp16,
 )
-from slim2deploy.zoo import create_model
+from slim2deploy.model.zoo import create_model
 
 
 @pytest.mark.parametrize(
@@ -65,8 +65,8 @@ class TinyNet(torch.nn.Module):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small CNN trained for a few hundred steps on Fashion-MNIST (~80% accuracy), exported to fp32."""
-    from slim2deploy.calib import stratified_indices
-    from slim2deploy.data import load_dataset
+    from slim2deploy.deploy.calib import stratified_indices
+    from slim2deploy.model.data import load_dataset
 
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     torch.manual_seed(0)

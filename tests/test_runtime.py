@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
-from slim2deploy.errors import SlimError
-from slim2deploy.runtime import OrtRunner, TorchRunner, TrtRunner, open_runner, runner_kind
-from slim2deploy.stats import count_macs, count_params
-from slim2deploy.zoo import create_model
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.runtime.runners import OrtRunner, TorchRunner, TrtRunner, open_runner, runner_kind
 
 SAMPLE = (3, 16, 16)
 

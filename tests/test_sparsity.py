@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slim2deploy import sparsity
-from slim2deploy.data import Dataset
-from slim2deploy.train import TrainConfig, fit
-from slim2deploy.zoo import create_model
+from slim2deploy.model import sparsity
+from slim2deploy.model.data import Dataset
+from slim2deploy.model.loop import TrainConfig, fit
+from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.plan import prunable_masks
 
 
 def _grads(model, x, y):
@@ -89,7 +90,7 @@ def test_sparse_training_drives_gammas_to_zero_far_more_than_baseline(mode, amp)
 def test_prunable_scope_penalises_only_channels_the_surgery_can_remove():
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=1, num_classes=10, width=0.5)
-    masks = sparsity.prunable_masks(model, torch.zeros(1, 1, 28, 28))
+    masks = prunable_masks(model, torch.zeros(1, 1, 28, 28))
     # inside a block, bn2 sits between two convs: prunable; a stage's residual stream read by a
     # shortcut convolution (bn1 of the first block of layer2) is not
     assert masks["layer1.0.bn2.weight"].all()

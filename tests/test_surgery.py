@@ -12,10 +12,10 @@ import torch
 from model_cases import CASES, HEAVY, ZOO, randomize_batchnorm, rel_err, traced, zero_channels
 from torch import nn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.plan import PruningPlan, plan_pruning, rescore, select_channels, trace_groups
-from slim2deploy.stats import count_params
-from slim2deploy.surgery import apply_plan
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.stats import count_params
+from slim2deploy.prune.plan import PruningPlan, plan_pruning, rescore, select_channels, trace_groups
+from slim2deploy.prune.surgery import apply_plan
 
 PAPER = {"min_channels": 1, "max_prune": 1.0, "round_to": 1}
 

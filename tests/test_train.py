@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, needs_fashion_mnist, run_cli
 
-from slim2deploy.checkpoint import load_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

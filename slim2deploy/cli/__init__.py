@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import sys
 
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
 
 # Order is the order shown in --help: the pipeline, first to last.
 COMMANDS = ["train", "inspect", "prune", "finetune", "calib", "export", "build"]

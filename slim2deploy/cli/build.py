@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.build import BuildConfig, build
+    from slim2deploy.pipeline.build import BuildConfig, build
 
     cfg = BuildConfig(
         model=args.model,

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.calib import load_calib, make_calib_set
+    from slim2deploy.deploy.calib import load_calib, make_calib_set
 
     out = make_calib_set(args.data, args.n, args.out, args.data_dir, args.seed, image_size=args.image_size)
     x = load_calib(out)

@@ -45,10 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.calib import load_calib
-    from slim2deploy.checkpoint import load_checkpoint, model_from_checkpoint
-    from slim2deploy.fileio import atomic_write_text
-    from slim2deploy.precision import check_precision, export_precision
+    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.deploy.calib import load_calib
+    from slim2deploy.deploy.precision import check_precision, export_precision
+    from slim2deploy.model.checkpoint import load_checkpoint
+    from slim2deploy.prune.rebuild import model_from_checkpoint
 
     check_precision(args.precision)
     ckpt = load_checkpoint(args.model, trust_pickle=args.trust_pickle)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     calib_x = load_calib(args.calib, ckpt.input_shape) if args.calib else None
     eval_x = eval_y = None
     if args.eval_data and args.precision == "int8":
-        from slim2deploy.data import load_dataset
+        from slim2deploy.model.data import load_dataset
 
         held_out = load_dataset(args.eval_data, "test", args.data_dir).subset(args.eval_n)
         eval_x, eval_y = held_out.x.numpy(), held_out.y.numpy()

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.train import finetune_checkpoint
+    from slim2deploy.pipeline.train import finetune_checkpoint
 
     history = finetune_checkpoint(
         args.model,

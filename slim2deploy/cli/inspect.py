@@ -23,9 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.checkpoint import load_checkpoint
-    from slim2deploy.fileio import atomic_write_text
-    from slim2deploy.inspect import inspect_checkpoint, plot_gammas
+    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.model.checkpoint import load_checkpoint
+    from slim2deploy.pipeline.inspect import inspect_checkpoint, plot_gammas
 
     ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     info = inspect_checkpoint(ckpt, trust_code=args.trust_pickle)

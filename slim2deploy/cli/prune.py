@@ -25,8 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.fileio import atomic_write_text
-    from slim2deploy.surgery import prune_checkpoint
+    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.pipeline.prune import prune_checkpoint
 
     plan, table = prune_checkpoint(
         args.model,

@@ -61,8 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.fileio import atomic_write_text
-    from slim2deploy.train import TrainConfig, train_command
+    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.model.loop import TrainConfig
+    from slim2deploy.pipeline.train import train_command
 
     cfg = TrainConfig(
         epochs=args.epochs,

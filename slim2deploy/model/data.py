@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [

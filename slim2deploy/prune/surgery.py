@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.plan import (
-    DEFAULT_MAX_PRUNE,
-    DEFAULT_MIN_CHANNELS,
-    DEFAULT_ROUND_TO,
+from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.plan import (
     Group,
     Member,
     PruningPlan,
-    plan_pruning,
 )
 
 
@@ -140,40 +135,3 @@ def _update_sizes(module: nn.Module) -> None:
             module.num_features = int(ref.shape[0])
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = (int(v) for v in module.weight.shape)
-
-
-def prune_checkpoint(
-    src: str | Path,
-    dst: str | Path,
-    ratio: float,
-    *,
-    min_channels: int = DEFAULT_MIN_CHANNELS,
-    max_prune: float = DEFAULT_MAX_PRUNE,
-    round_to: int = DEFAULT_ROUND_TO,
-    fold: bool = True,
-    trust_code: bool = False,
-) -> tuple[PruningPlan, str]:
-    """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table."""
-    from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
-    if ckpt.is_pruned:
-        raise SlimError(
-            f"{src} is already pruned; prune the sparse-trained checkpoint it came from with a larger ratio instead"
-        )
-    model = model_from_checkpoint(ckpt, trust_code=trust_code)
-    if ckpt.module is not None:
-        raise SlimError(
-            f"{src} is a pickled nn.Module without an architecture name; a pruned copy could not be rebuilt"
-        )
-    x = torch.zeros(1, *ckpt.input_shape)
-    plan = plan_pruning(model, x, ratio, min_channels=min_channels, max_prune=max_prune, round_to=round_to, fold=fold)
-    slim = apply_plan(model, plan)
-    table = plan.summary(model, x, slim)
-    meta = {k: v for k, v in ckpt.meta.items() if k not in ("val_acc", "versions")}
-    meta["pruned"] = {"from": str(src), "ratio": ratio, "val_acc_before": ckpt.meta.get("val_acc")}
-    save_checkpoint(
-        checkpoint_for(slim, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, plan.to_dict()),
-        dst,
-    )
-    return plan, table

@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.sparsity import bn_layers
+from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
 
 PLAN_VERSION = 1
 
@@ -178,52 +179,6 @@ class PruningPlan:
             elif g.scores is None:
                 out.append((g, "no BatchNorm gamma to score it"))
         return out
-
-    def summary(self, model: nn.Module, example_input: torch.Tensor, slim: nn.Module | None = None) -> str:
-        """Per-layer table (channels, params, MACs before -> after), totals and unprunable groups.
-
-        ``slim`` is ``apply_plan(model, self)`` if already at hand.
-        """
-        from slim2deploy.stats import count_params, layer_costs
-        from slim2deploy.surgery import apply_plan
-
-        slim = slim if slim is not None else apply_plan(model, self)
-        before = layer_costs(model, example_input)
-        after = {c.name: c for c in layer_costs(slim, example_input)}
-        width = max([len(c.name) for c in before] + [5])
-        lines = [f"{'layer':<{width}}  {'channels':>11}  {'params':>21}  {'MACs':>25}"]
-        for c in before:
-            a = after[c.name]
-            lines.append(
-                f"{c.name:<{width}}  {c.out_shape[0]:>5}->{a.out_shape[0]:<5}  "
-                f"{c.params:>10,}->{a.params:<10,}  {c.macs:>12,}->{a.macs:<12,}"
-            )
-        p0, p1 = count_params(model), count_params(slim)
-        m0, m1 = sum(c.macs for c in before), sum(c.macs for c in after.values())
-        lines.append(
-            f"{'total':<{width}}  {'':>11}  {p0:>10,}->{p1:<10,}  {m0:>12,}->{m1:<12,}"
-            f"  (params -{_pct(p0, p1)}, MACs -{_pct(m0, m1)})"
-        )
-        n_prunable = sum(g.prunable for g in self.groups)
-        lines.append(
-            f"groups: {len(self.groups)}, prunable {n_prunable}, pruned {sum(g.pruned for g in self.groups)}; "
-            f"channels removed {self.removed_channels} of {self.prunable_channels} prunable"
-            + (f" (ratio {self.ratio}, threshold {self.threshold:.4g})" if self.threshold is not None else "")
-            + f"; rails: min_channels={self.min_channels} max_prune={self.max_prune} round_to={self.round_to}"
-        )
-        if self.new_biases:
-            lines.append(f"removed channels' constant output folded into {len(self.new_biases)} new bias(es)")
-        unpr = self.unprunable()
-        if unpr:
-            lines.append(f"unprunable groups ({len(unpr)}):")
-            for g, why in unpr:
-                lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {why}")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _pct(a: int, b: int) -> str:
-    return f"{100.0 * (a - b) / a:.1f}%" if a else "0%"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,3 +915,16 @@ def plan_pruning(
         max_prune=max_prune,
         round_to=round_to,
     )
+
+
+def prunable_masks(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For each BatchNorm weight, which of its channels lie in a prunable group of the pruning plan."""
+    traced = trace_groups(model, example_input)
+    masks = {f"{name}.weight": torch.zeros(bn.num_features, dtype=torch.bool) for name, bn in bn_layers(model)}
+    for group in traced.groups:
+        if not group.prunable:
+            continue
+        for m in group.members:
+            if m.role == "bn" and m.tensor in masks:
+                masks[m.tensor][m.start : m.start + group.size] = True
+    return masks

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from slim2deploy.errors import SlimError
-from slim2deploy.fileio import atomic_path, sha256_file
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx

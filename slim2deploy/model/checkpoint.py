@@ -12,7 +12,6 @@ factory ``package.module:factory`` (importing it runs that module).
 
 from __future__ import annotations
 
-import copy
 import pickle
 import platform
 import warnings
@@ -24,9 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slim2deploy.errors import SlimError
-from slim2deploy.fileio import atomic_path
-from slim2deploy.zoo import create_model, is_user_factory
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_path
 
 FORMAT = "slim2deploy.checkpoint/1"
 PICKLED_ARCH = "<pickled nn.Module>"
@@ -128,11 +126,11 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise SlimError(f"{path} is not a readable torch checkpoint ({_first_line(exc)})") from exc
+            raise SlimError(f"{path} is not a readable torch checkpoint ({first_line(exc)})") from exc
         obj = _pickled_module(path, trust_pickle)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as exc:
         raise SlimError(
-            f"{path} is truncated or not a torch checkpoint ({_first_line(exc)}); re-create or re-download it"
+            f"{path} is truncated or not a torch checkpoint ({first_line(exc)}); re-create or re-download it"
         ) from exc
     if isinstance(obj, nn.Module):
         return Checkpoint(
@@ -154,34 +152,9 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     raise SlimError(f"{path} is a torch file but not a slim2deploy checkpoint (found {type(obj).__name__})")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
-
-
-def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.Module:
-    """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly."""
-    if ckpt.module is not None:
-        return copy.deepcopy(ckpt.module).eval()
-    if is_user_factory(ckpt.arch) and not trust_code:
-        raise SlimError(
-            f"the checkpoint's model comes from {ckpt.arch!r}; importing it runs that module's code. "
-            "Pass --trust-pickle (trust_code=True) if you trust it"
-        )
-    model = create_model(ckpt.arch, **ckpt.arch_kwargs)
-    if ckpt.plan is not None:
-        from slim2deploy.plan import PruningPlan
-        from slim2deploy.surgery import apply_plan
-
-        model = apply_plan(model, PruningPlan.from_dict(ckpt.plan))
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as exc:
-        raise SlimError(
-            f"the checkpoint's weights do not fit its architecture {ckpt.arch} {ckpt.arch_kwargs}: "
-            f"{_first_line(exc)}; the file is inconsistent (was it edited by hand?)"
-        ) from exc
-    return model.eval()
 
 
 def checkpoint_for(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
 
 VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],

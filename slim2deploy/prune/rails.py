@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
 
 DEFAULT_MIN_CHANNELS = 8  # below 8 channels a layer is cheap anyway and tensor cores idle
 DEFAULT_MAX_PRUNE = 0.9  # keeps a tenth of every group, so no layer is reduced to a sliver

@@ -24,8 +24,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slim2deploy.errors import SlimError
-from slim2deploy.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_bytes, atomic_write_text, sha256_file
+from slim2deploy.deploy.cuda import cuda_device_info
+from slim2deploy.deploy.export import PRECISION_KEY
+from slim2deploy.deploy.onnx_info import onnx_costs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -183,7 +186,6 @@ def explain_mismatch(engine_path: str | os.PathLike[str], problems: list[str]) -
 
 def current_env() -> dict[str, str | None]:
     """The running TensorRT version and GPU (None where unknown)."""
-    from slim2deploy.runtime import cuda_device_info
 
     try:
         import tensorrt as trt
@@ -211,7 +213,6 @@ def engine_available() -> tuple[bool, str]:
     if not hasattr(trt, "Builder"):
         # tensorrt-stubs (and PyPI's download-only placeholder) leave an empty 'tensorrt' package
         return False, "only a placeholder 'tensorrt' package is installed, not the TensorRT library"
-    from slim2deploy.runtime import cuda_device_info
 
     try:
         gpu = cuda_device_info()
@@ -301,7 +302,6 @@ def onnx_precision(onnx_path: str | os.PathLike[str]) -> str:
         import onnx
     except ImportError:
         return "unknown"
-    from slim2deploy.export import PRECISION_KEY
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     tagged = {p.key: p.value for p in model.metadata_props}.get(PRECISION_KEY)
@@ -352,7 +352,6 @@ def build_engine(
     """Build ``engine_path`` (and its ``.engine.json``) from ``onnx_path``; both written atomically."""
     import tensorrt as trt
 
-    from slim2deploy.runtime import cuda_device_info
 
     options = options or BuildOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -401,7 +400,6 @@ def build_engine(
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     gpu = cuda_device_info() or {}
-    from slim2deploy.benchmark import onnx_costs
 
     costs = onnx_costs(onnx_path)
     manifest = EngineManifest(

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from slim2deploy import sparsity
-from slim2deploy.data import Dataset, batches
-from slim2deploy.errors import SlimError
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model import sparsity
+from slim2deploy.model.data import Dataset, batches
 
 SCHEDULES = ("step", "cosine")
 
@@ -208,10 +207,14 @@ def fit(
     start_epoch: int = 0,
     optimizer_state: dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochResult, nn.Module, torch.optim.Optimizer], None] | None = None,
+    masks: sparsity.Masks = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[EpochResult]:
-    """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch."""
+    """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch.
+
+    ``masks`` limits the sparsity penalty to the channels they mark (``--sparsity-scope prunable``).
+    """
     cfg.validate()
     info = dist_info or DistInfo(device=pick_device("auto"))
     if len(train_ds) < cfg.batch_size * info.world:
@@ -220,9 +223,6 @@ def fit(
             f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
         )
     torch.manual_seed(cfg.seed)
-    masks = None
-    if cfg.sparsity > 0 and cfg.sparsity_scope == "prunable":
-        masks = sparsity.prunable_masks(model.cpu(), torch.zeros(1, *train_ds.input_shape))
     model.to(info.device)
     net: nn.Module = model
     if info.world > 1:
@@ -315,144 +315,4 @@ def fit(
             )
         if on_epoch_end is not None and info.is_main:
             on_epoch_end(result, model, optimizer)
-    return history
-
-
-def train_command(
-    *,
-    arch: str,
-    width: float | None,
-    data: str,
-    data_dir: str | None,
-    image_size: int | None,
-    limit_train: int | None,
-    limit_val: int | None,
-    cfg: TrainConfig,
-    out: str,
-    resume: str | None = None,
-    device: str = "auto",
-    trust_code: bool = False,
-) -> tuple[list[EpochResult], bool]:
-    """What ``slim2deploy train`` does: build or resume a model, train it, checkpoint every epoch.
-
-    Returns the epoch results and whether this process is the one that writes files.
-    """
-    from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
-    from slim2deploy.data import load_dataset
-    from slim2deploy.zoo import create_model
-
-    cfg.validate()
-    info = init_distributed(device)
-    start_epoch, optimizer_state, previous = 0, None, []
-    arch_kwargs: dict[str, Any]
-    if resume:
-        ckpt = load_checkpoint(resume, trust_pickle=trust_code)
-        if not ckpt.train_state:
-            raise SlimError(f"{resume} has no training state to resume from (was it pruned or exported?)")
-        model = model_from_checkpoint(ckpt, trust_code=trust_code)
-        arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
-        start_epoch = int(ckpt.train_state["epoch"])
-        optimizer_state = ckpt.train_state.get("optimizer")
-        previous = list(ckpt.train_state.get("history", []))
-        stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
-        train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
-        if start_epoch >= cfg.epochs:
-            raise SlimError(f"{resume} already finished {start_epoch} epochs; pass a larger --epochs to go on")
-    else:
-        train_ds = load_dataset(data, "train", data_dir, image_size).subset(limit_train)
-        arch_kwargs = {"num_classes": train_ds.num_classes, "in_channels": train_ds.input_shape[0]}
-        if width is not None:
-            arch_kwargs["width"] = width
-        if arch.startswith("torchvision:"):
-            arch_kwargs.pop("in_channels")
-        torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed repeats
-        model = create_model(arch, **arch_kwargs)
-    val_ds = load_dataset(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std)).subset(limit_val)
-    if val_ds.input_shape != train_ds.input_shape:
-        raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
-
-    meta = {
-        "dataset": train_ds.name,
-        "classes": train_ds.classes,
-        "mean": list(train_ds.mean),
-        "std": list(train_ds.std),
-        "train_images": len(train_ds),
-        "train_config": cfg.to_dict(),
-        "world_size": info.world,
-    }
-
-    def save(result: EpochResult, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        done = [*previous, result.to_dict()]
-        ckpt = checkpoint_for(
-            net,
-            arch,
-            arch_kwargs,
-            train_ds.input_shape,
-            train_ds.num_classes,
-            meta={**meta, "epochs": result.epoch, "val_acc": result.val_acc, "small_gamma_share": result.small_gamma},
-        )
-        ckpt.train_state = {"epoch": result.epoch, "optimizer": optimizer.state_dict(), "history": done}
-        previous.append(result.to_dict())
-        save_checkpoint(ckpt, out)
-
-    history = fit(
-        model,
-        train_ds,
-        val_ds,
-        cfg,
-        dist_info=info,
-        start_epoch=start_epoch,
-        optimizer_state=optimizer_state,
-        on_epoch_end=save,
-    )
-    if info.is_main:
-        tqdm.write(f"wrote {out}")
-    if info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return history, info.is_main
-
-
-def finetune_checkpoint(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    data: str,
-    data_dir: str | None = None,
-    image_size: int | None = None,
-    epochs: int = 5,
-    lr: float = 0.01,
-    batch_size: int = 64,
-    limit_train: int | None = None,
-    limit_val: int | None = None,
-    seed: int = 0,
-    schedule: str = "cosine",
-    device: str = "auto",
-    trust_code: bool = False,
-    progress: bool = True,
-) -> list[EpochResult]:
-    """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
-
-    The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
-    """
-    from slim2deploy.checkpoint import checkpoint_for, load_checkpoint, model_from_checkpoint, save_checkpoint
-    from slim2deploy.data import load_dataset
-
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
-    model = model_from_checkpoint(ckpt, trust_code=trust_code)
-    stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
-    train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
-    val_ds = load_dataset(data, "val", data_dir, image_size, stats).subset(limit_val)
-    if train_ds.input_shape != tuple(ckpt.input_shape):
-        raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
-    info = DistInfo(device=pick_device(device))
-    history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
-    meta = {
-        **ckpt.meta,
-        "finetune": {"epochs": epochs, "lr": lr, "data": data, "from": str(src)},
-        "val_acc": history[-1].val_acc,
-    }
-    out = checkpoint_for(model, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, ckpt.plan)
-    save_checkpoint(out, dst)
     return history

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from slim2deploy.errors import SlimError
-from slim2deploy.fileio import atomic_path
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_path
+from slim2deploy.model.data import load_dataset
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
 PLAUSIBLE_ABS_MAX = 50.0
@@ -50,7 +51,6 @@ def make_calib_set(
     ``stats`` = (mean, std) must be the model's training normalisation for sources whose
     statistics are computed from the data (folders, .npz); Fashion-MNIST uses its standard values.
     """
-    from slim2deploy.data import load_dataset
 
     if n <= 0:
         raise SlimError(f"a calibration set needs at least one image, got --n {n}")

@@ -76,21 +76,6 @@ def proximal_step(model: nn.Module, lr: float, lam: float, masks: Masks = None) 
             w.copy_(shrunk if mask is None else torch.where(mask, shrunk, w))
 
 
-def prunable_masks(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For each BatchNorm weight, which of its channels lie in a prunable group of the pruning plan."""
-    from slim2deploy.plan import trace_groups
-
-    traced = trace_groups(model, example_input)
-    masks = {f"{name}.weight": torch.zeros(bn.num_features, dtype=torch.bool) for name, bn in bn_layers(model)}
-    for group in traced.groups:
-        if not group.prunable:
-            continue
-        for m in group.members:
-            if m.role == "bn" and m.tensor in masks:
-                masks[m.tensor][m.start : m.start + group.size] = True
-    return masks
-
-
 def warmed_up(lam: float, progress_epochs: float, warmup_epochs: float) -> float:
     """lambda ramped linearly from 0 over the first ``warmup_epochs`` (fractional epochs allowed)."""
     if warmup_epochs <= 0:

@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from slim2deploy.checkpoint import Checkpoint, model_from_checkpoint
-from slim2deploy.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
-from slim2deploy.stats import count_macs, count_params
+from slim2deploy.base.files import atomic_path
+from slim2deploy.model.checkpoint import Checkpoint
+from slim2deploy.model.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
+from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.prune.rebuild import model_from_checkpoint
 
 
 @dataclass
@@ -88,7 +90,6 @@ def plot_gammas(ckpt: Checkpoint, out: str | Path, *, trust_code: bool = False) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from slim2deploy.fileio import atomic_path
 
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     layers = bn_layers(model)

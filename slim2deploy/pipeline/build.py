@@ -26,9 +26,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slim2deploy.errors import SlimError
-from slim2deploy.fileio import atomic_write_text, sha256_file
-from slim2deploy.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text, sha256_file
+from slim2deploy.deploy.calib import load_calib
+from slim2deploy.deploy.engine import ENGINE_POLICIES, BuildOptions, build_engine, resolve_engine_policy
+from slim2deploy.deploy.export import DEFAULT_OPSET, check_parity, export_onnx
+from slim2deploy.deploy.precision import (
+    CALIB_METHODS,
+    INT8_FLAVOURS,
+    check_precision,
+    evaluate_onnx,
+    quantize_int8,
+    to_fp16,
+)
+from slim2deploy.measure import benchmark
+from slim2deploy.measure.report import write_build_report
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.data import load_dataset
+from slim2deploy.model.loop import evaluate
+from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.pipeline.prune import prune_checkpoint
+from slim2deploy.pipeline.train import finetune_checkpoint
+from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
+from slim2deploy.prune.rebuild import model_from_checkpoint
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -114,8 +134,6 @@ class _State:
 
 def validate(cfg: BuildConfig) -> None:
     """Every check on user input, before any work is done."""
-    from slim2deploy.engine import ENGINE_POLICIES
-    from slim2deploy.precision import CALIB_METHODS, INT8_FLAVOURS, check_precision
 
     if not (0.0 < cfg.ratio < 1.0):
         raise SlimError(f"--ratio must be between 0 and 1 (the share of channels to prune), got {cfg.ratio}")
@@ -145,7 +163,6 @@ def validate(cfg: BuildConfig) -> None:
 
 def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Any:
     """Held-out data (a ``data.Dataset``), from --data or the dataset the checkpoint was trained on."""
-    from slim2deploy.data import load_dataset
 
     name = cfg.data or meta.get("dataset")
     if not name:
@@ -164,10 +181,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
     import torch
 
-    from slim2deploy.calib import load_calib
-    from slim2deploy.checkpoint import load_checkpoint, model_from_checkpoint
-    from slim2deploy.engine import resolve_engine_policy
-    from slim2deploy.stats import count_macs, count_params
 
     validate(cfg)
     out = Path(cfg.out)
@@ -198,7 +211,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         stage(1, "prune", "unchanged, skipped")
         result.skipped.append("prune")
     else:
-        from slim2deploy.surgery import prune_checkpoint
 
         started = time.perf_counter()
         plan, table = prune_checkpoint(
@@ -234,7 +246,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
             stage(2, "finetune", "unchanged, skipped")
             result.skipped.append("finetune")
         else:
-            from slim2deploy.train import finetune_checkpoint
 
             assert cfg.data is not None  # validate() insists on it
             finetune_checkpoint(
@@ -258,7 +269,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     slim_model = model_from_checkpoint(load_checkpoint(final_slim))
 
     # 3. export + parity
-    from slim2deploy.export import DEFAULT_OPSET, check_parity, export_onnx
 
     opset = cfg.opset or DEFAULT_OPSET
     parity_x = _parity_inputs(ckpt.input_shape, calib_x, eval_xy, cfg.seed)
@@ -281,7 +291,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         stage(3, "export", f"{path.name}: {res.bytes / 1e6:.2f} MB, {parity.summary()}")
 
     # 4. precision
-    from slim2deploy.precision import evaluate_onnx, quantize_int8, to_fp16
 
     agreement: dict[str, Any] = {}
     for prec in cfg.precisions:
@@ -314,7 +323,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 5. engines
     engines: dict[str, Any] = {}
     if build_engines:
-        from slim2deploy.engine import BuildOptions, build_engine
 
         options = BuildOptions.from_batches(
             list(cfg.engine_batches),
@@ -340,7 +348,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 6. bench
     bench: dict[str, Any] | None = None
     if cfg.bench:
-        from slim2deploy import benchmark
 
         bench_files = [out / f"benchmark.{ext}" for ext in ("json", "md", "png")]
         settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
@@ -372,7 +379,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 7. report
     accuracy = None
     if eval_ds is not None:
-        from slim2deploy.train import evaluate
 
         accuracy = {name: evaluate(m, eval_ds)[1] for name, m in (("baseline", baseline), ("slim", slim_model))}
     report = {
@@ -387,7 +393,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         "benchmark": bench,
         "artifacts": {n: {p: str(v) for p, v in d.items()} for n, d in onnx_paths.items()},
     }
-    from slim2deploy.report import write_build_report
 
     written = write_build_report(report, out)
     state.done("report", _key(report), written)

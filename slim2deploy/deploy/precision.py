@@ -32,17 +32,25 @@ from typing import Any
 
 import numpy as np
 
-from slim2deploy.errors import SlimError
-from slim2deploy.export import (
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import sha256_file
+from slim2deploy.deploy.calib import check_calib
+from slim2deploy.deploy.export import (
+    DEFAULT_OPSET,
+    FP16_ATOL,
+    FP16_RTOL,
+    FP32_ATOL,
+    FP32_RTOL,
     ORT_LEVEL_KEY,
     PRECISION_KEY,
+    check_parity,
     compare_outputs,
+    export_onnx,
     load_onnx,
     ort_session,
     run_onnx,
     save_onnx,
 )
-from slim2deploy.fileio import sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -145,7 +153,6 @@ def quantize_int8(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-    from slim2deploy.calib import check_calib
 
     if method not in CALIB_METHODS:
         raise SlimError(f"unknown calibration method {method!r}; use one of {', '.join(CALIB_METHODS)}")
@@ -331,15 +338,6 @@ def export_precision(
     """
     import torch
 
-    from slim2deploy.export import (
-        DEFAULT_OPSET,
-        FP16_ATOL,
-        FP16_RTOL,
-        FP32_ATOL,
-        FP32_RTOL,
-        check_parity,
-        export_onnx,
-    )
 
     check_precision(precision)
     if precision == "int8" and calib_x is None:

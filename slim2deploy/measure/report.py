@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slim2deploy.fileio import atomic_write_text
+from slim2deploy.base.files import atomic_write_text
+from slim2deploy.measure.benchmark import Comparison, to_markdown
 
 
 def _fmt(n: float | None, digits: int = 2) -> str:
@@ -79,7 +80,6 @@ def build_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(str(engines or "none built"))
     if report.get("benchmark"):
-        from slim2deploy.benchmark import Comparison, to_markdown
 
         lines += [
             "",

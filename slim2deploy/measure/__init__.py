@@ -1,0 +1,1 @@
+"""Layer 5: measurement: timing, results, environment, memory, reports. Torch-free."""

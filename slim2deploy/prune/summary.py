@@ -1,0 +1,54 @@
+"""The plan summary: per-layer channels, params and MACs before -> after, totals, unprunable groups."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slim2deploy.model.stats import count_params, layer_costs
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.surgery import apply_plan
+
+
+def summarize(plan: PruningPlan, model: nn.Module, example_input: torch.Tensor, slim: nn.Module | None = None) -> str:
+    """Per-layer table (channels, params, MACs before -> after), totals and unprunable groups.
+
+    ``slim`` is ``apply_plan(model, plan)`` if already at hand.
+    """
+    slim = slim if slim is not None else apply_plan(model, plan)
+    before = layer_costs(model, example_input)
+    after = {c.name: c for c in layer_costs(slim, example_input)}
+    width = max([len(c.name) for c in before] + [5])
+    lines = [f"{'layer':<{width}}  {'channels':>11}  {'params':>21}  {'MACs':>25}"]
+    for c in before:
+        a = after[c.name]
+        lines.append(
+            f"{c.name:<{width}}  {c.out_shape[0]:>5}->{a.out_shape[0]:<5}  "
+            f"{c.params:>10,}->{a.params:<10,}  {c.macs:>12,}->{a.macs:<12,}"
+        )
+    p0, p1 = count_params(model), count_params(slim)
+    m0, m1 = sum(c.macs for c in before), sum(c.macs for c in after.values())
+    lines.append(
+        f"{'total':<{width}}  {'':>11}  {p0:>10,}->{p1:<10,}  {m0:>12,}->{m1:<12,}"
+        f"  (params -{_pct(p0, p1)}, MACs -{_pct(m0, m1)})"
+    )
+    n_prunable = sum(g.prunable for g in plan.groups)
+    lines.append(
+        f"groups: {len(plan.groups)}, prunable {n_prunable}, pruned {sum(g.pruned for g in plan.groups)}; "
+        f"channels removed {plan.removed_channels} of {plan.prunable_channels} prunable"
+        + (f" (ratio {plan.ratio}, threshold {plan.threshold:.4g})" if plan.threshold is not None else "")
+        + f"; rails: min_channels={plan.min_channels} max_prune={plan.max_prune} round_to={plan.round_to}"
+    )
+    if plan.new_biases:
+        lines.append(f"removed channels' constant output folded into {len(plan.new_biases)} new bias(es)")
+    unpr = plan.unprunable()
+    if unpr:
+        lines.append(f"unprunable groups ({len(unpr)}):")
+        for g, why in unpr:
+            lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {why}")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100.0 * (a - b) / a:.1f}%" if a else "0%"
