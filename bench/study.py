@@ -47,6 +47,7 @@ from slim2deploy.model.sparsity import small_gamma_share
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model, init_weights
 from slim2deploy.prune import plan as plan_mod
+from slim2deploy.prune import select as select_mod
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.surgery import apply_plan
 
@@ -325,7 +326,7 @@ class Study:
         traced = plan_mod.trace_groups(sparse, self.example)
         for rails in cfg.rails:
             for ratio in setup.ratios:
-                plan = plan_mod.select_channels(traced, ratio, **RAILS[rails])
+                plan = select_mod.select_channels(traced, ratio, **RAILS[rails])
                 tag = f"{rails}-{round(ratio * 100)}"
                 slim = apply_plan(sparse, plan)
                 acc_pruned = self.cached(f"pruned-{tag}", lambda s=slim: {"acc": self.accuracy(s)})["acc"]
@@ -367,7 +368,7 @@ class Study:
         row.acc, row.epochs = hist[-1]["val_acc"], cfg.epochs + cfg.ft_epochs
         row.small_gamma = small_gamma_share(baseline)
         # what the baseline's own global threshold would have kept at the same ratio and rails
-        own_global = plan_mod.plan_pruning(baseline, self.example, ratio, **RAILS["default"])
+        own_global = select_mod.plan_pruning(baseline, self.example, ratio, **RAILS["default"])
         row.notes.append(
             f"baseline's own global threshold at ratio {ratio}: "
             f"{count_macs(apply_plan(baseline, own_global), self.example):,} MACs"

@@ -21,7 +21,10 @@ _EXPORTS = {
     "load_checkpoint": "slim2deploy.model.checkpoint",
     "model_from_checkpoint": "slim2deploy.prune.rebuild",
     "PruningPlan": "slim2deploy.prune.plan",
-    "plan_pruning": "slim2deploy.prune.plan",
+    "plan_pruning": "slim2deploy.prune.select",
+    "Selection": "slim2deploy.prune.select",
+    "Rails": "slim2deploy.prune.rails",
+    "summarize": "slim2deploy.prune.summary",
     "apply_plan": "slim2deploy.prune.surgery",
 }
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.plan import PruningPlan, plan_pruning, select_channels
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.select import plan_pruning, select_channels
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.stats import count_params
-from slim2deploy.prune.plan import PruningPlan, plan_pruning, rescore, select_channels, trace_groups
+from slim2deploy.prune.plan import PruningPlan, rescore, trace_groups
+from slim2deploy.prune.select import plan_pruning, select_channels
 from slim2deploy.prune.surgery import apply_plan
 
 PAPER = {"min_channels": 1, "max_prune": 1.0, "round_to": 1}

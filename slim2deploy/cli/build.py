@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_rails_args, add_trust_arg
+from slim2deploy.cli.common import add_selection_args, add_trust_arg, selection_from_args
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
     p.add_argument("--out", default="build", help="output directory")
-    add_rails_args(p)
+    add_selection_args(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
@@ -75,11 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = BuildConfig(
         model=args.model,
-        ratio=args.ratio,
+        selection=selection_from_args(args),
         out=args.out,
-        min_channels=args.min_channels,
-        max_prune=args.max_prune,
-        round_to=args.round_to,
         fold=not args.no_fold,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
+from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
+
+if TYPE_CHECKING:
+    from slim2deploy.prune.select import Selection
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -54,8 +58,8 @@ def add_trust_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_rails_args(p: argparse.ArgumentParser) -> None:
-    """--ratio and the safety rails, as ``plan_pruning`` takes them."""
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    """--ratio and the safety rails: what ``selection_from_args`` turns into a ``Selection``."""
     g = p.add_argument_group("pruning (--min-channels 1 --max-prune 1 --round-to 1: the paper exactly)")
     g.add_argument("--ratio", type=float, required=True, help="fraction of prunable channels to remove, in (0, 1)")
     g.add_argument(
@@ -81,3 +85,10 @@ def add_rails_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not fold removed channels' constant output into the next layer's bias",
     )
+
+
+def selection_from_args(args: argparse.Namespace) -> Selection:
+    """The ``Selection`` the pruning flags describe; a bad value is one SlimError."""
+    from slim2deploy.prune.select import by_ratio  # imports torch: only when a command runs
+
+    return by_ratio(args.ratio, Rails(args.min_channels, args.max_prune, args.round_to))

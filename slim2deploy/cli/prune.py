@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_rails_args, add_trust_arg
+from slim2deploy.cli.common import add_selection_args, add_trust_arg, selection_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="SLIM.pt", help="pruned checkpoint to write")
-    add_rails_args(p)
+    add_selection_args(p)
     p.add_argument("--plan-json", default=None, metavar="FILE", help="also write the plan as JSON")
     add_trust_arg(p)
     return p
@@ -31,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
     plan, table = prune_checkpoint(
         args.model,
         args.out,
-        args.ratio,
-        min_channels=args.min_channels,
-        max_prune=args.max_prune,
-        round_to=args.round_to,
+        selection_from_args(args),
         fold=not args.no_fold,
         trust_code=args.trust_pickle,
     )

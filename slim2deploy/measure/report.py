@@ -31,7 +31,7 @@ def build_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# slim2deploy build report",
         "",
-        f"Model `{report['model']}`, pruning ratio {cfg['ratio']}"
+        f"Model `{report['model']}`, pruned by {report['selection']}"
         + (f", fine-tuned {cfg['finetune_epochs']} epochs on {cfg['data']}" if cfg.get("finetune_epochs") else "")
         + ".",
         "",

@@ -13,7 +13,7 @@ Stages, each a function of its inputs:
 Every stage records a key (a hash of its inputs: upstream file contents and its options) in
 ``build.json``; a re-run skips a stage whose key and outputs are unchanged. Every file is
 written atomically, so a failing stage leaves the earlier artifacts intact and nothing half-written.
-All checks that can fail on user input (ratio, precision list, calibration set) run before any work.
+All checks that can fail on user input (selection, precision list, calibration set) run before any work.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import finetune_checkpoint
-from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.select import Selection
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -56,11 +56,8 @@ STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "repor
 @dataclass
 class BuildConfig:
     model: str
-    ratio: float
+    selection: Selection
     out: str = "build"
-    min_channels: int = DEFAULT_MIN_CHANNELS
-    max_prune: float = DEFAULT_MAX_PRUNE
-    round_to: int = DEFAULT_ROUND_TO
     fold: bool = True
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
@@ -88,7 +85,7 @@ class BuildConfig:
     trust_pickle: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "selection": self.selection.to_dict()}
 
 
 @dataclass
@@ -135,9 +132,6 @@ class _State:
 def validate(cfg: BuildConfig) -> None:
     """Every check on user input, before any work is done."""
 
-    if not (0.0 < cfg.ratio < 1.0):
-        raise SlimError(f"--ratio must be between 0 and 1 (the share of channels to prune), got {cfg.ratio}")
-    check_rails(cfg.ratio, cfg.min_channels, cfg.max_prune, cfg.round_to)
     if not cfg.precisions:
         raise SlimError("--precision needs at least one of fp32, fp16, int8")
     for p in cfg.precisions:
@@ -205,8 +199,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
-    rails = {"min_channels": cfg.min_channels, "max_prune": cfg.max_prune, "round_to": cfg.round_to, "fold": cfg.fold}
-    key = _key(ckpt_sha, cfg.ratio, rails)
+    key = _key(ckpt_sha, cfg.selection.to_dict(), cfg.fold)
     if state.fresh("prune", key, [slim_path, plan_path]):
         stage(1, "prune", "unchanged, skipped")
         result.skipped.append("prune")
@@ -216,17 +209,14 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         plan, table = prune_checkpoint(
             cfg.model,
             slim_path,
-            cfg.ratio,
-            min_channels=cfg.min_channels,
-            max_prune=cfg.max_prune,
-            round_to=cfg.round_to,
+            cfg.selection,
             fold=cfg.fold,
             trust_code=cfg.trust_pickle,
         )
         log(table)
         atomic_write_text(plan_path, plan.to_json())
         state.done("prune", key, [slim_path, plan_path], {"seconds": round(time.perf_counter() - started, 2)})
-        stage(1, "prune", f"ratio {cfg.ratio}: {slim_path} ({time.perf_counter() - started:.1f}s)")
+        stage(1, "prune", f"{cfg.selection.selector.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
     result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
 
     # 2. finetune
@@ -384,6 +374,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     report = {
         "model": cfg.model,
         "config": cfg.to_dict(),
+        "selection": cfg.selection.describe(),
         "baseline": {"params": count_params(baseline), "macs": count_macs(baseline, example)},
         "slim": {"params": count_params(slim_model), "macs": count_macs(slim_model, example)},
         "accuracy": accuracy,

@@ -8,9 +8,9 @@ import torch
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
-from slim2deploy.prune.plan import PruningPlan, plan_pruning
-from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
+from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.select import Selection, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 
@@ -18,11 +18,8 @@ from slim2deploy.prune.surgery import apply_plan
 def prune_checkpoint(
     src: str | Path,
     dst: str | Path,
-    ratio: float,
+    selection: Selection,
     *,
-    min_channels: int = DEFAULT_MIN_CHANNELS,
-    max_prune: float = DEFAULT_MAX_PRUNE,
-    round_to: int = DEFAULT_ROUND_TO,
     fold: bool = True,
     trust_code: bool = False,
 ) -> tuple[PruningPlan, str]:
@@ -38,11 +35,11 @@ def prune_checkpoint(
             f"{src} is a pickled nn.Module without an architecture name; a pruned copy could not be rebuilt"
         )
     x = torch.zeros(1, *ckpt.input_shape)
-    plan = plan_pruning(model, x, ratio, min_channels=min_channels, max_prune=max_prune, round_to=round_to, fold=fold)
+    plan = select(trace_groups(model, x, fold=fold), selection)
     slim = apply_plan(model, plan)
     table = summarize(plan, model, x, slim)
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("val_acc", "versions")}
-    meta["pruned"] = {"from": str(src), "ratio": ratio, "val_acc_before": ckpt.meta.get("val_acc")}
+    meta["pruned"] = {"from": str(src), "selection": selection.to_dict(), "val_acc_before": ckpt.meta.get("val_acc")}
     save_checkpoint(
         checkpoint_for(slim, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, plan.to_dict()),
         dst,

@@ -61,7 +61,7 @@ from torch import fx, nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.sparsity import bn_layers
-from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, check_rails
+from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
 
 PLAN_VERSION = 1
 
@@ -142,6 +142,7 @@ class PruningPlan:
     new_biases: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    selection: dict[str, Any] | None = None  # prune.select.Selection.to_dict(); None in plans before it existed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -823,98 +824,12 @@ def trace_groups(model: nn.Module, example_input: torch.Tensor, *, fold: bool = 
 
 def rescore(traced: PruningPlan, model: nn.Module) -> PruningPlan:
     """The same groups scored with ``model``'s current gammas (the structure is traced once)."""
-    return replace(traced, groups=[_copy_group(g, scores=_scores(model, g)) for g in traced.groups])
+    return replace(traced, groups=[copy_group(g, scores=_scores(model, g)) for g in traced.groups])
 
 
-def _copy_group(g: Group, **changes: Any) -> Group:
+def copy_group(g: Group, **changes: Any) -> Group:
     """A group that can be changed without touching ``g`` (members are never modified in place)."""
     return replace(g, members=list(g.members), keep=list(g.keep), reasons=list(g.reasons), **changes)
-
-
-def select_channels(
-    traced: PruningPlan,
-    ratio: float,
-    *,
-    min_channels: int = DEFAULT_MIN_CHANNELS,
-    max_prune: float = DEFAULT_MAX_PRUNE,
-    round_to: int = DEFAULT_ROUND_TO,
-) -> PruningPlan:
-    """Apply the global threshold and the rails to a traced plan; returns a new plan."""
-    check_rails(ratio, min_channels, max_prune, round_to)
-    plan = replace(
-        traced,
-        groups=[_copy_group(g) for g in traced.groups],
-        ratio=ratio,
-        min_channels=min_channels,
-        max_prune=max_prune,
-        round_to=round_to,
-        new_biases=[],
-        notes=list(traced.notes),
-    )
-    prunable = [g for g in plan.groups if g.prunable]
-    pooled = sorted(s for g in prunable for s in g.scores or [])
-    if not pooled:
-        plan.threshold = None
-        plan.notes = plan.notes + ["no prunable group: nothing removed"]
-        return plan
-    plan.threshold = pooled[min(int(len(pooled) * ratio), len(pooled) - 1)]
-    for g in plan.groups:
-        g.keep = list(range(g.size))
-        if not g.prunable:
-            continue
-        scores = g.scores or []
-        n = g.size
-        above = sum(s > plan.threshold for s in scores)
-        floor = max(min_channels, math.ceil(n * (1.0 - max_prune) - 1e-9))
-        k = min(n, max(above, floor))
-        k = min(n, -(-k // round_to) * round_to)
-        order = sorted(range(n), key=lambda i: (-scores[i], i))
-        g.keep = sorted(order[:k])
-    _add_fold_biases(plan)
-    return plan
-
-
-def _add_fold_biases(plan: PruningPlan) -> None:
-    """Layers that receive a fold get a bias; decided here so apply_plan never looks at weights."""
-    has = {m.tensor for g in plan.groups for m in g.members}
-    producer = {m.tensor: g for g in plan.groups for m in g.members if m.role == "out" and m.dim == 0}
-    for g in plan.groups:
-        if not g.pruned:
-            continue
-        for m in g.members:
-            bias = f"{m.module}.bias"
-            if m.fold and bias not in has and bias not in plan.new_biases:
-                plan.new_biases.append(bias)
-                out = producer.get(m.tensor)
-                if out is not None:
-                    out.members.append(Member(bias, 0, "out"))
-                has.add(bias)
-
-
-def plan_pruning(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    ratio: float,
-    *,
-    min_channels: int = DEFAULT_MIN_CHANNELS,
-    max_prune: float = DEFAULT_MAX_PRUNE,
-    round_to: int = DEFAULT_ROUND_TO,
-    fold: bool = True,
-) -> PruningPlan:
-    """Trace ``model`` and choose the channels to keep under one global |gamma| threshold.
-
-    ``ratio`` is the fraction of prunable channels below the threshold (the paper's percent);
-    the rails then keep at least ``min_channels`` per group, remove at most ``max_prune`` of a
-    group and round kept counts up to a multiple of ``round_to``. The model is not modified.
-    """
-    check_rails(ratio, min_channels, max_prune, round_to)
-    return select_channels(
-        trace_groups(model, example_input, fold=fold),
-        ratio,
-        min_channels=min_channels,
-        max_prune=max_prune,
-        round_to=round_to,
-    )
 
 
 def prunable_masks(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
