@@ -164,7 +164,8 @@ class Inputs:
     check_x: np.ndarray  # parity inputs: random plus real images
     eval_x: np.ndarray  # what precision agreement is measured on (held-out data, else check_x)
     eval_y: np.ndarray | None
-    data_hash: str  # of eval_x/eval_y/check_x: a stage measured on other data is not reused
+    check_hash: str  # of check_x; with data_hash, in the keys: results measured on other data are not reused
+    data_hash: str  # of eval_x and eval_y
 
 
 def load_inputs(cfg: BuildConfig) -> Inputs:
@@ -181,14 +182,17 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     check_x = np.concatenate(parts)
     eval_y = None if eval_ds is None else eval_ds.y.numpy()
     measured_on = check_x if eval_x is None else eval_x
-    digest = hashlib.sha256()
-    for arr in (check_x, measured_on, eval_y):
-        if arr is not None:
-            digest.update(np.ascontiguousarray(arr).tobytes())
     return Inputs(
         ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
-        digest.hexdigest()[:16],
+        _digest(check_x), _digest(measured_on, eval_y),
     )  # fmt: skip
+
+
+def _digest(*arrays: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(b"none" if a is None else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Dataset | None:
@@ -283,7 +287,7 @@ def export_stage(run: Run, models: dict[str, tuple[torch.nn.Module, Path]]) -> d
             run.stage(3, "export", f"{path.name}: {info['bytes'] / 1e6:.2f} MB, {info['summary']}")
             return info
 
-        key = stage_key(sha256_file(src), opset, run.inputs.data_hash)
+        key = stage_key(sha256_file(src), opset, run.inputs.check_hash)
         exports[name] = run.cached(3, f"export:{name}", key, [path], work, f"{path.name} unchanged, skipped")
     return exports
 
