@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,10 @@ def test_two_builds_into_one_out_never_mix(tmp_path):
          "--no-bench", "--eval-limit", "500"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert first.stdout is not None and first.stdout.readline()  # it is past the lock, into the prune stage
+    lock = out / ".lock"
+    while not (lock.exists() and lock.read_text() == str(first.pid)):  # the first build holds the folder
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.05)
     second = run_cli("build", "--model", str(DEMO), "--ratio", "0.3", "--out", str(out), "--no-bench")
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
