@@ -140,16 +140,24 @@ def validate(cfg: BuildConfig) -> EngineOptions:
     )
 
 
-def prepare_out(out: Path) -> None:
-    """Create ``out`` or check the existing folder; a file there, or no write access, is a SlimError."""
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or cannot be created or written; touches nothing."""
     if out.exists() and not out.is_dir():
         raise SlimError(f"--out {out} is an existing file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlimError(f"cannot create the output folder {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimError(f"cannot write to {parent}; choose another --out")
+
+
+def make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SlimError(f"cannot create the output folder {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise SlimError(f"cannot write to the output folder {out}; choose another --out")
 
 
 @dataclass
@@ -388,9 +396,10 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
     engine_options = validate(cfg)
     out = Path(cfg.out)
-    prepare_out(out)
+    check_out(out)
+    inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before --out is touched
+    make_out(out)
     with exclusive_dir(out, "build"):
-        inputs = load_inputs(cfg)
         run = Run(cfg, out, inputs, StageCache(out / "build.json", log), log, BuildResult(out))
         slim_path = finetune_stage(run, prune_stage(run))
         slim_model = model_from_checkpoint(load_checkpoint(slim_path))
