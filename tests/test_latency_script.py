@@ -137,9 +137,10 @@ def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_pa
     torch.manual_seed(0)
     ckpt = tmp_path / "vgg.pt"
     save_checkpoint(checkpoint_for(create_model("vgg11", **kwargs).eval(), "vgg11", kwargs, (1, 28, 28), 10), ckpt)
-    proc = run_script(str(ckpt), *FAST, "--backend", "cpu", "--torch-mode", "folded", "--json", str(tmp_path / "r.json"))
+    out = tmp_path / "r.json"
+    proc = run_script(str(ckpt), *FAST, "--backend", "cpu", "--torch-mode", "folded", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    runner = json.loads((tmp_path / "r.json").read_text())["models"][0]["runner"]
+    runner = json.loads(out.read_text())["models"][0]["runner"]
     assert runner["backend"] == "torch" and runner["options"]["mode"] == "folded"
     assert runner["options"]["folded_conv_bn"] == 8  # every conv of VGG-11 is followed by its BatchNorm
     usage = run_script("--help").stdout
