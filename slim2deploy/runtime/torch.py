@@ -146,7 +146,9 @@ class TorchRunner(Runner):
         pairs = 0
         if self.mode in ("folded", "compiled"):
             folded, pairs = fold_conv_bn(model)
+            weight = next(model.parameters(), None)
             probe = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(weight.device) if weight is not None else probe
             with torch.no_grad():
                 ref, out = model(probe), folded(probe)
             err = float((out - ref).abs().max())
