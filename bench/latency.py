@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slim2deploy.base.errors import SlimError  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
+from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
 from slim2deploy.runtime.registry import COMPILE_MODES, TORCH_MODES, device_choices  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own")
     p.add_argument(
         "--ort-opt-level",
-        choices=["auto", "disable", "basic", "extended", "all"],
+        choices=["auto", *ORT_OPT_LEVELS],
         default="auto",
         help="ONNX Runtime graph optimisation; auto (default): the level the file records (basic for "
         "TensorRT-bound int8 Q/DQ graphs), else all",
