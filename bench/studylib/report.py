@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slim2deploy.measure import benchmark
+from slim2deploy.measure.environment import environment
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -104,7 +104,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def environment_info(device: torch.device) -> dict[str, Any]:
     import onnxruntime
 
-    env = benchmark.environment()
+    env = environment()
     return {
         "cpu": env.get("cpu"),
         "cpu_count": env.get("cpu_count"),

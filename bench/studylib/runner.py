@@ -22,14 +22,15 @@ from slim2deploy.base.cache import StageCache, stage_key
 from slim2deploy.base.files import atomic_write_text, sha256_file
 from slim2deploy.deploy.calib import load_calib
 from slim2deploy.measure import benchmark
+from slim2deploy.measure.results import Comparison
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.loop import DistInfo, TrainConfig, evaluate
 from slim2deploy.model.sparsity import small_gamma_share
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model, init_weights
+from slim2deploy.pipeline.export import export_variants, variant_path
 from slim2deploy.pipeline.train import ResumePoint, train_to_checkpoint
-from slim2deploy.pipeline.variants import export_variants, variant_path
 from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, WidthsSelector, by_ratio, select
@@ -253,7 +254,7 @@ class Study:
         settings = [cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads]
         key = stage_key([r.name for r in timed], [sha256_file(f) for f in files], settings)
         measured = self.cached("benchmark", key, files, measure)
-        c = benchmark.Comparison.from_dict({k: v for k, v in measured.items() if k != "seconds"})
+        c = Comparison.from_dict({k: v for k, v in measured.items() if k != "seconds"})
         by_name = {r.name: r for r in rows}
         for m in c.models:
             for b in m.batches:

@@ -39,13 +39,15 @@ from slim2deploy.deploy.export import DEFAULT_OPSET
 from slim2deploy.deploy.precision import CALIB_METHODS, INT8_FLAVOURS, check_precision
 from slim2deploy.measure import benchmark
 from slim2deploy.measure.report import write_build_report
+from slim2deploy.measure.results import Comparison
+from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.data import Dataset, load_dataset
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import finetune_checkpoint
-from slim2deploy.pipeline.variants import export_checked, make_precision, variant_path
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection
 
@@ -359,13 +361,13 @@ def bench_stage(run: Run, baseline: Path, slim: Path) -> dict[str, Any] | None:
             baseline, slim, batches=cfg.bench_batches, iterations=cfg.bench_iterations, rounds=cfg.bench_rounds,
             warmup_s=cfg.bench_warmup_s, threads=cfg.threads, device="cpu",
         )  # fmt: skip
-        benchmark.write_reports(comparison, out, stem="benchmark")
+        write_reports(comparison, out, stem="benchmark")
 
     settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
     key = stage_key(sha256_file(baseline), sha256_file(slim), settings)
     run.cached(6, "bench", key, files, work, "unchanged, skipped (the numbers below are from the previous run)")
-    comparison = benchmark.Comparison.from_dict(json.loads(files[0].read_text()))
-    run.log(benchmark.format_table(comparison))
+    comparison = Comparison.from_dict(json.loads(files[0].read_text()))
+    run.log(format_table(comparison))
     run.result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in files})
     return comparison.to_dict()
 
