@@ -2,7 +2,7 @@
 
 Training and fine-tuning go through ``pipeline.train.train_to_checkpoint`` (a checkpoint per
 epoch, resumed where an interrupted run stopped); selections are ``prune.select.Selection``s
-(the controls use ``WidthsSelector``); export and precision are one ``pipeline.variants``
+(the controls use ``WidthsSelector``); export and precision are one ``pipeline.export.export_variants``
 call per model; every other measured stage is cached by ``base.cache.StageCache`` in the work
 dir, keyed by the files it reads.
 """
