@@ -118,9 +118,12 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 def classifier_keys(arch: str, kwargs: dict[str, Any]) -> set[str]:
     """Keys whose shape depends on the class count: built twice on the meta device, compared."""
     n = int(kwargs.get("num_classes", 1000))
-    with torch.device("meta"):
-        a = create_model(arch, **{**kwargs, "num_classes": n}).state_dict()
-        b = create_model(arch, **{**kwargs, "num_classes": n + 1}).state_dict()
+    try:
+        with torch.device("meta"):
+            a = create_model(arch, **{**kwargs, "num_classes": n}).state_dict()
+            b = create_model(arch, **{**kwargs, "num_classes": n + 1}).state_dict()
+    except (TypeError, RuntimeError, NotImplementedError):
+        return set()  # a factory without a num_classes argument: no tensor may change shape
     return {k for k in a if k in b and a[k].shape != b[k].shape}
 
 
@@ -151,6 +154,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], head: set[str], 
     return report
 
 
+def _count_from_head(state: dict[str, torch.Tensor], head: set[str]) -> int | None:
+    counts = {int(state[k].shape[0]) for k in head if k in state and state[k].dim() >= 1}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def build_with_weights(
     arch: str,
     arch_kwargs: dict[str, Any],
@@ -158,17 +166,26 @@ def build_with_weights(
     weights: str | None = None,
     pretrained: bool = False,
     trust_pickle: bool = False,
-) -> tuple[nn.Module, WeightsReport | None]:
-    """``create_model(arch, **arch_kwargs)`` with ``weights`` (a file) or the library's pretrained ones."""
+) -> tuple[nn.Module, dict[str, Any], WeightsReport | None]:
+    """``create_model(arch, **arch_kwargs)`` with ``weights`` (a file) or the library's pretrained ones.
+
+    Without ``num_classes`` in ``arch_kwargs`` the class count is the one of the weights' classifier.
+    Returns the model, the kwargs it was built with (for the checkpoint) and what loading did.
+    """
     if weights and pretrained:
         raise SlimError("give either --weights PATH or --pretrained, not both")
-    model = create_model(arch, **arch_kwargs)
+    kwargs = dict(arch_kwargs)
     if not (weights or pretrained):
-        return model, None
+        return create_model(arch, **kwargs), kwargs, None
     if weights:
         state, source = read_state_dict(weights, trust_pickle=trust_pickle), str(weights)
     else:
         library, _ = split_name(arch)
         state, source = create_pretrained(arch).state_dict(), f"{library} pretrained weights of {arch}"
-    report = load_into(model, state, classifier_keys(arch, arch_kwargs), source)
-    return model, report
+    head = classifier_keys(arch, kwargs)
+    if "num_classes" not in kwargs:
+        found = _count_from_head(state, head)
+        if found is not None:
+            kwargs["num_classes"] = found
+    model = create_model(arch, **kwargs)
+    return model, kwargs, load_into(model, state, head, source)
