@@ -273,12 +273,15 @@ def load_data(
     seed: int = 0,
     workers: int | None = None,
 ) -> AnyData:
-    """``data.load_dataset``, or a ``FolderData`` for a folder that streams (``stream=None``: by size)."""
+    """``data.load_dataset``, or a ``FolderData`` for a folder that streams (``stream=None``: by size).
+
+    ``crop`` (also recorded by ``import`` for the model's input size) is ignored for non-folder sources.
+    """
     path = Path(name.split(":", 1)[1] if name.startswith("folder:") else name)
     if not path.is_dir():
-        if stream or crop is not None:
-            raise SlimError(f"--stream and --crop are for image folders; {name!r} is not a folder")
-        return load_dataset(name, split, data_dir, image_size, stats)
+        if stream:
+            raise SlimError(f"--stream is for image folders; {name!r} is not a folder")
+        return load_dataset(name, split, data_dir, image_size, stats)  # --crop only shapes folder images
     if stream is None:
         stream = crop is not None or decoded_bytes(path, image_size, crop) > STREAM_ABOVE_BYTES
     if not stream:
