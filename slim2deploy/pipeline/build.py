@@ -42,16 +42,17 @@ from slim2deploy.measure.report import write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
-from slim2deploy.model.data import Dataset, load_dataset
+from slim2deploy.model.folder import AnyData, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
-from slim2deploy.pipeline.train import finetune_checkpoint
+from slim2deploy.pipeline.train import data_options, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
+PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision checks run on
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Inputs:
     baseline: torch.nn.Module
     example: torch.Tensor
     calib_x: np.ndarray | None
-    eval_ds: Dataset | None
+    eval_ds: AnyData | None
     check_x: np.ndarray  # parity inputs: random plus real images
     eval_x: np.ndarray  # what precision agreement is measured on (held-out data, else check_x)
     eval_y: np.ndarray | None
@@ -185,12 +186,12 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
-    eval_x = None if eval_ds is None else eval_ds.x.numpy()
+    # a streamed folder is evaluated whole in torch, but the ONNX checks take a sample
+    eval_x, eval_y = (None, None) if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
     rng = np.random.default_rng(cfg.seed)
     parts = [rng.standard_normal((8, *ckpt.input_shape)).astype(np.float32)]
     parts += [np.asarray(real[:32], dtype=np.float32) for real in (calib_x, eval_x) if real is not None]
     check_x = np.concatenate(parts)
-    eval_y = None if eval_ds is None else eval_ds.y.numpy()
     measured_on = check_x if eval_x is None else eval_x
     return Inputs(
         ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
@@ -205,14 +206,15 @@ def _digest(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Dataset | None:
+def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> AnyData | None:
     """Held-out data, from --data or the dataset the checkpoint was trained on."""
     name = cfg.data or meta.get("dataset")
     if not name:
         return None
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
+    opts = data_options(meta, None, None, None)
     try:
-        return load_dataset(name, "val", cfg.data_dir, stats=stats).subset(cfg.eval_limit)
+        return load_data(name, "val", cfg.data_dir, opts.pop("image_size"), stats, **opts).subset(cfg.eval_limit)
     except SlimError:
         if cfg.data:
             raise
