@@ -27,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
     from slim2deploy.deploy.calib import load_calib, make_calib_set
 
+    check_outputs({"--out": args.out}, inputs=[args.data])
     out = make_calib_set(args.data, args.n, args.out, args.data_dir, args.seed, image_size=args.image_size)
     x = load_calib(out)
     print(f"wrote {out}: {len(x)} images of {tuple(x.shape[1:])}, values in [{x.min():.3f}, {x.max():.3f}]")

@@ -49,13 +49,31 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
-def add_trust_arg(p: argparse.ArgumentParser) -> None:
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
+    return c, h, w
+
+
+def add_trust_arg(p: argparse.ArgumentParser, input_shape: bool = True) -> None:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow checkpoints that run code when loaded (a pickled nn.Module, or a model "
         "built by a 'package.module:factory'); only for files you trust",
     )
+    if input_shape:
+        p.add_argument(
+            "--input-shape",
+            type=_input_shape,
+            default=None,
+            metavar="C,H,W",
+            help="input shape of a pickled nn.Module (it records none), e.g. 3,32,32",
+        )
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:

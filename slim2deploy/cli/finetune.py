@@ -29,8 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
     from slim2deploy.pipeline.train import finetune_checkpoint
 
+    check_outputs({"--out": args.out}, inputs=[args.model, args.data])
     history = finetune_checkpoint(
         args.model,
         args.out,
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         device=args.device,
         trust_code=args.trust_pickle,
+        input_shape=args.input_shape,
     )
     last = history[-1]
     print(f"val_acc {last.val_acc:.4f} after {last.epoch} epoch(s); wrote {args.out}")

@@ -36,13 +36,13 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.deploy.calib import check_calib
 from slim2deploy.deploy.export import (
-    DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
     FP32_ATOL,
     FP32_RTOL,
     ORT_LEVEL_KEY,
     PRECISION_KEY,
+    check_opset,
     check_parity,
     compare_outputs,
     export_onnx,
@@ -152,7 +152,6 @@ def quantize_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantType, create_calibrator
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
-
 
     if method not in CALIB_METHODS:
         raise SlimError(f"unknown calibration method {method!r}; use one of {', '.join(CALIB_METHODS)}")
@@ -338,7 +337,6 @@ def export_precision(
     """
     import torch
 
-
     check_precision(precision)
     if precision == "int8" and calib_x is None:
         raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
@@ -355,9 +353,7 @@ def export_precision(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
-        result = export_onnx(
-            model, example, fp32_path, opset=opset or DEFAULT_OPSET, dynamic_batch=static_batch is None
-        )
+        result = export_onnx(model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None)
         parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
         parity.raise_if_failed()
         report = PrecisionExport(precision, result.to_dict(), parity.to_dict())

@@ -54,8 +54,15 @@ class TrainConfig:
             raise SlimError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SlimError(f"--lr must be a positive number, got {self.lr}")
-        if self.sparsity < 0:
-            raise SlimError(f"--sparsity must be >= 0, got {self.sparsity}")
+        for flag, value in (
+            ("--sparsity", self.sparsity),
+            ("--weight-decay", self.weight_decay),
+            ("--sparsity-warmup", self.sparsity_warmup),
+        ):
+            if not (value >= 0 and math.isfinite(value)):
+                raise SlimError(f"{flag} must be a finite number >= 0, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise SlimError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.sparsity_mode not in sparsity.MODES:
             raise SlimError(f"--sparsity-mode must be one of {', '.join(sparsity.MODES)}")
         if self.sparsity_scope not in sparsity.SCOPES:
@@ -95,11 +102,21 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else is one SlimError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SlimError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SlimError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -282,8 +299,14 @@ def fit(
                 # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
                 # the same effective step here gives lambda the same pull as in subgradient mode.
                 sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):
+                raise SlimError(
+                    f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}; nothing "
+                    "was saved for this epoch. Lower --lr or --sparsity, or check the data for extreme values"
+                )
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += step_loss * len(y)
             correct += int((out.argmax(1) == y).sum())
             if step % 20 == 0 or step == steps_per_epoch - 1:
                 bar.set_postfix(
@@ -293,6 +316,12 @@ def fit(
                     lr=f"{lr:.3g}",
                 )
         bar.close()
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise SlimError(
+                f"training diverged: {bad[0]} has NaN or infinite weights after epoch {epoch + 1}; nothing was "
+                "saved for this epoch. Lower --lr or --sparsity"
+            )
         val_loss, val_acc = (float("nan"), float("nan"))
         if val_ds is not None and info.is_main:
             val_loss, val_acc = evaluate(model, val_ds, cfg.eval_batch_size, info.device)

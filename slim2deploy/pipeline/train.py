@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.loop import DistInfo, EpochResult, TrainConfig, fit, init_distributed, pick_device
 from slim2deploy.model.zoo import create_model
@@ -131,12 +131,14 @@ def finetune_checkpoint(
     device: str = "auto",
     trust_code: bool = False,
     progress: bool = True,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> list[EpochResult]:
     """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
 
     The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
     """
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    info = DistInfo(device=pick_device(device))
+    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
     train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
@@ -144,7 +146,6 @@ def finetune_checkpoint(
     if train_ds.input_shape != tuple(ckpt.input_shape):
         raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
-    info = DistInfo(device=pick_device(device))
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,
