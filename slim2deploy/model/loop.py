@@ -8,6 +8,7 @@ SyncBatchNorm so that N processes compute what one process computes at the same 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -132,6 +133,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group in an order that cannot abort at exit (see the end of ``fit``).
+
+    Every rank waits for the others (rank 0 may still be writing the checkpoint), then the group
+    and whatever still refers to it are freed before the interpreter starts tearing down.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):
@@ -344,4 +357,12 @@ def fit(
             )
         if on_epoch_end is not None and info.is_main:
             on_epoch_end(result, model, optimizer)
+    if info.world > 1:
+        # DDP's reducer and the last step's autograd graph (the all-reduces of CpuSyncBatchNorm) hold
+        # the process group and gloo work objects with tensors. Left to the garbage collector at exit,
+        # freeing them takes the GIL while Python is being torn down, which now and then aborts the
+        # process ("terminate called without an active exception", exit -6). Free them while alive.
+        net = model
+        out = loss = torch.empty(0)
+        gc.collect()
     return history

@@ -6,14 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.model.data import load_dataset
-from slim2deploy.model.loop import DistInfo, EpochResult, TrainConfig, fit, init_distributed, pick_device
+from slim2deploy.model.loop import (
+    DistInfo,
+    EpochResult,
+    TrainConfig,
+    fit,
+    init_distributed,
+    pick_device,
+    shutdown_distributed,
+)
 from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.plan import prunable_masks
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -109,8 +116,7 @@ def train_command(
     if info.is_main:
         tqdm.write(f"wrote {out}")
     if info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed()
     return history, info.is_main
 
 
