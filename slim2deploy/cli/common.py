@@ -45,7 +45,13 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     )
     g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
-    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (default: %(default)s)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="with --seed, repeatable on CUDA too: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS "
+        "workspace (slower)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 

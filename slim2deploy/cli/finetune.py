@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", choices=["step", "cosine"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="repeatable on CUDA too (see train --help)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_data_args(p, required=True)
     add_trust_arg(p)
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         limit_train=args.limit_train,
         limit_val=args.limit_val,
         seed=args.seed,
+        deterministic=args.deterministic,
         schedule=args.schedule,
         device=args.device,
         trust_code=args.trust_pickle,

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         augment=not args.no_augment,
         seed=args.seed,
+        deterministic=args.deterministic,
     )
     history, is_main = train_command(
         arch=args.arch,

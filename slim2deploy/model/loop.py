@@ -46,6 +46,7 @@ class TrainConfig:
     amp: bool = False
     augment: bool = True
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels (CUDA); see make_deterministic
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -188,6 +189,26 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+# cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use
+CUBLAS_WORKSPACE = ":4096:8"
+# the resume test's tolerance on CUDA: a few backward kernels (adaptive average pooling) have no
+# deterministic CUDA version and only warn under make_deterministic, so runs agree to rounding
+CUDA_RESUME_ATOL = 1e-4
+
+
+def make_deterministic() -> None:
+    """Same seed, same numbers on CUDA too: deterministic kernels, no cuDNN autotuning.
+
+    Kernels without a deterministic CUDA version warn instead of failing (``warn_only``), so a
+    resumed or repeated CUDA run matches to ``CUDA_RESUME_ATOL`` rather than bit for bit. On the
+    CPU the training loop is deterministic anyway.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Learning rate at ``progress`` epochs (fractional)."""
     if cfg.schedule == "cosine":
@@ -253,6 +274,8 @@ def fit(
             f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
         )
     torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        make_deterministic()
     model.to(info.device)
     net: nn.Module = model
     if info.world > 1:

@@ -133,6 +133,7 @@ def finetune_checkpoint(
     limit_train: int | None = None,
     limit_val: int | None = None,
     seed: int = 0,
+    deterministic: bool = False,
     schedule: str = "cosine",
     device: str = "auto",
     trust_code: bool = False,
@@ -151,7 +152,9 @@ def finetune_checkpoint(
     val_ds = load_dataset(data, "val", data_dir, image_size, stats).subset(limit_val)
     if train_ds.input_shape != tuple(ckpt.input_shape):
         raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
+    )
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,
