@@ -142,7 +142,10 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     payload = ckpt.to_payload()
     payload["meta"] = {**payload["meta"], "versions": library_versions()}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's C++ writer reports a full disk or a size limit this way
+            raise SlimError(f"could not write {path}: the write failed (is the disk full?); nothing was changed") from exc
     return Path(path)
 
 
