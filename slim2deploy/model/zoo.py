@@ -214,6 +214,9 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+ZOO_ARGS = ("in_channels", "num_classes", "width")
+
+
 def list_models() -> list[str]:
     """Zoo names; ``torchvision:NAME`` and ``package.module:factory`` are accepted as well."""
     return sorted(REGISTRY)
@@ -239,7 +242,10 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise SlimError(f"unknown torchvision classifier {name!r}; available: {', '.join(sorted(available))}")
-    return torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a bad value
+        raise SlimError(f"cannot build torchvision:{name} with {kwargs}: {exc}") from exc
 
 
 def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -251,7 +257,10 @@ def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SlimError(f"{module_name!r} has no callable {attr!r}; expected 'package.module:factory'")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # most often an argument the factory does not take
+        raise SlimError(f"{ref} cannot be called with {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise SlimError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -268,7 +277,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; zoo models: {', '.join(list_models())}; "
             "or use 'torchvision:NAME' or 'package.module:factory'"
         )
+    unknown = sorted(set(kwargs) - set(ZOO_ARGS))
+    if unknown:
+        raise SlimError(f"unknown argument(s) {', '.join(unknown)} for {name}; zoo models take {', '.join(ZOO_ARGS)}")
     width = kwargs.get("width", 1.0)
     if not (isinstance(width, (int, float)) and 0 < width and math.isfinite(width)):
         raise SlimError(f"width must be a positive number, got {width!r}")
+    for key in ("in_channels", "num_classes"):
+        value = kwargs.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise SlimError(f"{key} must be a positive integer, got {value!r}")
     return REGISTRY[name](**kwargs)
