@@ -315,7 +315,9 @@ def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
 
 
 def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
-    status = _latency().main([str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"])
+    status = _latency().main(
+        [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"]
+    )
     line = capsys.readouterr().err.strip()
     assert status == 2 and "slim2deploy export" in line and "--input-shape" in line
     assert "pass --trust-pickle" not in line

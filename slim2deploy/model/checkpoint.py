@@ -145,7 +145,9 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         try:
             torch.save(payload, tmp)
         except RuntimeError as exc:  # torch's C++ writer reports a full disk or a size limit this way
-            raise SlimError(f"could not write {path}: the write failed (is the disk full?); nothing was changed") from exc
+            raise SlimError(
+                f"could not write {path}: the write failed (is the disk full?); nothing was changed"
+            ) from exc
     return Path(path)
 
 
