@@ -32,8 +32,9 @@ from slim2deploy.base.files import atomic_path
 
 FORMAT = "slim2deploy.checkpoint/1"
 PICKLED_ARCH = "<pickled nn.Module>"
-# torch's weights_only unpickler names the class it refused; other failures mean a damaged file
-_REFUSED_GLOBAL = re.compile(r"Unsupported global|Unsupported class|was not an allowed global")
+# torch's weights_only unpickler names the class or function it refused ("GLOBAL module.name");
+# any other failure (an unknown opcode, a name that is not a dotted identifier) means a damaged file
+_REFUSED_GLOBAL = re.compile(r"(GLOBAL|Unsupported class) [A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _SCALARS = (bool, int, float, str, type(None))
 
 
