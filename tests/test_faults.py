@@ -203,6 +203,7 @@ FLAG_CASES = {
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--weight-decay", "nan"],
         "--weight-decay",
     ),
+    "image size 0": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--image-size", "0"], "--image-size"),
     "input shape malformed": (["inspect", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
     "pickled module without input shape": (["inspect", "{root}/pickled.pt", "--trust-pickle"], "--input-shape C,H,W"),
     "input shape contradicts the checkpoint": (["inspect", "{ckpt}", "--input-shape", "3,8,8"], "differs"),

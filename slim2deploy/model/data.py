@@ -253,6 +253,8 @@ def load_dataset(
     """
     if split not in ("train", "val", "test"):
         raise SlimError(f"split must be train, val or test, got {split!r}")
+    if image_size is not None and image_size < 1:
+        raise SlimError(f"--image-size must be at least 1 pixel, got {image_size}")
     if name == "fashion-mnist":
         return _fashion_mnist(split, data_dir, stats)
     path = Path(name.split(":", 1)[1] if name.startswith(("npz:", "folder:")) else name)
