@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.deploy.calib import load_calib
     from slim2deploy.deploy.export import check_opset
-    from slim2deploy.deploy.precision import check_precision, export_precision
+    from slim2deploy.deploy.precision import check_precision
     from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
+    from slim2deploy.pipeline.export import export_precision
     from slim2deploy.prune.rebuild import model_from_checkpoint
 
     check_outputs({"--out": args.out, "--json": args.json}, inputs=[args.model, args.calib, args.eval_data])
