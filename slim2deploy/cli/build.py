@@ -66,13 +66,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
     p.add_argument("--seed", type=int, default=0)
-    add_trust_arg(p)
+    add_trust_arg(p, input_shape=False)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
+    from slim2deploy.deploy.export import check_opset
     from slim2deploy.pipeline.build import BuildConfig, build
 
+    check_outputs({"--out": args.out}, folders=["--out"])
+    check_opset(args.opset)
     cfg = BuildConfig(
         model=args.model,
         selection=selection_from_args(args),

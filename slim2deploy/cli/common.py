@@ -117,17 +117,41 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     )
     g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
-    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (default: %(default)s)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="with --seed, repeatable on CUDA too: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS "
+        "workspace (slower)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
-def add_trust_arg(p: argparse.ArgumentParser) -> None:
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
+    return c, h, w
+
+
+def add_trust_arg(p: argparse.ArgumentParser, input_shape: bool = True) -> None:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow checkpoints that run code when loaded (a pickled nn.Module, or a model "
         "built by a 'package.module:factory'); only for files you trust",
     )
+    if input_shape:
+        p.add_argument(
+            "--input-shape",
+            type=_input_shape,
+            default=None,
+            metavar="C,H,W",
+            help="input shape of a pickled nn.Module (it records none), e.g. 3,32,32",
+        )
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:

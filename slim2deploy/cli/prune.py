@@ -25,15 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.pipeline.prune import prune_checkpoint
 
+    check_outputs({"--out": args.out, "--plan-json": args.plan_json}, inputs=[args.model])
     plan, table = prune_checkpoint(
         args.model,
         args.out,
         selection_from_args(args),
         fold=not args.no_fold,
         trust_code=args.trust_pickle,
+        input_shape=args.input_shape,
     )
     print(table)
     if args.plan_json:

@@ -191,6 +191,11 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         log(f"[{i}/{n_stages}] {name:<9} {text}")
 
     ckpt = load_checkpoint(cfg.model, trust_pickle=cfg.trust_pickle)
+    if ckpt.module is not None:
+        raise SlimError(
+            f"{cfg.model} is a pickled nn.Module; build needs a slim2deploy checkpoint. Run the stages one by one "
+            "with --trust-pickle --input-shape C,H,W (prune, finetune, export), or save it in the slim2deploy format"
+        )
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, select
@@ -22,18 +22,19 @@ def prune_checkpoint(
     *,
     fold: bool = True,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> tuple[PruningPlan, str]:
-    """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table."""
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table.
+
+    A trusted pickled module (``input_shape`` given) has no architecture name to replay the plan
+    on, so its slim copy is saved pickled inside the checkpoint and needs trust to load again.
+    """
+    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     if ckpt.is_pruned:
         raise SlimError(
             f"{src} is already pruned; prune the sparse-trained checkpoint it came from with a larger ratio instead"
         )
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
-    if ckpt.module is not None:
-        raise SlimError(
-            f"{src} is a pickled nn.Module without an architecture name; a pruned copy could not be rebuilt"
-        )
     x = torch.zeros(1, *ckpt.input_shape)
     plan = select(trace_groups(model, x, fold=fold), selection)
     slim = apply_plan(model, plan)
