@@ -127,7 +127,7 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
-def _input_shape(text: str) -> tuple[int, int, int]:
+def parse_input_shape(text: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in text.split(","))
     except ValueError:
@@ -147,7 +147,7 @@ def add_trust_arg(p: argparse.ArgumentParser, input_shape: bool = True) -> None:
     if input_shape:
         p.add_argument(
             "--input-shape",
-            type=_input_shape,
+            type=parse_input_shape,
             default=None,
             metavar="C,H,W",
             help="input shape of a pickled nn.Module (it records none), e.g. 3,32,32",
