@@ -352,7 +352,6 @@ def build_engine(
     """Build ``engine_path`` (and its ``.engine.json``) from ``onnx_path``; both written atomically."""
     import tensorrt as trt
 
-
     options = options or BuildOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.exists():

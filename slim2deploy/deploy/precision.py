@@ -153,7 +153,6 @@ def quantize_int8(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-
     if method not in CALIB_METHODS:
         raise SlimError(f"unknown calibration method {method!r}; use one of {', '.join(CALIB_METHODS)}")
     if flavour not in INT8_FLAVOURS:
@@ -337,7 +336,6 @@ def export_precision(
     Nothing is written to ``out`` unless every check passes.
     """
     import torch
-
 
     check_precision(precision)
     if precision == "int8" and calib_x is None:

@@ -80,7 +80,6 @@ def build_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(str(engines or "none built"))
     if report.get("benchmark"):
-
         lines += [
             "",
             "Benchmark: fp32 graphs on ONNX Runtime (CPU), baseline and slim measured interleaved.",

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, select
@@ -24,6 +25,17 @@ def prune_checkpoint(
     trust_code: bool = False,
 ) -> tuple[PruningPlan, str]:
     """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table."""
+    ckpt, model = load_for_pruning(src, trust_code)
+    x = torch.zeros(1, *ckpt.input_shape)
+    plan = select(trace_groups(model, x, fold=fold), selection)
+    slim = apply_plan(model, plan)
+    table = summarize(plan, model, x, slim)
+    save_pruned(ckpt, src, slim, plan, selection, dst)
+    return plan, table
+
+
+def load_for_pruning(src: str | Path, trust_code: bool = False) -> tuple[Checkpoint, nn.Module]:
+    """A sparse-trained checkpoint and its model; a pruned or pickled-module checkpoint is refused."""
     ckpt = load_checkpoint(src, trust_pickle=trust_code)
     if ckpt.is_pruned:
         raise SlimError(
@@ -34,14 +46,16 @@ def prune_checkpoint(
         raise SlimError(
             f"{src} is a pickled nn.Module without an architecture name; a pruned copy could not be rebuilt"
         )
-    x = torch.zeros(1, *ckpt.input_shape)
-    plan = select(trace_groups(model, x, fold=fold), selection)
-    slim = apply_plan(model, plan)
-    table = summarize(plan, model, x, slim)
+    return ckpt, model
+
+
+def save_pruned(
+    ckpt: Checkpoint, src: str | Path, slim: nn.Module, plan: PruningPlan, selection: Selection, dst: str | Path
+) -> None:
+    """The pruned checkpoint: the source's architecture, the plan and the slim weights."""
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("val_acc", "versions")}
     meta["pruned"] = {"from": str(src), "selection": selection.to_dict(), "val_acc_before": ckpt.meta.get("val_acc")}
     save_checkpoint(
         checkpoint_for(slim, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, plan.to_dict()),
         dst,
     )
-    return plan, table

@@ -1,0 +1,158 @@
+"""Profiling, the cell cache and the closed loop, on a target whose latency the test controls.
+
+``WidthTarget`` is a real target (the ``measure.targets.Target`` interface): it runs slim2deploy
+checkpoints and answers with a latency computed from the model's actual layer widths -- a
+staircase in steps of 16 channels, like a runtime with blocked kernels. A standalone layer costs
+more than the same layer inside the model (as a real probe pays for its input and output
+copies), so the table overstates what pruning saves, the first prediction misses, and the loop
+has to correct it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.measure.targets import CellCache, Target
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
+from slim2deploy.pipeline.profile import layer_specs
+from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.plan import trace_groups
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.rebuild import model_from_checkpoint
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
+STEP = 16
+
+
+def cell_ms(kernel: Sequence[int], hw: Sequence[int], ci: int, co: int) -> float:
+    return math.ceil(ci / STEP) * math.ceil(co / STEP) * math.prod(kernel) * math.prod(hw) * 1e-4
+
+
+class WidthTarget(Target):
+    name = "width-test"
+    artifact = "checkpoint"
+
+    def __init__(self, probe_overhead: float = 0.5, batch: int = 64) -> None:
+        super().__init__(batch=batch)
+        self.probe_overhead = probe_overhead  # what a standalone layer costs on top of the same layer in the model
+        self.cells_timed = 0
+        self.models_timed = 0
+
+    def device(self) -> str:
+        return "test"
+
+    def open(self, path: str | os.PathLike[str]):
+        raise SlimError("WidthTarget answers latencies() directly")
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        self.cells_timed += len(cells)
+        return [(1 + self.probe_overhead) * cell_ms(layer.kernel, layer.in_hw, ci, co) for layer, ci, co in cells]
+
+    def latencies(self, paths, **_: object) -> list[float]:
+        self.models_timed += len(paths)
+        return [self.model_ms(p) for p in paths]
+
+    def model_ms(self, path) -> float:
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt).eval()
+        total: list[float] = []
+
+        def hook(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if isinstance(m, nn.Conv2d):
+                total.append(cell_ms(m.kernel_size, args[0].shape[2:], m.in_channels, m.out_channels))
+            else:
+                total.append(cell_ms([], [], m.in_features, m.out_features))
+
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        with torch.no_grad():
+            model(torch.zeros(1, *ckpt.input_shape))
+        for h in handles:
+            h.remove()
+        return 0.2 + sum(total)
+
+
+def test_layer_specs_of_the_demo_vgg():
+    ckpt = load_checkpoint(DEMO)
+    model = model_from_checkpoint(ckpt)
+    x = torch.zeros(1, *ckpt.input_shape)
+    traced = trace_groups(model, x)
+    specs = {s.name: s for s in layer_specs(model, traced, x)}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert set(convs) <= set(specs)  # every conv reads or writes a prunable group
+    first = specs[convs[0]]
+    assert first.in_fixed == ckpt.input_shape[0] and first.in_hw == list(ckpt.input_shape[1:])
+    sizes = [g.size for g in traced.groups]
+    for name, spec in specs.items():  # the widths at full size are the module's own
+        m = model.get_submodule(name)
+        full = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+        assert spec.widths(sizes) == full
+
+
+def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
+    target = WidthTarget(probe_overhead=0.5)
+    budget = Budget(speedup=2.0, cache=str(tmp_path / "cache"), tries=6)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, Rails(), target=target, log=None)
+    first = result.tries[0]
+    assert first["measured_ms"] > first["goal_ms"] * (1 + MISS_TOLERANCE)  # the table alone misses here
+    assert result.met and result.chosen is result.tries[-1]
+    assert result.chosen["measured_ms"] <= result.chosen["goal_ms"] * (1 + MISS_TOLERANCE)
+    assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(result.chosen["measured_ms"])
+    kept = [len(g.keep) for g in result.plan.groups]
+    assert all(k % 8 == 0 or k == g.size for k, g in zip(kept, result.plan.groups, strict=True))  # rails apply
+    notes = "\n".join(result.plan.notes)
+    assert "predicted" in notes and "measured on" in notes and "met" in notes
+    assert "measured on" in result.summary
+    saved = load_checkpoint(tmp_path / "slim.pt")
+    assert saved.plan is not None and saved.plan["selection"]["selector"]["kind"] == "latency"
+
+
+def test_equal_cost_counts_are_not_kept_narrower(tmp_path):
+    """With a staircase of 16, a solution never keeps 8 + 16k channels where 16 + 16k costs the same."""
+    target = WidthTarget(probe_overhead=0.0)
+    budget = Budget(speedup=1.5, cache=None)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, Rails(), target=target, log=None)
+    for g in result.plan.groups:
+        if g.prunable:
+            assert len(g.keep) % STEP == 0 or len(g.keep) == g.size
+
+
+def test_cells_are_cached_by_target_key(tmp_path):
+    ckpt = load_checkpoint(DEMO)
+    model = model_from_checkpoint(ckpt)
+    x = torch.zeros(1, *ckpt.input_shape)
+    specs = layer_specs(model, trace_groups(model, x), x)
+    cells = [(s, s.in_fixed or 8, s.out_fixed or 8) for s in specs]
+    target = WidthTarget()
+    assert CellCache(target, tmp_path).measure(target, cells) == len({CellCache.cell_key(*c) for c in cells})
+    timed = target.cells_timed
+    assert CellCache(target, tmp_path).measure(target, cells) == 0 and target.cells_timed == timed
+    other = WidthTarget(batch=32)  # another batch is another measurement
+    assert CellCache(other, tmp_path).measure(other, cells) > 0
+    assert all(s.measured() for s in specs)
+
+
+def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
+    target = WidthTarget(probe_overhead=0.0)
+    table_path = tmp_path / "table.json"
+    with pytest.raises(SlimError, match=r"out of reach.*speed-up of \d+\.\d\dx"):
+        prune_to_budget(DEMO, tmp_path / "s.pt", Budget(speedup=50.0, cache=None), Rails(), target=target, log=None)
+    prune_to_budget(
+        DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), Rails(), target=target, table_out=table_path, log=None
+    )
+    table = LatencyTable.from_json(table_path.read_text())
+    table.sizes[1] += 8
+    table_path.write_text(table.to_json())
+    with pytest.raises(SlimError, match="profiled for"):
+        prune_to_budget(
+            DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), Rails(), target=target, log=None
+        )
+    assert not (tmp_path / "t.pt").exists()
