@@ -99,8 +99,8 @@ def test_layer_specs_of_the_demo_vgg():
 
 def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
     target = WidthTarget(probe_overhead=0.5)
-    budget = Budget(speedup=2.0, cache=str(tmp_path / "cache"), tries=6)
-    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, Rails(), target=target, log=None)
+    budget = Budget(speedup=2.0, cache=str(tmp_path / "cache"), tries=6, rails=Rails())
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
     first = result.tries[0]
     assert first["measured_ms"] > first["goal_ms"] * (1 + MISS_TOLERANCE)  # the table alone misses here
     assert result.met and result.chosen is result.tries[-1]
@@ -119,7 +119,7 @@ def test_equal_cost_counts_are_not_kept_narrower(tmp_path):
     """With a staircase of 16, a solution never keeps 8 + 16k channels where 16 + 16k costs the same."""
     target = WidthTarget(probe_overhead=0.0)
     budget = Budget(speedup=1.5, cache=None)
-    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, Rails(), target=target, log=None)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
     for g in result.plan.groups:
         if g.prunable:
             assert len(g.keep) % STEP == 0 or len(g.keep) == g.size
@@ -144,15 +144,15 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
     target = WidthTarget(probe_overhead=0.0)
     table_path = tmp_path / "table.json"
     with pytest.raises(SlimError, match=r"out of reach.*speed-up of \d+\.\d\dx"):
-        prune_to_budget(DEMO, tmp_path / "s.pt", Budget(speedup=50.0, cache=None), Rails(), target=target, log=None)
+        prune_to_budget(DEMO, tmp_path / "s.pt", Budget(speedup=50.0, cache=None), target=target, log=None)
     prune_to_budget(
-        DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), Rails(), target=target, table_out=table_path, log=None
+        DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
     table = LatencyTable.from_json(table_path.read_text())
     table.sizes[1] += 8
     table_path.write_text(table.to_json())
     with pytest.raises(SlimError, match="profiled for"):
         prune_to_budget(
-            DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), Rails(), target=target, log=None
+            DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None
         )
     assert not (tmp_path / "t.pt").exists()

@@ -14,7 +14,7 @@ import sys
 from slim2deploy.base.errors import SlimError
 
 # Order is the order shown in --help: the pipeline, first to last.
-COMMANDS = ["train", "inspect", "prune", "finetune", "calib", "export", "build"]
+COMMANDS = ["train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
 
 
 def _available_commands() -> list[str]:

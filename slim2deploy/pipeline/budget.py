@@ -34,7 +34,8 @@ MISS_TOLERANCE = 0.03
 
 @dataclass(frozen=True)
 class Budget:
-    """A latency goal on a target: ``speedup`` over the unpruned model, or ``latency_ms``."""
+    """A latency goal on a target: ``speedup`` over the unpruned model, or ``latency_ms``; the
+    rails every selection respects. Plain data, like ``Selection`` (what a build caches on)."""
 
     speedup: float | None = None
     latency_ms: float | None = None
@@ -45,6 +46,7 @@ class Budget:
     table: str | None = None  # a profile to reuse instead of profiling
     cache: str | None = str(DEFAULT_CACHE)
     tries: int = 4
+    rails: Rails = field(default_factory=Rails)
 
     def __post_init__(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
@@ -55,8 +57,15 @@ class Budget:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
+    def goal(self) -> str:
         return f"speed-up {self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
+
+    def describe(self) -> str:
+        r = self.rails
+        return (
+            f"latency {self.goal()} on {self.target} batch {self.batch} {self.precision}; rails: "
+            f"min_channels={r.min_channels} max_prune={r.max_prune} round_to={r.round_to}"
+        )
 
 
 @dataclass
@@ -73,7 +82,6 @@ def prune_to_budget(
     src: str | Path,
     dst: str | Path,
     budget: Budget,
-    rails: Rails,
     *,
     fold: bool = True,
     trust_code: bool = False,
@@ -82,6 +90,7 @@ def prune_to_budget(
     log: Callable[[str], None] | None = print,
 ) -> BudgetResult:
     """What ``slim2deploy prune --speedup/--latency-ms`` does; ``target`` overrides ``budget.target``."""
+    rails = budget.rails
     target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
     ckpt, model = load_for_pruning(src, trust_code)
     x = torch.zeros(1, *ckpt.input_shape)
@@ -145,7 +154,7 @@ def prune_to_budget(
     met = miss <= 1 + MISS_TOLERANCE
     plan.notes.append(
         f"measured on {target.describe()}: {chosen['measured_ms']:.4g} ms vs unpruned {chosen['baseline_ms']:.4g} ms "
-        f"interleaved (speed-up {chosen['baseline_ms'] / chosen['measured_ms']:.2f}x), goal {budget.describe()} = "
+        f"interleaved (speed-up {chosen['baseline_ms'] / chosen['measured_ms']:.2f}x), goal {budget.goal()} = "
         f"{chosen['goal_ms']:.4g} ms {'met' if met else 'MISSED'} ({len(tries)} of at most {budget.tries} tries)"
     )
     save_pruned(ckpt, src, slim, plan, selection, dst)

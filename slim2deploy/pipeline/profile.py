@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
-from slim2deploy.measure.targets import CellCache, Target
+from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint
+from slim2deploy.pipeline.prune import load_for_pruning
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
-from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.select import LatencySelector, Selection
 
@@ -157,3 +159,37 @@ def refine(
             return new
         counts = new
     return counts
+
+
+def profile_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    target: str = "ort-cpu",
+    batch: int = 64,
+    precision: str = "fp32",
+    threads: int | None = None,
+    rails: Rails | None = None,
+    cache: str | None = str(DEFAULT_CACHE),
+    speedup: float | None = None,
+    trust_code: bool = False,
+    log: Log | None = print,
+) -> LatencyTable:
+    """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
+    rails = rails or Rails()
+    tgt = make_target(target, batch, precision, threads)
+    ckpt, model = load_for_pruning(src, trust_code)
+    traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape))
+    cells = CellCache(tgt, cache)
+    table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
+    if speedup is not None:
+        refine(
+            table,
+            traced,
+            Selection(LatencySelector(table.to_dict(), speedup=speedup), rails),
+            tgt,
+            cache=cells,
+            log=log,
+        )
+    atomic_write_text(dst, table.to_json())
+    return table
