@@ -152,7 +152,71 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
     table.sizes[1] += 8
     table_path.write_text(table.to_json())
     with pytest.raises(SlimError, match="profiled for"):
-        prune_to_budget(
-            DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None
-        )
+        prune_to_budget(DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None)
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_cli_budget_flags(tmp_path):
+    from conftest import run_cli
+
+    both = run_cli("prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--ratio", "0.5", "--speedup", "2")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO,
+        tmp_path / "w.pt",
+        Budget(speedup=1.2, cache=None),
+        target=WidthTarget(probe_overhead=0.0),
+        table_out=table_path,
+        log=None,
+    )
+    far = run_cli(
+        "prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--speedup", "50", "--table", str(table_path)
+    )
+    errors = [line for line in far.stderr.splitlines() if "error:" in line]
+    assert far.returncode == 2 and len(errors) == 1 and "out of reach" in errors[0], far.stderr
+    assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.slow
+def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
+    """The real thing: profile the demo VGG on ONNX Runtime, then prune to 1.5x with the table."""
+    from conftest import run_cli
+
+    table_path, cache = tmp_path / "vgg.json", tmp_path / "cache"
+    prof = run_cli(
+        "profile",
+        "--model",
+        str(DEMO),
+        "--target",
+        "ort-cpu",
+        "--batch",
+        "16",
+        "--cache",
+        str(cache),
+        "--out",
+        str(table_path),
+    )
+    assert prof.returncode == 0, prof.stderr
+    table = LatencyTable.from_json(table_path.read_text())
+    assert table.meta["target"] == "ort-cpu" and table.meta["batch"] == 16 and table.full_ms > 0
+    assert all(layer.cells for layer in table.layers) and list(cache.glob("ort-cpu-*.json"))
+    out = tmp_path / "slim.pt"
+    pruned = run_cli(
+        "prune",
+        "--model",
+        str(DEMO),
+        "--out",
+        str(out),
+        "--speedup",
+        "1.5",
+        "--table",
+        str(table_path),
+        "--profile-batch",
+        "16",
+        "--tries",
+        "2",
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert "predicted" in pruned.stdout and "measured on ort-cpu" in pruned.stdout
+    assert load_checkpoint(out).plan["selection"]["selector"]["kind"] == "latency"

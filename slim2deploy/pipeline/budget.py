@@ -103,6 +103,8 @@ def prune_to_budget(
         except OSError as exc:
             raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
         table.check_model([g.size for g in traced.groups])
+        if log and table.meta.get("target") != target.name:
+            log(f"note: the table was profiled on {table.describe()}; the slim model is verified on {target.name}")
     else:
         table = profile(model, traced, ckpt, src, target, rails, cache=cache, log=log)
         first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), rails)
@@ -114,7 +116,7 @@ def prune_to_budget(
     best: tuple[float, PruningPlan, Any, Selection, dict[str, float]] | None = None
     with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
         work = Path(tmp)
-        base = model_artifact(model, ckpt, Path(src), target, work, "baseline")
+        base: Path | None = None
         for attempt in range(budget.tries):
             selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
             try:
@@ -124,6 +126,7 @@ def prune_to_budget(
                     raise
                 break  # tightened past what the rails allow: keep the best model measured so far
             slim = apply_plan(model, plan)
+            base = base or model_artifact(model, ckpt, Path(src), target, work, "baseline")
             slim_ckpt = work / f"slim{attempt}.pt"
             save_pruned(ckpt, src, slim, plan, selection, slim_ckpt)
             art = model_artifact(slim, ckpt, slim_ckpt, target, work, f"slim{attempt}")
