@@ -23,11 +23,12 @@ from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint
-from slim2deploy.pipeline.prune import load_for_pruning
+from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.plan import PruningPlan, trace_groups
 from slim2deploy.prune.rails import Rails
-from slim2deploy.prune.select import LatencySelector, Selection
+from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
+from slim2deploy.prune.surgery import apply_plan
 
 Log = Callable[[str], None]
 
@@ -126,12 +127,22 @@ def profile(
     table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0)
     cache = cache or CellCache(target)
     cache.measure(target, table.lines_around(sizes), log)
+    small = [s[0] if s else g.size for s, g in zip(steps, traced.groups, strict=True)]
     with tempfile.TemporaryDirectory(prefix="slim2deploy-profile-") as tmp:
-        base = model_artifact(model, ckpt, Path(src), target, Path(tmp), "baseline")
-        (full_ms,) = target.latencies([base])
-    table.calibrate(full_ms)
+        work = Path(tmp)
+        base = model_artifact(model, ckpt, Path(src), target, work, "baseline")
+        narrow = Selection(WidthsSelector(tuple(small)), rails)
+        plan = select(traced, narrow)
+        slim = apply_plan(model, plan)
+        save_pruned(ckpt, src, slim, plan, narrow, work / "smallest.pt")
+        tiny = model_artifact(slim, ckpt, work / "smallest.pt", target, work, "smallest")
+        full_ms, small_ms = target.latencies([base, tiny])
+    table.calibrate(full_ms, small_ms, small)
     if log:
-        log(f"unpruned model: {full_ms:.4g} ms on {target.describe()}; {len(table.layers)} layers profiled")
+        log(
+            f"unpruned model {full_ms:.4g} ms, smallest {small_ms:.4g} ms on {target.describe()}; "
+            f"{len(table.layers)} layers profiled, in-model / standalone cost {table.scale:.2f}"
+        )
     return table
 
 

@@ -1,9 +1,12 @@
 """The latency table: what each layer a group touches costs on a target, as data (no torch).
 
-A target's latency is modelled as ``base_ms + sum(layer_ms(layer, c_in, c_out))`` over the
-convolutions and linears whose input or output width a prunable group changes. ``base_ms`` is
-everything else (layers no group changes, the runtime's fixed overhead): it is calibrated so
-that the table predicts the measured latency of the unpruned model exactly.
+A target's latency is modelled as ``base_ms + scale * sum(layer_ms(layer, c_in, c_out))`` over
+the convolutions and linears whose input or output width a prunable group changes. ``base_ms``
+is everything else (layers no group changes, the runtime's fixed overhead). ``scale`` is what a
+layer costs inside the model per millisecond it costs standalone (a standalone probe also pays
+for its input and output copies; and on a shared machine the load differs between the moments
+cells and models are measured). Both are calibrated on two real models measured interleaved,
+the unpruned one and the smallest the rails allow, so the table predicts both exactly.
 
 A convolution's cost depends on its input *and* output widths, so every layer has its own grid
 of measured cells ``(c_in, c_out) -> ms``. Profiling does not fill the grid (15 x 15 cells per
@@ -118,24 +121,34 @@ class LatencyTable:
     layers: list[LayerSpec]
     full_ms: float
     base_ms: float = 0.0
+    scale: float = 1.0
 
-    def calibrate(self, full_ms: float) -> None:
-        """Make the table predict ``full_ms`` for the unpruned model."""
+    def calibrate(self, full_ms: float, small_ms: float | None = None, small: Sequence[int] | None = None) -> None:
+        """Make the table predict ``full_ms`` for the unpruned model, and ``small_ms`` for the kept
+        counts ``small`` when given (then ``scale`` is fitted too; else it is 1)."""
         self.full_ms = float(full_ms)
-        self.base_ms = 0.0
-        self.base_ms = self.full_ms - self.predict(self.sizes)
+        layers_full = self._layers_ms(self.sizes)
+        self.scale = 1.0
+        if small_ms is not None and small is not None:
+            spread = layers_full - self._layers_ms(small)
+            if spread > 0 and full_ms > small_ms:
+                self.scale = (full_ms - small_ms) / spread
+        self.base_ms = self.full_ms - self.scale * layers_full
+
+    def _layers_ms(self, counts: Sequence[int]) -> float:
+        return sum(layer.ms(*layer.widths(counts)) for layer in self.layers)
 
     def predict(self, counts: Sequence[int]) -> float:
         """Predicted latency (ms) of the model with these kept counts per group."""
         if len(counts) != len(self.sizes):
             raise SlimError(f"{len(counts)} kept counts given for a table of {len(self.sizes)} groups")
-        return self.base_ms + sum(layer.ms(*layer.widths(counts)) for layer in self.layers)
+        return self.base_ms + self.scale * self._layers_ms(counts)
 
     def group_ms(self, group: int, kept: int, counts: Sequence[int]) -> float:
-        """What the layers touching ``group`` cost when it keeps ``kept`` and the rest keep ``counts``."""
+        """What the layers touching ``group`` cost (in the model) when it keeps ``kept`` and the rest ``counts``."""
         trial = list(counts)
         trial[group] = kept
-        return sum(layer.ms(*layer.widths(trial)) for layer in self.layers if group in layer.groups())
+        return self.scale * sum(layer.ms(*layer.widths(trial)) for layer in self.layers if group in layer.groups())
 
     def lines_around(self, counts: Sequence[int]) -> list[tuple[LayerSpec, int, int]]:
         """Unmeasured cells on each layer's row and column through ``counts`` (what to profile next)."""
@@ -181,6 +194,7 @@ class LatencyTable:
                 layers=layers,
                 full_ms=float(d["full_ms"]),
                 base_ms=float(d["base_ms"]),
+                scale=float(d.get("scale", 1.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimError(f"latency table is malformed ({exc}); profile the model again") from exc
