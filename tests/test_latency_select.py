@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -143,3 +144,16 @@ def test_rank1_estimate_is_exact_on_measured_lines_and_separable_between():
         layer.record(32, ci, f[32] * g[ci])
     for ci, co in itertools.product(f, g):
         assert layer.ms(ci, co) == pytest.approx(f[ci] * g[co])
+
+
+def test_table_solver_and_targets_import_without_torch():
+    """A GPU box with only numpy + a runtime can read tables, solve and time targets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import slim2deploy.prune.latency, slim2deploy.prune.knapsack, slim2deploy.measure.targets; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
