@@ -206,6 +206,7 @@ def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
         str(table_path),
     )
     assert prof.returncode == 0, prof.stderr
+    assert "latency steps up" in prof.stdout
     table = LatencyTable.from_json(table_path.read_text())
     assert table.meta["target"] == "ort-cpu" and table.meta["batch"] == 16 and table.full_ms > 0
     assert all(layer.cells for layer in table.layers) and list(cache.glob("ort-cpu-*.json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_table_round_trip_and_selection_round_trip():
     assert again == table
     for counts in itertools.product([8, 16], [8, 16, 24]):
         assert again.predict(counts) == pytest.approx(table.predict(counts))
+    assert {g: [k for k, _ in s] for g, s in again.staircases(tol=0.0).items()} == {0: [8, 16], 1: [8, 16, 24]}
     selection = Selection(LatencySelector(table.to_dict(), latency_ms=3.0), Rails(min_channels=1))
     assert Selection.from_dict(selection.to_dict()) == selection
     with pytest.raises(SlimError, match="not a slim2deploy latency table"):
@@ -157,3 +159,43 @@ def test_table_solver_and_targets_import_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
+
+
+@st.composite
+def chain_cases(draw):
+    """A plain chain (VGG-like): layer g reads group g-1 and writes group g, cost ~ c_in * c_out."""
+    n = draw(st.integers(2, 3))
+    sizes = [draw(st.sampled_from([16, 24, 32])) for _ in range(n)]
+    scores = [draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=s, max_size=s)) for s in sizes]
+    return sizes, scores, draw(st.floats(1.2, 3.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(chain_cases())
+def test_latency_selector_on_a_chain_stays_within_budget_and_near_brute_force(case):
+    sizes, scores, speedup = case
+    steps = [list(range(8, s + 1, 8)) for s in sizes]
+    layers = []
+    for g in range(len(sizes)):
+        layer = LayerSpec(f"conv{g}", "conv", 3 if g == 0 else 0, [] if g == 0 else [[g - 1, 1]], 0, g)
+        for ci in [3] if g == 0 else steps[g - 1]:
+            for co in steps[g]:
+                layer.record(ci, co, 0.01 * math.ceil(ci / 8) * math.ceil(co / 8))
+        layers.append(layer)
+    table = LatencyTable({"target": "test"}, sizes, steps, layers, 0.0)
+    table.calibrate(0.1 + table.predict(sizes))
+    groups = [Group(s, [], list(range(s)), scores=sc) for s, sc in zip(sizes, scores, strict=True)]
+    budget = table.full_ms / speedup
+
+    def value(counts):
+        return sum(sum(sorted(s, reverse=True)[:k]) for s, k in zip(scores, counts, strict=True))
+
+    feasible = [value(c) for c in itertools.product(*steps) if table.predict(c) <= budget + 1e-9]
+    selector = LatencySelector(table.to_dict(), speedup=speedup, tolerance=0.0)
+    if not feasible:
+        with pytest.raises(SlimError):
+            selector.kept_counts(groups, Rails(min_channels=1))
+        return
+    counts, _ = selector.kept_counts(groups, Rails(min_channels=1))
+    assert table.predict(counts) <= budget + 1e-9
+    assert value(counts) >= 0.9 * max(feasible) - 1e-9

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         speedup=args.speedup,
         trust_code=args.trust_pickle,
     )
+    print("kept counts where latency steps up (ms in the model at full width):")
+    for g, steps in table.staircases().items():
+        print(f"  group {g:>3} ({table.sizes[g]:>4} ch): " + "  ".join(f"{k}:{ms:.3g}" for k, ms in steps))
     cells = sum(len(layer.cells) for layer in table.layers)
     print(f"{len(table.layers)} layers, {cells} cells; unpruned {table.full_ms:.4g} ms on {table.describe()}")
     print(f"wrote {args.out}")

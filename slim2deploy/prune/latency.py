@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.knapsack import staircase
 
 TABLE_VERSION = 1
 
@@ -55,6 +56,7 @@ class LayerSpec:
     depthwise: bool = False
     in_hw: list[int] = field(default_factory=list)
     cells: dict[str, float] = field(default_factory=dict)
+    _parsed: dict[tuple[int, int], float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def widths(self, counts: Sequence[int]) -> tuple[int, int]:
         ci = self.in_fixed + sum(counts[g] * block for g, block in self.in_groups)
@@ -75,10 +77,13 @@ class LayerSpec:
         )
 
     def measured(self) -> dict[tuple[int, int], float]:
-        return {_cell(key): ms for key, ms in self.cells.items()}
+        if self._parsed is None or len(self._parsed) != len(self.cells):
+            self._parsed = {_cell(key): ms for key, ms in self.cells.items()}
+        return self._parsed
 
     def record(self, ci: int, co: int, ms: float) -> None:
         self.cells[f"{ci},{co}"] = float(ms)
+        self._parsed = None
 
     def ms(self, ci: int, co: int) -> float:
         """Measured cost of the cell, or the rank-1 estimate from the nearest measured crossing."""
@@ -150,6 +155,15 @@ class LatencyTable:
         trial[group] = kept
         return self.scale * sum(layer.ms(*layer.widths(trial)) for layer in self.layers if group in layer.groups())
 
+    def staircases(self, tol: float = 0.03) -> dict[int, list[tuple[int, float]]]:
+        """Per prunable group, the kept counts where its cost (at the full model) steps up -- the
+        runtime's step structure as measured -- with the cost of each step."""
+        return {
+            g: staircase(steps, [self.group_ms(g, k, self.sizes) for k in steps], tol)
+            for g, steps in enumerate(self.steps)
+            if steps
+        }
+
     def lines_around(self, counts: Sequence[int]) -> list[tuple[LayerSpec, int, int]]:
         """Unmeasured cells on each layer's row and column through ``counts`` (what to profile next)."""
         todo: list[tuple[LayerSpec, int, int]] = []
@@ -178,7 +192,10 @@ class LatencyTable:
         return f"{m.get('target', '?')} batch {m.get('batch', '?')} {m.get('precision', '?')} on {m.get('device', '?')}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": TABLE_VERSION, **asdict(self)}
+        d = {"version": TABLE_VERSION, **asdict(self)}
+        for layer in d["layers"]:
+            layer.pop("_parsed")
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> LatencyTable:

@@ -114,9 +114,11 @@ class LatencySelector(Selector):
     no per-group normalisation is applied. Kept counts are the table's profiled steps the rails
     allow, as a staircase where equal cost means the larger count. Layers whose input and output
     widths both change make the latency non-additive over groups; the knapsack (exact, see
-    ``prune.knapsack``) is solved on costs linearised around the current solution, the solution
-    is re-predicted exactly with the table, and the linearisation is repeated (bounded), keeping
-    the best solution the table predicts within budget.
+    ``prune.knapsack``) is solved on costs linearised around the current solution, with the budget
+    handed to it searched (bisection) for the largest whose solution the table predicts within the
+    real budget; then re-linearised around that solution (bounded), keeping the best. Exact where
+    latency is additive over groups (every layer changes with one group); a heuristic, always
+    within budget, where it is not.
     """
 
     table: dict[str, Any]
@@ -170,34 +172,39 @@ class LatencySelector(Selector):
                 f"allow is predicted at {floor_ms:.4g} ms, a speed-up of {table.full_ms / floor_ms:.2f}x over "
                 f"{table.full_ms:.4g} ms; ask for at most that, or loosen --min-channels / --max-prune"
             )
+
+        def value(counts: list[int]) -> float:
+            return sum(gains[i][k] for i, k in enumerate(counts) if i in gains)
+
+        best = (value(smallest), smallest)
         current = [g.size for g in groups]
-        best = (sum(gains[i][k] for i, k in enumerate(smallest) if i in gains), smallest)
-        shrink = 1.0
-        for _ in range(12):
-            order = sorted(options)
+        order = sorted(options)
+        for _ in range(4):  # re-linearise around the latest solution
             curves = [
                 staircase(options[i], [table.group_ms(i, k, current) for k in options[i]], self.tolerance)
                 for i in order
             ]
             fixed = table.predict(current) - sum(table.group_ms(i, current[i], current) for i in order)
-            picked = solve_mckp(
-                [[(c, gains[i][k]) for k, c in curve] for i, curve in zip(order, curves, strict=True)],
-                budget * shrink - fixed,
-            )
-            trial = list(smallest) if picked is None else list(current)
-            if picked is not None:
-                for i, curve, j in zip(order, curves, picked, strict=True):
+            choices = [[(c, gains[i][k]) for k, c in curve] for i, curve in zip(order, curves, strict=True)]
+            # the linearised cost is off where both widths of a layer change: search the budget handed to
+            # the knapsack for the largest one whose solution the table itself predicts within budget
+            lo, hi, t, found = 0.0, 2.0, 1.0, None
+            for _ in range(11):
+                picked = solve_mckp(choices, budget * t - fixed)
+                trial = list(current)
+                for i, curve, j in zip(order, curves, picked or [], strict=False):
                     trial[i] = curve[j][0]
-            predicted = table.predict(trial)
-            value = sum(gains[i][k] for i, k in enumerate(trial) if i in gains)
-            if predicted <= budget and value > best[0]:
-                best = (value, trial)
-            if predicted > budget:
-                shrink *= budget / predicted
-            elif trial == current:
+                if picked is not None and table.predict(trial) <= budget:
+                    lo, found = t, trial
+                    if value(trial) > best[0]:
+                        best = (value(trial), trial)
+                else:
+                    hi = t
+                t = (lo + hi) / 2
+            if found is None or found == current:
                 break
-            current = trial
-        counts = best[1]
+            current = found
+        counts = _fill(table, options, gains, best[1], budget)
         predicted = table.predict(counts)
         return counts, {
             "threshold": None,
@@ -206,6 +213,24 @@ class LatencySelector(Selector):
             "full_ms": table.full_ms,
             "target": table.describe(),
         }
+
+
+def _fill(
+    table: LatencyTable, options: dict[int, list[int]], gains: dict[int, list[float]], counts: list[int], budget: float
+) -> list[int]:
+    """Spend what the budget has left: widen one group at a time, best value gain first."""
+    counts = list(counts)
+    while True:
+        moves = [
+            (gains[i][k] - gains[i][counts[i]], i, k)
+            for i, ks in options.items()
+            for k in ks
+            if k > counts[i] and table.predict([*counts[:i], k, *counts[i + 1 :]]) <= budget
+        ]
+        if not moves:
+            return counts
+        _, i, k = max(moves)
+        counts[i] = k
 
 
 @dataclass(frozen=True)
