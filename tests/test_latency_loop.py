@@ -123,6 +123,22 @@ def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
     assert saved.plan is not None and saved.plan["selection"]["selector"]["kind"] == "latency"
 
 
+def test_closed_loop_that_cannot_meet_the_goal_ends_at_the_smallest_model_and_says_so(tmp_path):
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO, tmp_path / "a.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+    )
+    full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
+    target.load = 3.0  # now nothing the rails allow is fast enough
+    budget = Budget(latency_ms=0.7 * full_ms, table=str(table_path), tries=6)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
+    assert not result.met and len(result.tries) <= budget.tries
+    smallest = min(t["measured_ms"] for t in result.tries)
+    assert result.chosen["measured_ms"] == smallest  # the closest miss is kept
+    assert any("MISSED" in n for n in result.plan.notes) and (tmp_path / "slim.pt").exists()
+
+
 def test_equal_cost_counts_are_not_kept_narrower(tmp_path):
     """With a staircase of 16, a solution never keeps 8 + 16k channels where 16 + 16k costs the same."""
     target = WidthTarget()

@@ -117,14 +117,24 @@ def prune_to_budget(
     with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
         work = Path(tmp)
         base: Path | None = None
+        floor_ms = table.predict(
+            [
+                min(set(rails.allowed(g.size)) & set(steps), default=g.size) if g.prunable else g.size
+                for steps, g in zip(table.steps, traced.groups, strict=True)
+            ]
+        )
+        at_floor = False
         for attempt in range(budget.tries):
             selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
             try:
                 plan = select(traced, selection)
             except SlimError:
-                if best is None:
+                if best is None or at_floor:
                     raise
-                break  # tightened past what the rails allow: keep the best model measured so far
+                # tightened past what the rails allow: the last try is the smallest model they allow
+                budget_ms, at_floor = floor_ms, True
+                selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
+                plan = select(traced, selection)
             slim = apply_plan(model, plan)
             base = base or model_artifact(model, ckpt, Path(src), target, work, "baseline")
             slim_ckpt = work / f"slim{attempt}.pt"
@@ -149,7 +159,7 @@ def prune_to_budget(
             miss = slim_ms / goal
             if best is None or (best[0] > 1 + MISS_TOLERANCE and miss < best[0]) or miss <= 1 + MISS_TOLERANCE:
                 best = (miss, plan, slim, selection, row)
-            if miss <= 1 + MISS_TOLERANCE:
+            if miss <= 1 + MISS_TOLERANCE or at_floor:
                 break
             budget_ms *= goal / slim_ms
     assert best is not None
