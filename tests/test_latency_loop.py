@@ -245,3 +245,22 @@ def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
     assert pruned.returncode == 0, pruned.stderr
     assert "predicted" in pruned.stdout and "measured on ort-cpu" in pruned.stdout
     assert load_checkpoint(out).plan["selection"]["selector"]["kind"] == "latency"
+
+
+@pytest.mark.slow
+def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
+    from conftest import run_cli
+
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO, tmp_path / "w.pt", Budget(speedup=1.2, cache=None), target=WidthTarget(), table_out=table_path, log=None
+    )
+    out = tmp_path / "build"
+    done = run_cli(
+        "build", "--model", str(DEMO), "--out", str(out), "--speedup", "1.3", "--table", str(table_path),
+        "--profile-batch", "8", "--tries", "2", "--engine", "off", "--no-bench", "--eval-limit", "200",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    assert "Latency budget: speed-up 1.3x" in report and "predicted ms" in report
+    assert (out / "latency-table.json").exists()
