@@ -27,12 +27,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from slim2deploy.base.environment import cpu_model, nvidia_smi, package_version
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.layer_onnx import write_layer_onnx
-from slim2deploy.measure.benchmark import _cpu_model, _version, measure
+from slim2deploy.measure.benchmark import measure
 from slim2deploy.prune.latency import LayerSpec
-from slim2deploy.runtime.runners import OrtRunner, Runner, TorchRunner
+from slim2deploy.runtime.base import Runner
+from slim2deploy.runtime.registry import open_runner
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy" / "latency"
 PRECISIONS = ("fp32", "fp16")
@@ -58,7 +60,7 @@ class Target(abc.ABC):
         """A runner for one model artifact on this target."""
 
     def device(self) -> str:
-        return _cpu_model()
+        return cpu_model()
 
     def versions(self) -> dict[str, str | None]:
         return {}
@@ -111,10 +113,10 @@ class OrtCpuTarget(Target):
     artifact = "onnx"
 
     def open(self, path: str | os.PathLike[str]) -> Runner:
-        return OrtRunner(path, device="cpu", threads=self.threads)
+        return open_runner(path, backend="onnx", device="cpu", threads=self.threads)
 
     def versions(self) -> dict[str, str | None]:
-        return {"onnxruntime": _version("onnxruntime", "onnxruntime-gpu"), "onnx": _version("onnx")}
+        return {"onnxruntime": package_version("onnxruntime"), "onnx": package_version("onnx")}
 
     def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
         """Cells of one layer are timed interleaved, so load drifting meanwhile hits all of them alike."""
@@ -129,24 +131,27 @@ class OrtCpuTarget(Target):
 
 
 class TorchTarget(Target):
-    """torch on the CPU or a GPU; checkpoints in, the torch runner's modes."""
+    """torch on the CPU or a GPU, checkpoints in, Conv+BN folded at load as every deployment runtime does."""
 
     artifact = "checkpoint"
     torch_device: ClassVar[str] = "cpu"
+    mode: ClassVar[str] = "folded"
     cuda_graph: ClassVar[bool] = False
 
     def open(self, path: str | os.PathLike[str]) -> Runner:
-        return TorchRunner(
+        return open_runner(
             path,
+            backend="torch",
             device=self.torch_device,
             precision=self.precision,
+            mode=self.mode,
             channels_last=self.torch_device == "cuda",
             cuda_graph=self.cuda_graph,
             threads=self.threads,
         )
 
     def versions(self) -> dict[str, str | None]:
-        return {"torch": _version("torch")}
+        return {"torch": package_version("torch")}
 
 
 class TorchCpuTarget(TorchTarget):
@@ -158,15 +163,13 @@ class TorchCudaTarget(TorchTarget):
     torch_device = "cuda"
     cuda_graph = True
 
+    def device(self) -> str:
+        return nvidia_smi().get("gpu_name") or "no GPU"
+
 
 class TorchCudaCompiledTarget(TorchCudaTarget):
     name = "torch-cuda-compiled"
-
-    def open(self, path: str | os.PathLike[str]) -> Runner:
-        raise SlimError(
-            "target torch-cuda-compiled needs the torch runner's compiled (torch.compile) mode, "
-            "which this version of slim2deploy does not have; use torch-cuda"
-        )
+    mode = "compiled"
 
 
 class TrtTarget(Target):

@@ -90,6 +90,7 @@ def plot_gammas(ckpt: Checkpoint, out: str | Path, *, trust_code: bool = False) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     layers = bn_layers(model)
     n = len(layers) + 1
