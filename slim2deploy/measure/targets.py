@@ -87,10 +87,14 @@ class Target(abc.ABC):
         rounds: int = 6,
         warmup_s: float = 0.2,
     ) -> list[float]:
-        """Latency (ms) of each model at the target's batch, measured interleaved: the lowest of the
-        per-round medians, because on a shared machine a round that lost the CPU to another
-        process says something about the machine, not about the model."""
-        runners = [self.open(p) for p in paths]
+        """Latency (ms) of each model at the target's batch, measured interleaved (see ``time_runners``)."""
+        return self.time_runners([self.open(p) for p in paths], iterations=iterations, rounds=rounds, warmup_s=warmup_s)
+
+    def time_runners(
+        self, runners: Sequence[Runner], *, iterations: int = 60, rounds: int = 6, warmup_s: float = 0.2
+    ) -> list[float]:
+        """The lowest per-round median (ms) of each runner, interleaved: on a shared machine a round
+        that lost the CPU to another process says something about the machine, not the model."""
         try:
             for r in runners:
                 r.activate()
@@ -103,8 +107,7 @@ class Target(abc.ABC):
     def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
         """Latency (ms) of each ``(layer, c_in, c_out)`` as a standalone layer at the target's batch."""
         raise SlimError(
-            f"target {self.name} cannot time single layers in this version; profile on ort-cpu, "
-            "or give a table with --table"
+            f"target {self.name} cannot time single layers; profile on another target and give the table with --table"
         )
 
 
@@ -152,6 +155,46 @@ class TorchTarget(Target):
 
     def versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch")}
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        """Each cell as a small in-memory module (conv or linear + ReLU) on the torch runner."""
+        import torch  # noqa: F401 - fails early, with torch's own message, where torch is missing
+        from torch import nn
+
+        runners = []
+        for layer, ci, co in cells:
+            module: nn.Module
+            if layer.op == "conv":
+                groups = ci if layer.depthwise else 1
+                conv = nn.Conv2d(
+                    ci,
+                    ci if layer.depthwise else co,
+                    (layer.kernel[0], layer.kernel[1]),
+                    (layer.stride[0], layer.stride[1]),
+                    (layer.padding[0], layer.padding[1]),
+                    (layer.dilation[0], layer.dilation[1]),
+                    groups=groups,
+                )
+                module, shape = nn.Sequential(conv, nn.ReLU()), (ci, *layer.in_hw)
+            else:
+                module, shape = nn.Sequential(nn.Linear(ci, co), nn.ReLU()), (ci,)
+            runners.append(
+                open_runner(
+                    module.eval(),
+                    backend="torch",
+                    device=self.torch_device,
+                    precision=self.precision,
+                    mode=self.mode,
+                    channels_last=self.torch_device == "cuda" and layer.op == "conv",
+                    cuda_graph=self.cuda_graph,
+                    threads=self.threads,
+                    input_shape=shape,
+                )
+            )
+        out: list[float] = []
+        for start in range(0, len(runners), 16):
+            out += self.time_runners(runners[start : start + 16], iterations=15, rounds=3, warmup_s=0.0)
+        return out
 
 
 class TorchCpuTarget(TorchTarget):
