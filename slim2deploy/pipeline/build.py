@@ -178,6 +178,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
     import torch
 
+
     validate(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         stage(1, "prune", "unchanged, skipped")
         result.skipped.append("prune")
     else:
+
         started = time.perf_counter()
         latency = None
         if isinstance(cfg.selection, Budget):
@@ -252,6 +254,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
             stage(2, "finetune", "unchanged, skipped")
             result.skipped.append("finetune")
         else:
+
             assert cfg.data is not None  # validate() insists on it
             finetune_checkpoint(
                 slim_path,
@@ -328,6 +331,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 5. engines
     engines: dict[str, Any] = {}
     if build_engines:
+
         options = BuildOptions.from_batches(
             list(cfg.engine_batches),
             workspace_mib=cfg.workspace_mib,
@@ -352,6 +356,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 6. bench
     bench: dict[str, Any] | None = None
     if cfg.bench:
+
         bench_files = [out / f"benchmark.{ext}" for ext in ("json", "md", "png")]
         settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
         key = _key(*(sha256_file(onnx_paths[n]["fp32"]) for n in ("baseline", "slim")), settings)
@@ -382,6 +387,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     # 7. report
     accuracy = None
     if eval_ds is not None:
+
         accuracy = {name: evaluate(m, eval_ds)[1] for name, m in (("baseline", baseline), ("slim", slim_model))}
     report = {
         "model": cfg.model,
