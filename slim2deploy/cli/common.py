@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 
 if TYPE_CHECKING:
@@ -28,9 +29,80 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         default=None,
         help="folder with the Fashion-MNIST IDX files; unset means /usr/share/datasets/fashion-mnist",
     )
-    g.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it",
+    )
     g.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
     g.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
+    add_stream_args(g)
+
+
+def add_stream_args(g: argparse._ActionsContainer) -> None:
+    """How a folder is read: streamed through a DataLoader or decoded into memory."""
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read a folder lazily through a DataLoader (default when its decoded images exceed 1 GiB)",
+    )
+    mode.add_argument(
+        "--in-memory", dest="stream", action="store_const", const=False, help="decode a folder into memory once"
+    )
+    g.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="streamed folders: the model's input size (train: random-resized crop; eval: center crop); "
+        "default --image-size",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes for streamed folders (default min(4, CPUs))",
+    )
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """Where a torchvision/timm/zoo model's starting weights come from, and its input normalisation."""
+    g = p.add_argument_group("starting weights")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="a state_dict file (.pt/.pth read without running code, or .safetensors); "
+        "missing/unexpected keys are reported",
+    )
+    src.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the library's pretrained weights (torchvision:NAME, timm:NAME); downloads into its cache on first use",
+    )
+    g.add_argument("--mean", default=None, help="input normalisation mean per channel, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", default=None, help="input normalisation std per channel, e.g. 0.229,0.224,0.225")
+
+
+def stats_from_args(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from --mean/--std, or None when neither is given."""
+    if args.mean is None and args.std is None:
+        return None
+    if args.mean is None or args.std is None:
+        raise SlimError("give --mean and --std together")
+    try:
+        mean = tuple(float(v) for v in args.mean.split(","))
+        std = tuple(float(v) for v in args.std.split(","))
+    except ValueError as exc:
+        raise SlimError(f"--mean and --std take comma-separated numbers ({exc})") from exc
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise SlimError(f"--mean and --std need one value per channel and std > 0, got {mean} and {std}")
+    return mean, std
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:

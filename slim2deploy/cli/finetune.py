@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         device=args.device,
         trust_code=args.trust_pickle,
+        stream=args.stream,
+        crop=args.crop,
+        workers=args.workers,
     )
     last = history[-1]
     print(f"val_acc {last.val_acc:.4f} after {last.epoch} epoch(s); wrote {args.out}")

@@ -14,7 +14,8 @@ import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
-from slim2deploy.model.data import load_dataset
+from slim2deploy.model.data import Dataset
+from slim2deploy.model.folder import load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
 PLAUSIBLE_ABS_MAX = 50.0
@@ -45,22 +46,26 @@ def make_calib_set(
     *,
     image_size: int | None = None,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    stream: bool | None = None,
+    crop: int | None = None,
 ) -> Path:
     """Write ``n`` training images of ``dataset_name`` (stratified by label, seeded) to ``out``.
 
     ``stats`` = (mean, std) must be the model's training normalisation for sources whose
     statistics are computed from the data (folders, .npz); Fashion-MNIST uses its standard values.
+    A streamed folder is not decoded whole: the labels come from the folder names and only the
+    ``n`` picked images are read, in their evaluation view (resize + center crop).
     """
 
     if n <= 0:
         raise SlimError(f"a calibration set needs at least one image, got --n {n}")
-    ds = load_dataset(dataset_name, "train", data_dir, image_size=image_size, stats=stats)
+    ds = load_data(dataset_name, "train", data_dir, image_size, stats, stream=stream, crop=crop)
     if n > len(ds):
         raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")
-    y = ds.y.numpy()
+    y = ds.y.numpy() if isinstance(ds, Dataset) else ds.labels
     idx = stratified_indices(y, n, seed)
     arrays = {
-        "x": ds.x.numpy()[idx].astype(np.float32),
+        "x": (ds.x.numpy()[idx] if isinstance(ds, Dataset) else ds.stack(idx)).astype(np.float32),
         "y": y[idx].astype(np.int64),
         "mean": np.asarray(ds.mean, dtype=np.float32),
         "std": np.asarray(ds.std, dtype=np.float32),

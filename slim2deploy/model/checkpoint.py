@@ -143,8 +143,9 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         return Checkpoint.from_payload(obj, str(path))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SlimError(
-            f"{path} is a bare state_dict without an architecture; build the model and save it with "
-            "slim2deploy.Checkpoint(arch=..., arch_kwargs=..., ...) or train it with 'slim2deploy train'"
+            f"{path} is a bare state_dict without an architecture; make a checkpoint of it with "
+            f"'slim2deploy import --arch NAME --weights {path} --input-shape C,H,W --out model.pt', or start "
+            f"training from it with 'slim2deploy train --arch NAME --weights {path}'"
         )
     raise SlimError(f"{path} is a torch file but not a slim2deploy checkpoint (found {type(obj).__name__})")
 

@@ -1,4 +1,4 @@
-"""The training loop: plain SGD over in-memory data, with the BatchNorm-gamma L1 penalty.
+"""The training loop: plain SGD over in-memory or streamed data, with the BatchNorm-gamma L1 penalty.
 
 Used for sparse training (``train``) and for fine-tuning a pruned model (``finetune``). Kept
 boring on purpose: one loop, no callbacks framework. Data parallelism follows torchrun's
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
-from slim2deploy.model.data import Dataset, batches
+from slim2deploy.model.data import batches
+from slim2deploy.model.folder import AnyData, FolderData
 
 SCHEDULES = ("step", "cosine")
 
@@ -171,10 +172,29 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
     return cfg.lr * factor
 
 
+def iterate(
+    ds: AnyData,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    do_augment: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (x, y) batches of one epoch, from memory or streamed from a folder through a DataLoader."""
+    if isinstance(ds, FolderData):
+        return ds.batches(batch_size, shuffle=shuffle, epoch=epoch, augment=do_augment, rank=rank, world=world)
+    return batches(
+        ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, do_augment=do_augment, rank=rank, world=world
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    ds: Dataset,
+    ds: AnyData,
     batch_size: int = 500,
     device: torch.device | None = None,
 ) -> tuple[float, float]:
@@ -183,8 +203,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for x, y in batches(ds, batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
+    for x, y in iterate(ds, batch_size, shuffle=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x).float()
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
@@ -199,8 +219,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def fit(
     model: nn.Module,
-    train_ds: Dataset,
-    val_ds: Dataset | None,
+    train_ds: AnyData,
+    val_ds: AnyData | None,
     cfg: TrainConfig,
     *,
     dist_info: DistInfo | None = None,
@@ -244,7 +264,7 @@ def fit(
         started = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
         bar = tqdm(
-            batches(
+            iterate(
                 train_ds,
                 cfg.batch_size,
                 shuffle=True,

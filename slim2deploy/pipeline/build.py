@@ -44,15 +44,16 @@ from slim2deploy.measure.report import write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.model.data import load_dataset
+from slim2deploy.model.folder import load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.prune import prune_checkpoint
-from slim2deploy.pipeline.train import finetune_checkpoint
+from slim2deploy.pipeline.train import data_options, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection
 
+PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision checks run on
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
 
@@ -165,8 +166,9 @@ def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Any:
     if not name:
         return None
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
+    opts = data_options(meta, None, None, None)
     try:
-        ds = load_dataset(name, "val", cfg.data_dir, stats=stats).subset(cfg.eval_limit)
+        ds = load_data(name, "val", cfg.data_dir, opts.pop("image_size"), stats, **opts).subset(cfg.eval_limit)
     except SlimError:
         if cfg.data:
             raise
@@ -198,7 +200,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     build_engines, engine_msg = resolve_engine_policy(cfg.engine)
     ckpt_sha = sha256_file(cfg.model)
     eval_ds = _eval_data(cfg, ckpt.meta)
-    eval_xy = None if eval_ds is None else (eval_ds.x.numpy(), eval_ds.y.numpy())
+    # a streamed folder is evaluated whole in torch, but the ONNX precision checks take a sample
+    eval_xy = None if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
