@@ -47,6 +47,7 @@ from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.folder import load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import data_options, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -59,7 +60,7 @@ STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "repor
 @dataclass
 class BuildConfig:
     model: str
-    selection: Selection
+    selection: Selection | Budget  # a ratio (or widths), or a latency budget measured on a target
     out: str = "build"
     fold: bool = True
     finetune_epochs: int = 0
@@ -216,17 +217,32 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     else:
 
         started = time.perf_counter()
-        plan, table = prune_checkpoint(
-            cfg.model,
-            slim_path,
-            cfg.selection,
-            fold=cfg.fold,
-            trust_code=cfg.trust_pickle,
-        )
+        latency = None
+        if isinstance(cfg.selection, Budget):
+            pruned = prune_to_budget(
+                cfg.model,
+                slim_path,
+                cfg.selection,
+                fold=cfg.fold,
+                trust_code=cfg.trust_pickle,
+                table_out=out / "latency-table.json",
+                log=log,
+            )
+            plan, table = pruned.plan, pruned.summary
+            latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
+        else:
+            plan, table = prune_checkpoint(
+                cfg.model,
+                slim_path,
+                cfg.selection,
+                fold=cfg.fold,
+                trust_code=cfg.trust_pickle,
+            )
         log(table)
         atomic_write_text(plan_path, plan.to_json())
-        state.done("prune", key, [slim_path, plan_path], {"seconds": round(time.perf_counter() - started, 2)})
-        stage(1, "prune", f"{cfg.selection.selector.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
+        info = {"seconds": round(time.perf_counter() - started, 2), "latency": latency}
+        state.done("prune", key, [slim_path, plan_path], info)
+        stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
     result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
 
     # 2. finetune
@@ -385,6 +401,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         "model": cfg.model,
         "config": cfg.to_dict(),
         "selection": cfg.selection.describe(),
+        "latency_target": state.info("prune").get("latency"),
         "baseline": {"params": count_params(baseline), "macs": count_macs(baseline, example)},
         "slim": {"params": count_params(slim_model), "macs": count_macs(slim_model, example)},
         "accuracy": accuracy,
