@@ -14,7 +14,7 @@ import sys
 from slim2deploy.base.errors import SlimError
 
 # Order is the order shown in --help: the pipeline, first to last.
-COMMANDS = ["import", "train", "inspect", "prune", "finetune", "calib", "export", "build"]
+COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
 # A command whose name is a Python keyword lives in a module named otherwise.
 MODULES = {"import": "import_model"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from slim2deploy.cli.common import add_selection_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
 
 if TYPE_CHECKING:
     from slim2deploy.pipeline.build import BuildConfig
@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
     p.add_argument("--out", default="build", help="output directory")
     add_selection_args(p)
+    add_target_args(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
@@ -70,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
     p.add_argument("--seed", type=int, default=0)
-    add_trust_arg(p)
+    add_trust_arg(p, input_shape=False)
     return p
 
 
@@ -110,8 +111,12 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
+    from slim2deploy.deploy.export import check_opset
     from slim2deploy.pipeline.build import build
 
+    check_outputs({"--out": args.out}, folders=["--out"])
+    check_opset(args.opset)
     result = build(config_from_args(args))
     print(f"done: {result.out_dir}/report.md")
     return 0

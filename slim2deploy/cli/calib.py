@@ -42,10 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
     from slim2deploy.deploy.calib import load_calib, make_calib_set
     from slim2deploy.model.checkpoint import load_checkpoint
     from slim2deploy.pipeline.train import data_options
 
+    check_outputs({"--out": args.out}, inputs=[args.data])
     meta = load_checkpoint(args.model).meta if args.model else {}
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
     opts = data_options(meta, args.image_size, args.stream, args.crop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_source_args, add_trust_arg, stats_from_args
+from slim2deploy.cli.common import add_source_args, add_trust_arg, parse_input_shape, stats_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,7 +16,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "benchmarks take directly. Loading a file reports missing and unexpected keys.",
     )
     p.add_argument("--arch", required=True, help="torchvision:NAME, timm:NAME, a zoo name or package.module:factory")
-    p.add_argument("--input-shape", required=True, metavar="C,H,W", help="the model's input, e.g. 3,224,224")
+    p.add_argument(
+        "--input-shape",
+        type=parse_input_shape,
+        required=True,
+        metavar="C,H,W",
+        help="the model's input, e.g. 3,224,224",
+    )
     p.add_argument(
         "--num-classes",
         type=int,
@@ -33,24 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="checkpoint to write")
     add_source_args(p)
-    add_trust_arg(p)
+    add_trust_arg(p, input_shape=False)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.errors import SlimError
     from slim2deploy.pipeline.import_model import import_model
 
-    try:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-    except ValueError as exc:
-        raise SlimError(f"--input-shape is C,H,W, e.g. 3,224,224; got {args.input_shape!r}") from exc
-    if len(shape) != 3:
-        raise SlimError(f"--input-shape is C,H,W, e.g. 3,224,224; got {args.input_shape!r}")
     out, report = import_model(
         args.arch,
         args.out,
-        (shape[0], shape[1], shape[2]),
+        args.input_shape,
         weights=args.weights,
         pretrained=args.pretrained,
         num_classes=args.num_classes,

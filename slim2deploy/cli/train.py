@@ -63,10 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.model.loop import TrainConfig
     from slim2deploy.pipeline.train import train_command
 
+    # --resume may name --out (a run continues in place); the data file may not
+    check_outputs({"--out": args.out, "--history": args.history}, inputs=[args.data])
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         augment=not args.no_augment,
         seed=args.seed,
+        deterministic=args.deterministic,
     )
     history, is_main = train_command(
         arch=args.arch,

@@ -7,14 +7,13 @@ exactly as the model's training inputs, and optionally ``y`` (int64 labels), ``m
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
-from slim2deploy.model.data import Dataset
+from slim2deploy.model.data import Dataset, read_npz
 from slim2deploy.model.folder import load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
@@ -59,6 +58,9 @@ def make_calib_set(
 
     if n <= 0:
         raise SlimError(f"a calibration set needs at least one image, got --n {n}")
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
     ds = load_data(dataset_name, "train", data_dir, image_size, stats, stream=stream, crop=crop)
     if n > len(ds):
         raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")
@@ -70,9 +72,6 @@ def make_calib_set(
         "mean": np.asarray(ds.mean, dtype=np.float32),
         "std": np.asarray(ds.std, dtype=np.float32),
     }
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -84,13 +83,10 @@ def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None
     path = Path(path)
     if not path.is_file():
         raise SlimError(f"no such calibration set: {path} (make one with 'slim2deploy calib')")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            if "x" not in arrays:
-                raise SlimError(f"{path} has no array 'x' (it has {sorted(arrays.files)}); see calib/README.md")
-            x = arrays["x"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SlimError(f"{path} is not a readable .npz calibration set ({exc}); re-create it") from exc
+    arrays = read_npz(path, "calibration set")
+    if "x" not in arrays:
+        raise SlimError(f"{path} has no array 'x' (it has {sorted(arrays)}); see calib/README.md")
+    x = arrays["x"]
     return check_calib(x, input_shape, str(path))
 
 

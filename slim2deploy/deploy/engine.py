@@ -346,9 +346,6 @@ def compile_engine(
     options: EngineOptions | None = None,
 ) -> EngineManifest:
     """Compile ``onnx_path`` with TensorRT into ``engine_path`` and its ``.engine.json``, both written atomically."""
-    import tensorrt as trt
-
-
     options = options or EngineOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.exists():
@@ -356,6 +353,8 @@ def compile_engine(
     ok, reason = engine_available()
     if not ok:
         raise SlimError(f"cannot compile {engine_path.name}: {reason}")
+    import tensorrt as trt  # only now: without the package, engine_available() gave the clean error
+
     started = time.perf_counter()
     logger = _Logger.get()
     builder = trt.Builder(logger)
@@ -451,7 +450,10 @@ def check_engine_file(engine_path: Path, data: bytes, env: dict[str, str | None]
 
 def load_engine(engine_path: str | os.PathLike[str], check: bool = True) -> LoadedEngine:
     """Deserialize an engine after checking its manifest against this GPU and TensorRT."""
-    import tensorrt as trt
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise SlimError(f"cannot load {engine_path}: TensorRT is not installed (pip install tensorrt)") from exc
 
     engine_path = Path(engine_path)
     if not engine_path.exists():

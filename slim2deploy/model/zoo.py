@@ -220,6 +220,7 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 
 
 LIBRARIES = ("torchvision", "timm")
+ZOO_ARGS = ("in_channels", "num_classes", "width")
 
 
 def list_models() -> list[str]:
@@ -259,7 +260,10 @@ def _torchvision(name: str, kwargs: dict[str, Any], pretrained: bool = False) ->
     if name not in available:
         raise SlimError(f"unknown torchvision classifier {name!r}; available: {', '.join(sorted(available))}")
     if not pretrained:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a bad value
+            raise SlimError(f"cannot build torchvision:{name} with {kwargs}: {exc}") from exc
     try:
         return torchvision.models.get_model(name, weights="DEFAULT")
     except ValueError as exc:
@@ -286,7 +290,10 @@ def _timm(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Mod
         close = timm.list_models(f"*{name.split('.', 1)[0]}*")[:10]
         raise SlimError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except (TypeError, ValueError) as exc:  # an argument the model does not take, or a bad value
+            raise SlimError(f"cannot build timm:{name} with {kwargs}: {exc}") from exc
     try:
         return timm.create_model(name, pretrained=True)
     except RuntimeError as exc:
@@ -332,7 +339,10 @@ def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SlimError(f"{module_name!r} has no callable {attr!r}; expected 'package.module:factory'")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # most often an argument the factory does not take
+        raise SlimError(f"{ref} cannot be called with {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise SlimError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -352,7 +362,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; zoo models: {', '.join(list_models())}; "
             "or use 'torchvision:NAME', 'timm:NAME' or 'package.module:factory'"
         )
+    unknown = sorted(set(kwargs) - set(ZOO_ARGS))
+    if unknown:
+        raise SlimError(f"unknown argument(s) {', '.join(unknown)} for {name}; zoo models take {', '.join(ZOO_ARGS)}")
     width = kwargs.get("width", 1.0)
     if not (isinstance(width, (int, float)) and 0 < width and math.isfinite(width)):
         raise SlimError(f"width must be a positive number, got {width!r}")
+    for key in ("in_channels", "num_classes"):
+        value = kwargs.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise SlimError(f"{key} must be a positive integer, got {value!r}")
     return REGISTRY[name](**kwargs)

@@ -45,6 +45,7 @@ from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.folder import AnyData, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import data_options, finetune_checkpoint
@@ -58,7 +59,7 @@ PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision c
 @dataclass
 class BuildConfig:
     model: str
-    selection: Selection
+    selection: Selection | Budget  # a ratio (or widths), or a latency budget measured on a target
     out: str = "build"
     fold: bool = True
     finetune_epochs: int = 0
@@ -181,6 +182,11 @@ class Inputs:
 
 def load_inputs(cfg: BuildConfig) -> Inputs:
     ckpt = load_checkpoint(cfg.model, trust_pickle=cfg.trust_pickle)
+    if ckpt.module is not None:
+        raise SlimError(
+            f"{cfg.model} is a pickled nn.Module; build needs a slim2deploy checkpoint. Run the stages one by one "
+            "with --trust-pickle --input-shape C,H,W (prune, finetune, export), or save it in the slim2deploy format"
+        )
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
@@ -252,12 +258,23 @@ def prune_stage(run: Run) -> Path:
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
-        plan, table = prune_checkpoint(cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle)
+        latency = None
+        if isinstance(cfg.selection, Budget):
+            pruned = prune_to_budget(
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle,
+                table_out=out / "latency-table.json", log=run.log,
+            )  # fmt: skip
+            plan, table = pruned.plan, pruned.summary
+            latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
+        else:
+            plan, table = prune_checkpoint(
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle
+            )  # fmt: skip
         run.log(table)
         atomic_write_text(plan_path, plan.to_json())
         seconds = time.perf_counter() - started
-        run.stage(1, "prune", f"{cfg.selection.selector.describe()}: {slim_path} ({seconds:.1f}s)")
-        return {"seconds": round(seconds, 2)}
+        run.stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")
+        return {"seconds": round(seconds, 2), "latency": latency}
 
     key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold)
     run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped")
@@ -385,6 +402,7 @@ def report_stage(run: Run, slim_model: torch.nn.Module, parts: dict[str, Any]) -
         "model": cfg.model,
         "config": cfg.to_dict(),
         "selection": cfg.selection.describe(),
+        "latency_target": run.cache.info("prune").get("latency"),
         **{n: {"params": count_params(m), "macs": count_macs(m, inputs.example)} for n, m in models.items()},
         "accuracy": accuracy,
         **parts,

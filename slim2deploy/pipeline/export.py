@@ -23,11 +23,11 @@ import numpy as np
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.deploy.export import (
-    DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
     FP32_ATOL,
     FP32_RTOL,
+    check_opset,
     export_onnx,
     load_onnx,
     save_onnx,
@@ -99,7 +99,7 @@ def export_precision(
     with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         result = export_onnx(
-            model, example, fp32_path, opset=opset or DEFAULT_OPSET, dynamic_batch=static_batch is None
+            model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None
         )
         parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
         parity.raise_if_failed()
@@ -133,7 +133,7 @@ def export_checked(
     model: torch.nn.Module, example: torch.Tensor, path: Path, parity_x: np.ndarray, *, opset: int | None = None
 ) -> dict[str, Any]:
     """Export fp32 ONNX to ``path``; raise SlimError unless ONNX Runtime matches torch on ``parity_x``."""
-    res = export_onnx(model, example, path, opset=opset or DEFAULT_OPSET)
+    res = export_onnx(model, example, path, opset=check_opset(opset))
     parity = check_parity(model, path, parity_x)
     parity.raise_if_failed()
     return {**res.to_dict(), "parity": parity.to_dict(), "summary": parity.summary()}

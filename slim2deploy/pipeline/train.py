@@ -8,14 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.model.folder import AnyData, describe, load_data, preprocess_meta
-from slim2deploy.model.loop import DistInfo, EpochResult, TrainConfig, fit, init_distributed, pick_device
+from slim2deploy.model.loop import (
+    DistInfo,
+    EpochResult,
+    TrainConfig,
+    fit,
+    init_distributed,
+    pick_device,
+    shutdown_distributed,
+)
 from slim2deploy.model.sparsity import Masks
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import pretrained_stats, split_name
@@ -163,8 +170,7 @@ def train_command(
     if info.is_main:
         tqdm.write(f"wrote {out}")
     if info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed()
     return history, info.is_main
 
 
@@ -200,6 +206,7 @@ def finetune_checkpoint(
     limit_train: int | None = None,
     limit_val: int | None = None,
     seed: int = 0,
+    deterministic: bool = False,
     schedule: str = "cosine",
     device: str = "auto",
     trust_code: bool = False,
@@ -207,12 +214,14 @@ def finetune_checkpoint(
     stream: bool | None = None,
     crop: int | None = None,
     workers: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> list[EpochResult]:
     """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
 
     The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
     """
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    info = DistInfo(device=pick_device(device))
+    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
     data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
@@ -221,8 +230,9 @@ def finetune_checkpoint(
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     if train_ds.input_shape != tuple(ckpt.input_shape):
         raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
-    info = DistInfo(device=pick_device(device))
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
+    )
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,
