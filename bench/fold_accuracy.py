@@ -14,7 +14,7 @@ import torch
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
-from slim2deploy.prune.plan import trace_groups
+from slim2deploy.prune.trace import trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import select_channels
 from slim2deploy.prune.surgery import apply_plan

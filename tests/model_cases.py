@@ -14,7 +14,8 @@ import torchvision
 from torch import nn
 
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.trace import trace_groups
 
 
 def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:

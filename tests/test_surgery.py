@@ -14,7 +14,8 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.stats import count_params
-from slim2deploy.prune.plan import PruningPlan, rescore, trace_groups
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.trace import rescore, trace_groups
 from slim2deploy.prune.select import plan_pruning, select_channels
 from slim2deploy.prune.surgery import apply_plan
 

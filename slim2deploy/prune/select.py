@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group, trace_groups
+from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
+from slim2deploy.prune.trace import trace_groups
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
 
 
@@ -167,7 +168,12 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
 def _add_fold_biases(plan: PruningPlan) -> None:
     """Layers that receive a fold get a bias; decided here so apply_plan never looks at weights."""
     has = {m.tensor for g in plan.groups for m in g.members}
-    producer = {m.tensor: g for g in plan.groups for m in g.members if m.role == "out" and m.dim == 0}
+    # a layer's outputs can lie in several groups (cut by a slice) or several times in one (grouped conv)
+    outputs: dict[str, list[tuple[Group, Member]]] = {}
+    for g in plan.groups:
+        for m in g.members:
+            if m.role == "out" and m.dim == 0:
+                outputs.setdefault(m.tensor, []).append((g, m))
     for g in plan.groups:
         if not g.pruned:
             continue
@@ -175,9 +181,8 @@ def _add_fold_biases(plan: PruningPlan) -> None:
             bias = f"{m.module}.bias"
             if m.fold and bias not in has and bias not in plan.new_biases:
                 plan.new_biases.append(bias)
-                out = producer.get(m.tensor)
-                if out is not None:
-                    out.members.append(Member(bias, 0, "out"))
+                for out, w in outputs.get(m.tensor, []):
+                    out.members.append(Member(bias, 0, "out", w.start))
                 has.add(bias)
 
 
