@@ -15,8 +15,8 @@ from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_c
 from slim2deploy.model.stats import count_params
 from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.plan import PruningPlan
-from slim2deploy.prune.trace import trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import trace_groups
 
 ARCH_KWARGS = {"in_channels": 1, "num_classes": 4, "width": 0.25}
 

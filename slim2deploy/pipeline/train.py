@@ -15,8 +15,8 @@ from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_c
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.loop import DistInfo, EpochResult, TrainConfig, fit, init_distributed, pick_device
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.trace import prunable_masks
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import prunable_masks
 
 
 def train_command(

@@ -284,7 +284,6 @@ def _check_group(plan: PruningPlan, i: int, g: Group) -> None:
             )
 
 
-
 def copy_group(g: Group, **changes: Any) -> Group:
     """A group that can be changed without touching ``g`` (members are never modified in place)."""
     fresh: dict[str, Any] = {"members": list(g.members), "keep": list(g.keep), "reasons": list(g.reasons)}

@@ -24,8 +24,8 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
-from slim2deploy.prune.trace import trace_groups
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
+from slim2deploy.prune.trace import trace_groups
 
 
 class Selector(abc.ABC):

@@ -60,9 +60,7 @@ def conv(t: TraceState, node: fx.Node, name: str) -> Any:
     return _grouped(t, node, lay, wname, bname, groups, where)
 
 
-def _grouped(
-    t: TraceState, node: fx.Node, lay: Any, wname: str, bname: str | None, groups: int, where: str
-) -> Layout:
+def _grouped(t: TraceState, node: fx.Node, lay: Any, wname: str, bname: str | None, groups: int, where: str) -> Layout:
     """Channel j of every input group is one coupled channel, and so is channel j of every output group."""
     out_c, per_in = shape(node.args[1])[0], shape(node.args[1])[1]
     if isinstance(lay, Layout):

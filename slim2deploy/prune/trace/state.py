@@ -61,7 +61,8 @@ class TraceState:
             return
         assert self.size[ra] == self.size[rb], "only groups of one size are coupled"
         self.parent[rb] = ra
-        self.members[ra] += self.members.pop(rb)
+        # both sides may hold the same count (a slice and a split that use one attribute)
+        self.members[ra] += [m for m in self.members.pop(rb) if m not in self.members[ra]]
         self.reasons[ra] += [r for r in self.reasons.pop(rb) if r not in self.reasons[ra]]
 
     def add(self, gid: int, member: Member) -> None:
