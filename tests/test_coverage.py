@@ -17,7 +17,8 @@ from model_cases import THIRD_PARTY, traced
 
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.select import select_channels
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.select import Selection, WidthsSelector, select, select_channels
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -39,11 +40,11 @@ def test_third_party_structures_are_almost_all_prunable(name: str) -> None:
 
 def test_a_grouped_convolution_keeps_its_groups_and_loses_the_same_channels_in_each() -> None:
     model, x, structure = traced("grouped_bottleneck")
-    plan = select_channels(structure, 0.5, min_channels=1, max_prune=1.0, round_to=1)
-    slim = apply_plan(model, plan)
-    conv = slim.layers[0].conv2[0]
-    assert conv.groups == 8 and conv.in_channels % 8 == 0 and conv.out_channels < 64
-    assert conv.weight.shape[1] * 8 == conv.in_channels
+    halves = WidthsSelector(tuple(g.size // 2 for g in structure.groups))
+    slim = apply_plan(model, select(structure, Selection(halves, Rails.paper())))
+    conv = slim.layers[0].conv2[0]  # 64 -> 64 channels in 8 groups of 8
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (8, 32, 32)
+    assert tuple(conv.weight.shape[:2]) == (32, 4)
 
 
 def test_a_split_by_sizes_updates_the_sizes_its_module_holds() -> None:

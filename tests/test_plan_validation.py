@@ -55,7 +55,7 @@ EDITS = [
     (["groups", 0, "keep"], [], "keeps no channel"),
     (["groups", 0, "keep"], [0.5], "keep must be a list of integers"),
     (["groups", 0, "scores"], [1.0], "scores for"),
-    (["groups", 0], "group", "not a mapping"),
+    (["groups", 0], "group", "groups must be a list of mappings"),
     (["input_shape"], [3, -28, 28], "below 1"),
     (["input_shape"], [3, 28.5, 28], "input_shape must be a list of integers"),
     (["tensor_shapes", "conv1.weight"], [-1, 3, 3, 3], "negative shape"),
