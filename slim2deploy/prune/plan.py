@@ -269,6 +269,8 @@ def _check_group(plan: PruningPlan, i: int, g: Group) -> None:
         raise damaged(f"{where} has {len(g.scores)} scores for {g.size} channels")
     for m in g.members:
         if m.role == "size":
+            if m.dim < -1:
+                raise damaged(f"{where}: the count {m.tensor} has index {m.dim} (-1 for an int, or a list index)")
             continue
         shape = plan.tensor_shapes.get(m.tensor)
         if shape is None:

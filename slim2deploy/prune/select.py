@@ -2,8 +2,8 @@
 
 Three separate pieces, so each can change alone:
 
-- the *score* of every channel, computed when the model is traced (``prune.plan.trace_groups``;
-  the paper's |gamma|, the largest over the group's BatchNorms);
+- the *score* of every channel, computed when the model is traced (``prune.trace.trace_groups``
+  with a score from ``prune.score``; the paper's |gamma|, the largest over the group's BatchNorms);
 - a *selector*, the rule that turns scores into a kept count per group: a global threshold at a
   ratio (the paper), fixed widths (controls in the study), or a latency budget on a target;
 - the *rails* (``prune.rails.Rails``), which every selector respects.
@@ -25,6 +25,7 @@ from torch import nn
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
+from slim2deploy.prune.score import ScoreFn, max_abs_gamma
 from slim2deploy.prune.trace import trace_groups
 
 
@@ -195,15 +196,17 @@ def plan_pruning(
     max_prune: float = DEFAULT_MAX_PRUNE,
     round_to: int = DEFAULT_ROUND_TO,
     fold: bool = True,
+    score: ScoreFn = max_abs_gamma,
 ) -> PruningPlan:
-    """Trace ``model`` and choose the channels to keep; the model is not modified.
+    """Trace ``model``, score its groups with ``score`` and choose the channels to keep; the model is
+    not modified.
 
     ``ratio`` is the fraction of prunable channels below the global |gamma| threshold (the
     paper's percent), with the rails given here; or a whole ``Selection`` (then the rails come
     from it).
     """
     selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, Rails(min_channels, max_prune, round_to))
-    return select(trace_groups(model, example_input, fold=fold), selection)
+    return select(trace_groups(model, example_input, fold=fold, score=score), selection)
 
 
 def select_channels(

@@ -45,7 +45,7 @@ def unary(t: TraceState, node: fx.Node, name: str) -> Any:
         return None
     a = node_args(node)
     if name == "threshold":  # y = x if x > threshold else value
-        keeps_zero = a["threshold"] >= 0 and a["value"] == 0 or a["threshold"] < 0
+        keeps_zero = a["value"] == 0 or a["threshold"] < 0
     elif name in CLAMPS:
         lo, hi = (a.get(k) if k else None for k in CLAMPS[name])
         keeps_zero = (lo is None or lo <= 0) and (hi is None or hi >= 0)
