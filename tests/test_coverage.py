@@ -14,6 +14,8 @@ import torch
 import torchvision
 from conftest import run_cli
 from model_cases import THIRD_PARTY, traced
+from torch import nn
+from torch.nn import functional as F
 
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
@@ -54,6 +56,41 @@ def test_a_split_by_sizes_updates_the_sizes_its_module_holds() -> None:
     mixed = slim.blocks[1][1]
     assert sum(mixed.splits) == slim.blocks[1][2].num_features < sum(model.blocks[1][1].splits)
     assert [c.in_channels for c in mixed.convs] == mixed.splits
+
+
+class _Padded(nn.Module):
+    """conv-bn-relu, a pad, then a 1x1 conv; ``pad`` is (amounts, mode)."""
+
+    def __init__(self, amounts: tuple[int, ...], mode: str):
+        super().__init__()
+        self.amounts, self.mode = amounts, mode
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16 + sum(amounts[4:]), 16, 1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(torch.relu(self.bn1(self.conv1(x))), self.amounts, mode=self.mode)
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("amounts", "mode", "prunable", "fold"),
+    [
+        ((1, 1, 1, 1), "constant", True, False),  # zeros stay zero, but a constant channel gets a zero border
+        ((0, 1, 2, 0), "replicate", True, True),  # copies of the edge: a constant stays constant
+        ((1, 1, 1, 1), "reflect", True, True),
+        ((0, 0, 0, 0, 1, 1), "constant", False, False),  # pads the channels: their indices shift
+    ],
+)
+def test_padding_passes_channels_through_unless_it_pads_the_channels(amounts, mode, prunable, fold) -> None:
+    plan = trace_groups(_Padded(amounts, mode).eval(), torch.randn(2, 3, 8, 8))
+    group = next(g for g in plan.groups if "bn1" in g.modules("bn"))
+    assert group.prunable == prunable
+    if not prunable:
+        assert "pads the channel dimension" in group.reasons[0] and "pad in the top-level forward" in group.reasons[0]
+    else:
+        (reader,) = [m for m in group.members if m.role == "in"]
+        assert reader.fold == fold
 
 
 def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path) -> None:
