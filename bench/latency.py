@@ -7,8 +7,8 @@ Run it on each target machine; models given together are measured interleaved in
         --json bench.json --markdown bench.md --plot bench.png
 
 ``.onnx`` runs on ONNX Runtime, ``.engine`` on TensorRT (needs cuda-python or pycuda), ``.pt``
-checkpoints on torch. For ``.onnx`` and ``.engine`` only numpy and the runtime are needed:
-torch is never imported. Works from a checkout without installing slim2deploy.
+checkpoints on torch (``--torch-mode eager|folded|compiled``). For ``.onnx`` and ``.engine`` only
+numpy and the runtime are needed: torch is never imported. Works from a checkout without installing slim2deploy.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2deploy.base.errors import SlimError  # noqa: E402
-from slim2deploy.measure.benchmark import benchmark, format_table, plot, write_json, write_markdown  # noqa: E402
+from slim2deploy.measure.benchmark import benchmark  # noqa: E402
+from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
+from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
+from slim2deploy.runtime.registry import COMPILE_MODES, TORCH_MODES, device_choices  # noqa: E402
 
 
 def _batches(text: str) -> list[int]:
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-sets", type=int, default=3, help="random input sets rotated through (default: 3)")
     p.add_argument(
         "--backend",
-        choices=["auto", "cpu", "cuda", "tensorrt"],
+        choices=device_choices(),
         default="auto",
         help="device / ONNX Runtime execution provider: auto (CUDA when available), cpu, cuda, tensorrt (the "
         "TensorRT EP for .onnx); .engine files always run on TensorRT",
@@ -54,11 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own")
     p.add_argument(
         "--ort-opt-level",
-        choices=["disable", "basic", "extended", "all"],
-        default="all",
-        help="ONNX Runtime graph optimisation (judge TensorRT-bound Q/DQ graphs at basic)",
+        choices=["auto", *ORT_OPT_LEVELS],
+        default="auto",
+        help="ONNX Runtime graph optimisation; auto (default): the level the file records (basic for "
+        "TensorRT-bound int8 Q/DQ graphs), else all",
     )
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="torch checkpoints only")
+    p.add_argument(
+        "--torch-mode",
+        choices=TORCH_MODES,
+        default="eager",
+        help="torch checkpoints: eager (as trained), folded (Conv+BN folded at load, as deployment runtimes "
+        "do), compiled (folded, then torch.compile with inductor and frozen weights; compiles per batch size)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile preset for --torch-mode compiled (CUDA graphs: --cuda-graph)",
+    )
     p.add_argument("--channels-last", action="store_true", help="torch checkpoints: channels_last memory format")
     p.add_argument("--cuda-graph", action="store_true", help="capture and replay CUDA graphs (torch CUDA, TensorRT)")
     p.add_argument("--no-rss", action="store_true", help="skip the separate-process peak memory of ONNX Runtime")
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             opt_level=args.ort_opt_level,
             precision=args.precision,
+            mode=args.torch_mode,
+            compile_mode=args.compile_mode,
             channels_last=args.channels_last,
             cuda_graph=args.cuda_graph,
         )

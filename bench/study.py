@@ -37,9 +37,12 @@ import torch
 
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.calib import load_calib
-from slim2deploy.deploy.export import check_parity, export_onnx
-from slim2deploy.deploy.precision import evaluate_onnx, quantize_int8, to_fp16
+from slim2deploy.deploy.export import export_onnx
+from slim2deploy.deploy.precision import quantize_int8, to_fp16
 from slim2deploy.measure import benchmark
+from slim2deploy.measure.compare import check_agreement, check_parity
+from slim2deploy.measure.environment import environment
+from slim2deploy.measure.results import Comparison
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.loop import DistInfo, TrainConfig, evaluate, fit, pick_device
@@ -404,7 +407,7 @@ class Study:
                 to_fp16(fp32, fp32.with_suffix(".fp16.onnx"))
                 quantize_int8(fp32, fp32.with_suffix(".int8.onnx"), calib_x, flavour="tensorrt")
                 for prec in ("fp16", "int8"):
-                    rep = evaluate_onnx(fp32.with_suffix(f".{prec}.onnx"), fp32, x, y)
+                    rep = check_agreement(fp32.with_suffix(f".{prec}.onnx"), fp32, x, y)
                     out[prec] = rep.accuracy
                     out["fp32"] = rep.reference_accuracy
                 return out
@@ -436,7 +439,7 @@ class Study:
 
         settings = [[r.name for r in timed], cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.threads]
         key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
-        c = benchmark.Comparison.from_dict(self.cached(f"benchmark-{key}", measure))
+        c = Comparison.from_dict(self.cached(f"benchmark-{key}", measure))
         by_name = {r.name: r for r in rows}
         for m in c.models:
             for b in m.batches:
@@ -547,7 +550,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def environment_info(device: torch.device) -> dict[str, Any]:
     import onnxruntime
 
-    env = benchmark.environment()
+    env = environment()
     return {
         "cpu": env.get("cpu"),
         "cpu_count": env.get("cpu_count"),

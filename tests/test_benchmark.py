@@ -13,19 +13,14 @@ from test_runtime import SAMPLE, export_tiny
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.onnx_info import onnx_costs
-from slim2deploy.measure.benchmark import (
-    Comparison,
-    LatencyStats,
-    benchmark,
-    compare,
-    format_table,
-    ort_peak_rss,
-    to_markdown,
-    write_reports,
-)
+from slim2deploy.measure.benchmark import benchmark, compare
+from slim2deploy.measure.memory import peak_rss
+from slim2deploy.measure.results import Comparison, LatencyStats
+from slim2deploy.measure.tables import format_table, to_markdown, write_reports
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model
+from slim2deploy.runtime.ort import OrtRunner
 
 FAST = {"warmup_s": 0.05, "iterations": 24, "rounds": 4, "input_sets": 2, "device": "cpu", "threads": 1}
 
@@ -146,4 +141,4 @@ def test_bad_requests_fail_clearly(pair, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"garbage")
     with pytest.raises(SlimError, match="failed"):
-        ort_peak_rss(broken, 1)
+        peak_rss(OrtRunner(broken, device="cpu"), 1)

@@ -10,18 +10,11 @@ from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.deploy.export import (
-    FP32_RTOL,
-    check_parity,
-    export_onnx,
-    fold_conv_bn,
-    graph_leftovers,
-    load_onnx,
-    ort_session,
-    run_onnx,
-)
+from slim2deploy.deploy.export import FP32_RTOL, export_onnx, fold_conv_bn, graph_leftovers, load_onnx
+from slim2deploy.measure.compare import check_parity, run_all
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
+from slim2deploy.runtime.ort import OrtRunner, ort_session
 
 MODELS = [
     ("vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28)),
@@ -106,8 +99,10 @@ def test_fold_conv_bn_keeps_outputs_and_removes_bn(tmp_path):
         assert fold_conv_bn(model) == 1
         onnx.save(model, str(tmp_path / "after.onnx"))
         assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
-        before = run_onnx(ort_session(tmp_path / "before.onnx", "disable"), x)
-        after = run_onnx(ort_session(tmp_path / "after.onnx", "disable"), x)
+        with OrtRunner(tmp_path / "before.onnx", "cpu", "disable") as before_runner:
+            before = run_all(before_runner, x)
+        with OrtRunner(tmp_path / "after.onnx", "cpu", "disable") as after_runner:
+            after = run_all(after_runner, x)
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 

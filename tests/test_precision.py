@@ -11,15 +11,12 @@ from onnx import numpy_helper
 from test_export import randomise_bn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.deploy.export import FP16_RTOL, check_parity, export_onnx, load_onnx, ort_session
-from slim2deploy.deploy.precision import (
-    activation_scales,
-    evaluate_onnx,
-    export_precision,
-    quantize_int8,
-    to_fp16,
-)
+from slim2deploy.deploy.export import FP16_RTOL, export_onnx, load_onnx
+from slim2deploy.deploy.precision import activation_scales, quantize_int8, to_fp16
+from slim2deploy.measure.compare import check_agreement, check_parity
 from slim2deploy.model.zoo import create_model
+from slim2deploy.pipeline.export import export_precision
+from slim2deploy.runtime.ort import ort_session
 
 
 @pytest.mark.parametrize(
@@ -110,7 +107,7 @@ def test_int8_tensorrt_flavour_places_symmetric_qdq_on_conv_inputs_and_weights(t
     assert not any(
         n.op_type == "QuantizeLinear" and producer.get(n.input[0], n).op_type == "Conv" for n in graph.graph.node
     )
-    report = evaluate_onnx(out, fp32, x, y)
+    report = check_agreement(out, fp32, x, y)
     assert report.ort_optimization == "basic"
     assert report.top1_agreement >= 0.97, report.summary()
     assert abs(report.accuracy - report.reference_accuracy) <= 0.02
@@ -123,7 +120,7 @@ def test_int8_cpu_flavour_is_u8s8_and_agrees(tmp_path, trained):
     graph = load_onnx(out)
     zps = [_init(graph, n.input[2]) for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert zps and all(z.dtype == np.uint8 for z in zps)
-    report = evaluate_onnx(out, fp32, x, y)
+    report = check_agreement(out, fp32, x, y)
     assert report.ort_optimization == "all" and report.top1_agreement >= 0.97, report.summary()
 
 
@@ -140,7 +137,7 @@ def test_calibration_methods_give_different_scales(tmp_path, trained):
         ratios = np.array([scales[method][k] / scales["minmax"][k] for k in scales["minmax"]])
         assert (ratios <= 1 + 1e-6).all() and ratios.min() < 0.95, (method, ratios)
     assert scales["entropy"] != scales["percentile"]
-    assert evaluate_onnx(tmp_path / "entropy.onnx", fp32, x).top1_agreement >= 0.9
+    assert check_agreement(tmp_path / "entropy.onnx", fp32, x).top1_agreement >= 0.9
 
 
 def test_precision_errors_are_clear(tmp_path):

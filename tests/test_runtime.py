@@ -15,7 +15,10 @@ from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_c
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.rebuild import model_from_checkpoint
-from slim2deploy.runtime.runners import OrtRunner, TorchRunner, TrtRunner, open_runner, runner_kind
+from slim2deploy.runtime.ort import OrtRunner
+from slim2deploy.runtime.registry import open_runner, runner_kind
+from slim2deploy.runtime.torch import TorchRunner
+from slim2deploy.runtime.trt import TrtRunner
 
 SAMPLE = (3, 16, 16)
 

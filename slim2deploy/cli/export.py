@@ -47,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from slim2deploy.base.files import atomic_write_text
     from slim2deploy.deploy.calib import load_calib
-    from slim2deploy.deploy.precision import check_precision, export_precision
+    from slim2deploy.deploy.precision import check_precision
     from slim2deploy.model.checkpoint import load_checkpoint
+    from slim2deploy.pipeline.export import export_precision
     from slim2deploy.prune.rebuild import model_from_checkpoint
 
     check_precision(args.precision)

@@ -24,6 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slim2deploy.base.environment import tensorrt_version
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_bytes, atomic_write_text, sha256_file
 from slim2deploy.deploy.cuda import cuda_device_info
@@ -186,16 +187,9 @@ def explain_mismatch(engine_path: str | os.PathLike[str], problems: list[str]) -
 
 def current_env() -> dict[str, str | None]:
     """The running TensorRT version and GPU (None where unknown)."""
-
-    try:
-        import tensorrt as trt
-
-        version: str | None = getattr(trt, "__version__", None)
-    except ImportError:
-        version = None
     gpu = cuda_device_info() or {}
     return {
-        "tensorrt_version": version,
+        "tensorrt_version": tensorrt_version(),
         "gpu_name": gpu.get("gpu_name"),
         "compute_capability": gpu.get("compute_capability"),
     }

@@ -32,7 +32,6 @@ from slim2deploy.base.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime
     import torch
 
 DEFAULT_OPSET = 17
@@ -42,6 +41,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # protobuf cannot hold more than 2 GiB in one message; only then do weights go to a side file
 PROTOBUF_LIMIT = 2**31 - 1
 # metadata key telling ONNX Runtime users which graph optimisation level gives faithful numerics
+# (read by runtime.ort.ort_session, the package's one ONNX Runtime session factory)
 ORT_LEVEL_KEY = "slim2deploy.ort_optimization"
 PRECISION_KEY = "slim2deploy.precision"
 
@@ -73,55 +73,6 @@ class ExportResult:
         return cls(**d)
 
 
-@dataclass
-class ParityReport:
-    """ONNX Runtime against a reference; relative error is max|ort - ref| / max|ref| (robust near zero)."""
-
-    n: int
-    max_abs: float
-    max_rel: float
-    top1_agreement: float
-    rtol: float
-    atol: float
-    ok: bool
-    what: str = "onnx"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ParityReport:
-        return cls(**d)
-
-    def summary(self) -> str:
-        return (
-            f"{self.what}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
-            f"(tolerance rtol {self.rtol:g}, atol {self.atol:g}), top-1 agreement {self.top1_agreement:.2%} "
-            f"on {self.n} inputs"
-        )
-
-    def raise_if_failed(self) -> None:
-        """The parity gate: a graph that does not compute what the model computes is not shipped."""
-        if not self.ok:
-            raise SlimError(
-                f"parity check failed for {self.summary()}. The exported graph does not match the model; "
-                "try another --opset or exporter, and report the model if it persists"
-            )
-
-
-def compare_outputs(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float, what: str = "onnx") -> ParityReport:
-    ref = ref.astype(np.float64).reshape(len(ref), -1)
-    out = out.astype(np.float64).reshape(len(out), -1)
-    if ref.shape != out.shape:
-        raise SlimError(f"{what}: output shape {out.shape} differs from the reference {ref.shape}")
-    max_abs = float(np.abs(out - ref).max())
-    scale = float(np.abs(ref).max())
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    agree = float((out.argmax(1) == ref.argmax(1)).mean())
-    ok = bool(np.isfinite(out).all()) and max_abs <= atol + rtol * scale
-    return ParityReport(len(ref), max_abs, max_rel, agree, rtol, atol, ok, what)
-
-
 def load_onnx(path: str | Path, check: bool = True) -> onnx.ModelProto:
     """Read an ONNX file; a truncated or damaged file is one clear SlimError."""
     import onnx
@@ -137,86 +88,6 @@ def load_onnx(path: str | Path, check: bool = True) -> onnx.ModelProto:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SlimError(f"{path} is truncated or not a valid ONNX model ({first}); export it again") from exc
     return model
-
-
-def ort_session(
-    path: str | Path,
-    optimization: str = "auto",
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-    threads: int = 0,
-) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session; ``optimization`` is disable/basic/extended/all, or auto (the file's own hint)."""
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if optimization == "auto":
-        optimization = onnx_metadata(path).get(ORT_LEVEL_KEY, "all")
-    if optimization not in levels:
-        raise SlimError(f"unknown ONNX Runtime optimisation level {optimization!r}; use {', '.join(levels)} or auto")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = levels[optimization]
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
-        load_onnx(path)  # a damaged file gets the clearer message
-        raise SlimError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from exc
-
-
-def onnx_metadata(path: str | Path) -> dict[str, str]:
-    return {p.key: p.value for p in load_onnx(path, check=False).metadata_props}
-
-
-def run_onnx(session: onnxruntime.InferenceSession, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``x`` through the session in batches (a static-batch graph gets its own batch size)."""
-    inp = session.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    step = fixed or batch_size
-    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-    outs = []
-    for start in range(0, len(x), step):
-        chunk = x[start : start + step].astype(dtype)
-        n = len(chunk)
-        if fixed and n < fixed:  # pad the last batch of a static graph, then drop the padding
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
-        outs.append(np.asarray(session.run(None, {inp.name: chunk})[0])[:n].astype(np.float32))
-    return np.concatenate(outs)
-
-
-def torch_outputs(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    model = model.eval()
-    with torch.no_grad():
-        return np.concatenate(
-            [model(torch.from_numpy(x[i : i + batch_size])).float().numpy() for i in range(0, len(x), batch_size)]
-        )
-
-
-def check_parity(
-    model: torch.nn.Module,
-    onnx_path: str | Path,
-    inputs: np.ndarray,
-    *,
-    rtol: float = FP32_RTOL,
-    atol: float = FP32_ATOL,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-    optimization: str = "auto",
-) -> ParityReport:
-    """Compare the ONNX file on ONNX Runtime with the torch model on ``inputs`` (float32, N x C x H x W).
-
-    Passes when max|ort - torch| <= atol + rtol * max|torch|. Call ``raise_if_failed()`` to gate.
-    """
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    ref = torch_outputs(model, inputs)
-    out = run_onnx(ort_session(onnx_path, optimization, providers), inputs)
-    return compare_outputs(ref, out, rtol, atol, what=Path(onnx_path).name)
 
 
 def _exporter_torchscript(model: Any, x: Any, path: Path, opset: int, dynamic_batch: bool) -> None:
@@ -378,7 +249,7 @@ def export_onnx(
 
     ``example_input`` fixes C x H x W (and the batch size when ``dynamic_batch`` is False).
     ``exporter`` is auto (TorchScript, then dynamo if that fails), torchscript or dynamo.
-    Run ``check_parity`` on the result before shipping it.
+    Run ``measure.compare.check_parity`` on the result before shipping it.
     """
     import onnx
     import torch

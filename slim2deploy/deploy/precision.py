@@ -8,7 +8,7 @@ int8 flavours (both explicit QuantizeLinear/DequantizeLinear, per-channel symmet
   MatMul, float biases (TensorRT fuses the rest itself and has no int32 bias DQ). Judge it at ORT's
   BASIC level: on this AVX2 CPU ORT's fused S8S8 int8 kernels lose accuracy badly, while BASIC
   keeps the plain Q/DQ arithmetic that TensorRT reproduces. The file records this in its metadata
-  (``slim2deploy.ort_optimization = basic``), which ``export.ort_session(..., "auto")`` honours.
+  (``slim2deploy.ort_optimization = basic``), which ``runtime.ort.ort_session`` honours.
 - ``cpu``: U8S8 with ``reduce_range`` (7-bit weights avoid the AVX2 int16 saturation), Q/DQ
   around Conv, Gemm, MatMul, Add, Concat and pooling so ORT fuses them into QLinear kernels.
 
@@ -33,24 +33,8 @@ from typing import Any
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import sha256_file
 from slim2deploy.deploy.calib import check_calib
-from slim2deploy.deploy.export import (
-    DEFAULT_OPSET,
-    FP16_ATOL,
-    FP16_RTOL,
-    FP32_ATOL,
-    FP32_RTOL,
-    ORT_LEVEL_KEY,
-    PRECISION_KEY,
-    check_parity,
-    compare_outputs,
-    export_onnx,
-    load_onnx,
-    ort_session,
-    run_onnx,
-    save_onnx,
-)
+from slim2deploy.deploy.export import ORT_LEVEL_KEY, PRECISION_KEY, load_onnx, save_onnx
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -236,146 +220,3 @@ def activation_scales(onnx_path: str | Path) -> dict[str, float]:
             if scale.ndim == 0:
                 scales[node.input[0]] = float(scale)
     return scales
-
-
-@dataclass
-class AgreementReport:
-    """A candidate ONNX graph against an fp32 reference on held-out inputs."""
-
-    candidate: str
-    n: int
-    top1_agreement: float
-    max_abs: float
-    max_rel: float
-    accuracy: float | None
-    reference_accuracy: float | None
-    ort_optimization: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AgreementReport:
-        return cls(**d)
-
-    def summary(self) -> str:
-        text = f"{Path(self.candidate).name}: top-1 agreement with fp32 {self.top1_agreement:.2%} on {self.n} inputs"
-        if self.accuracy is not None and self.reference_accuracy is not None:
-            text += f", accuracy {self.accuracy:.2%} (fp32 {self.reference_accuracy:.2%})"
-        return text + f", max rel error {self.max_rel:.3g} (ORT optimisation {self.ort_optimization})"
-
-
-def evaluate_onnx(
-    candidate: str | Path,
-    reference: str | Path,
-    x: np.ndarray,
-    y: np.ndarray | None = None,
-    *,
-    optimization: str = "auto",
-    batch_size: int = 64,
-) -> AgreementReport:
-    """Top-1 agreement (and accuracy when labels ``y`` are given) of ``candidate`` against fp32 ``reference``.
-
-    ``optimization="auto"`` uses the level recorded in the candidate (BASIC for TensorRT int8 graphs).
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    sess = ort_session(candidate, optimization)
-    level = optimization
-    if optimization == "auto":
-        level = {p.key: p.value for p in load_onnx(candidate, check=False).metadata_props}.get(ORT_LEVEL_KEY, "all")
-    ref = run_onnx(ort_session(reference, "all"), x, batch_size)
-    out = run_onnx(sess, x, batch_size)
-    report = compare_outputs(ref, out, rtol=0.0, atol=0.0, what=str(candidate))
-    acc = ref_acc = None
-    if y is not None:
-        acc = float((out.argmax(1) == y).mean())
-        ref_acc = float((ref.argmax(1) == y).mean())
-    return AgreementReport(
-        str(candidate), len(x), report.top1_agreement, report.max_abs, report.max_rel, acc, ref_acc, level
-    )
-
-
-@dataclass
-class PrecisionExport:
-    """Everything one ``export_precision`` call produced and measured, JSON-able for reports."""
-
-    precision: str
-    export: dict[str, Any]
-    parity: dict[str, Any] | None = None
-    int8: dict[str, Any] | None = None
-    agreement: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PrecisionExport:
-        return cls(**d)
-
-
-def export_precision(
-    model: Any,
-    input_shape: tuple[int, int, int],
-    out: str | Path,
-    *,
-    precision: str = "fp32",
-    calib_x: np.ndarray | None = None,
-    calib_method: str = "minmax",
-    flavour: str = "tensorrt",
-    static_batch: int | None = None,
-    opset: int | None = None,
-    eval_x: np.ndarray | None = None,
-    eval_y: np.ndarray | None = None,
-    seed: int = 0,
-    fp16_io: bool = False,
-) -> PrecisionExport:
-    """Export ``model`` at ``precision`` to ``out``, gated: fp32 and fp16 must match torch within tolerance.
-
-    The fp32 graph is always exported and parity-checked first (on random inputs plus up to 64
-    calibration/evaluation inputs); fp16 gets its own tolerance; int8 needs ``calib_x`` and reports
-    top-1 agreement with fp32 on ``eval_x`` (held-out data; the calibration set when none is given).
-    Nothing is written to ``out`` unless every check passes.
-    """
-    import torch
-
-
-    check_precision(precision)
-    if precision == "int8" and calib_x is None:
-        raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
-    if static_batch is not None and static_batch < 1:
-        raise SlimError(f"--static-batch must be at least 1, got {static_batch}")
-    rng = np.random.default_rng(seed)
-    probe = rng.standard_normal((8, *input_shape)).astype(np.float32)
-    real = eval_x if eval_x is not None else calib_x
-    if real is not None:
-        probe = np.concatenate([probe, np.asarray(real[:64], dtype=np.float32)])
-    example = torch.from_numpy(probe[: static_batch or 1].copy())
-    if static_batch and len(example) < static_batch:
-        example = torch.from_numpy(np.resize(probe, (static_batch, *input_shape)))
-    out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
-        result = export_onnx(
-            model, example, fp32_path, opset=opset or DEFAULT_OPSET, dynamic_batch=static_batch is None
-        )
-        parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
-        parity.raise_if_failed()
-        report = PrecisionExport(precision, result.to_dict(), parity.to_dict())
-        final = Path(tmp) / "final.onnx"
-        if precision == "fp32":
-            final = fp32_path
-        elif precision == "fp16":
-            to_fp16(fp32_path, final, keep_io_fp32=not fp16_io)
-            fp16_parity = check_parity(model, final, probe, rtol=FP16_RTOL, atol=FP16_ATOL)
-            fp16_parity.raise_if_failed()
-            report.parity = fp16_parity.to_dict()
-        else:
-            assert calib_x is not None
-            report.int8 = quantize_int8(fp32_path, final, calib_x, method=calib_method, flavour=flavour).to_dict()
-            if eval_x is not None:
-                report.agreement = evaluate_onnx(final, fp32_path, eval_x, eval_y).to_dict()
-            else:
-                report.agreement = evaluate_onnx(final, fp32_path, calib_x).to_dict()
-        save_onnx(load_onnx(final), out)
-    report.export.update(path=str(out), bytes=out.stat().st_size, sha256=sha256_file(out))
-    return report

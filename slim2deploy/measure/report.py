@@ -7,16 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from slim2deploy.base.files import atomic_write_text
-from slim2deploy.measure.benchmark import Comparison, to_markdown
-
-
-def _fmt(n: float | None, digits: int = 2) -> str:
-    if n is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.{digits}f}{suffix}"
-    return f"{n:g}"
+from slim2deploy.base.formats import si
+from slim2deploy.measure.results import Comparison
+from slim2deploy.measure.tables import to_markdown
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -37,12 +30,12 @@ def build_markdown(report: dict[str, Any]) -> str:
         "",
         "| | baseline | slim | slim / baseline |",
         "|---|---:|---:|---:|",
-        f"| params | {_fmt(base['params'])} | {_fmt(slim['params'])} | {_ratio(base['params'], slim['params'])} |",
-        f"| MACs / image | {_fmt(base['macs'])} | {_fmt(slim['macs'])} | {_ratio(base['macs'], slim['macs'])} |",
+        f"| params | {si(base['params'])} | {si(slim['params'])} | {_ratio(base['params'], slim['params'])} |",
+        f"| MACs / image | {si(base['macs'])} | {si(slim['macs'])} | {_ratio(base['macs'], slim['macs'])} |",
     ]
     if "baseline" in exports and "slim" in exports:
         b, s = exports["baseline"].get("bytes"), exports["slim"].get("bytes")
-        lines.append(f"| ONNX fp32 bytes | {_fmt(b)} | {_fmt(s)} | {_ratio(b, s)} |")
+        lines.append(f"| ONNX fp32 bytes | {si(b)} | {si(s)} | {_ratio(b, s)} |")
     if acc:
         lines.append(
             f"| top-1 accuracy (torch, held-out) | {acc['baseline']:.2%} | {acc['slim']:.2%} | "

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slim2deploy.base.environment import library_versions as library_versions_of
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
 
@@ -82,16 +83,12 @@ class Checkpoint:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-
-    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": numpy.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["slim2deploy"] = version("slim2deploy")
-    except Exception:  # noqa: BLE001 - running from a source tree without installation
-        versions["slim2deploy"] = "source"
-    return versions
+    versions = library_versions_of("torch", "numpy", "slim2deploy")
+    return {
+        "python": platform.python_version(),
+        **{k: v for k, v in versions.items() if v is not None},
+        "slim2deploy": versions["slim2deploy"] or "source",  # running from a source tree without installation
+    }
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:

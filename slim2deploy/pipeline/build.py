@@ -30,17 +30,19 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text, sha256_file
 from slim2deploy.deploy.calib import load_calib
 from slim2deploy.deploy.engine import ENGINE_POLICIES, BuildOptions, build_engine, resolve_engine_policy
-from slim2deploy.deploy.export import DEFAULT_OPSET, check_parity, export_onnx
+from slim2deploy.deploy.export import DEFAULT_OPSET, export_onnx
 from slim2deploy.deploy.precision import (
     CALIB_METHODS,
     INT8_FLAVOURS,
     check_precision,
-    evaluate_onnx,
     quantize_int8,
     to_fp16,
 )
 from slim2deploy.measure import benchmark
+from slim2deploy.measure.compare import check_agreement, check_parity
 from slim2deploy.measure.report import write_build_report
+from slim2deploy.measure.results import Comparison
+from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.loop import evaluate
@@ -303,7 +305,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                 assert calib_x is not None
                 quantize_int8(src, dst, calib_x, method=cfg.calib_method, flavour=cfg.int8_flavour)
             x, y = eval_xy if eval_xy is not None else (parity_x, None)
-            rep = evaluate_onnx(dst, src, x, y)
+            rep = check_agreement(dst, src, x, y)
             agreement[f"{name}.{prec}"] = rep.to_dict()
             state.done(f"{prec}:{name}", key, [dst], rep.to_dict())
             stage(4, "precision", rep.summary())
@@ -343,7 +345,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
         key = _key(*(sha256_file(onnx_paths[n]["fp32"]) for n in ("baseline", "slim")), settings)
         if state.fresh("bench", key, bench_files):
-            comparison = benchmark.Comparison.from_dict(json.loads(bench_files[0].read_text()))
+            comparison = Comparison.from_dict(json.loads(bench_files[0].read_text()))
             stage(6, "bench", "unchanged, skipped (the numbers below are from the previous run)")
             result.skipped.append("bench")
         else:
@@ -358,9 +360,9 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                 threads=cfg.threads,
                 device="cpu",
             )
-            benchmark.write_reports(comparison, out, stem="benchmark")
+            write_reports(comparison, out, stem="benchmark")
             state.done("bench", key, bench_files)
-        log(benchmark.format_table(comparison))
+        log(format_table(comparison))
         bench = comparison.to_dict()
         result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in bench_files})
     else:
