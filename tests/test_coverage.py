@@ -8,6 +8,7 @@ classifier traced, planned and cut.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,17 +109,18 @@ def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path) ->
 
 # Genuinely unprunable structures (README, "What the planner cannot prune"), as the lowest share
 # of BatchNorm-scored channels each family reaches; every other classifier with BatchNorm: >= 90%.
-MIN_SHARE = {
-    "shufflenet": 0.3,  # channel shuffle: a reshape that spreads channels over two dimensions
-    "googlenet": 0.0,
-    "inception_v3": 0.0,
-}
+MIN_SHARE = {"shufflenet": 0.5}  # channel shuffle: a reshape that spreads channels over two dimensions (52%)
 NO_BATCHNORM = ("alexnet", "convnext", "squeezenet", "swin", "vit", "vgg11", "vgg13", "vgg16", "vgg19")
+# 145M-644M parameters: random initialisation alone takes minutes and gigabytes on two cores
+HUGE = {"regnet_y_32gf", "regnet_y_128gf", "vit_l_16", "vit_l_32", "vit_h_14"}
 
 
 def _classifiers() -> list:
     names = torchvision.models.list_models(module=torchvision.models)
-    return [pytest.param(n, marks=pytest.mark.slow) for n in names]
+    skip_huge = pytest.mark.skipif(
+        not os.environ.get("SLIM2DEPLOY_HUGE_MODELS"), reason="set SLIM2DEPLOY_HUGE_MODELS=1 to include it"
+    )
+    return [pytest.param(n, marks=[pytest.mark.slow, *([skip_huge] if n in HUGE else [])]) for n in names]
 
 
 @pytest.mark.parametrize("name", _classifiers())
