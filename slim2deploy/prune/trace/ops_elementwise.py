@@ -92,6 +92,8 @@ def binary(t: TraceState, node: fx.Node, name: str) -> Any:
         return None
     base = t.couple(full, t.where(node))
     full = [t.resolve(f) for f in full]
+    if any(len(f.segs) != len(base.segs) for f in full):
+        return base.flags(zero=False, const=False)  # not aligned: couple() made the groups unprunable
     for op in others:
         _per_channel_operand(t, node, base, op, nd)
     segs = []

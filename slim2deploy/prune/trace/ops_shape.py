@@ -96,6 +96,8 @@ def cat(t: TraceState, node: fx.Node, name: str) -> Any:
         return None
     base = t.couple(lays, t.where(node))  # a concatenation along another dimension: channels coincide
     lays = [t.resolve(v) for v in lays]
+    if any(len(v.segs) != len(base.segs) for v in lays):
+        return base.flags(zero=False, const=False)  # not aligned: couple() made the groups unprunable
     segs = tuple(
         replace(s, zero=all(v.segs[i].zero for v in lays), const=all(v.segs[i].const for v in lays))
         for i, s in enumerate(base.segs)
