@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slim2deploy.base.errors import SlimError  # noqa: E402
+from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
+from slim2deploy.base.files import check_outputs  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
 from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
@@ -36,17 +38,42 @@ def _batches(text: str) -> list[int]:
     return values
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
     p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, comma-separated (default: 1)")
-    p.add_argument("--warmup-s", type=float, default=1.0, help="warm-up time per model and batch (default: 1 s)")
-    p.add_argument("--iters", type=int, default=200, help="timed iterations per model and batch (default: 200)")
+    p.add_argument("--warmup-s", type=_seconds, default=1.0, help="warm-up time per model and batch (default: 1 s)")
     p.add_argument(
-        "--rounds", type=int, default=5, help="interleaved rounds the iterations are split into (default: 5)"
+        "--iters", type=_at_least(1), default=200, help="timed iterations per model and batch (default: 200)"
     )
-    p.add_argument("--input-sets", type=int, default=3, help="random input sets rotated through (default: 3)")
+    p.add_argument(
+        "--rounds", type=_at_least(1), default=5, help="interleaved rounds the iterations are split into (default: 5)"
+    )
+    p.add_argument("--input-sets", type=_at_least(1), default=3, help="random input sets rotated through (default: 3)")
     p.add_argument(
         "--backend",
         choices=device_choices(),
@@ -54,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="device / ONNX Runtime execution provider: auto (CUDA when available), cpu, cuda, tensorrt (the "
         "TensorRT EP for .onnx); .engine files always run on TensorRT",
     )
-    p.add_argument("--threads", type=int, help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own")
+    p.add_argument(
+        "--threads", type=_at_least(1), help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own"
+    )
     p.add_argument(
         "--ort-opt-level",
         choices=["auto", *ORT_OPT_LEVELS],
@@ -90,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
+        if args.iters < args.rounds:
+            raise SlimError(
+                f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds"
+            )
+        inputs = [*args.models, *([args.baseline] if args.baseline else [])]
+        check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
         result = benchmark(
             args.models,
             baseline=args.baseline,
@@ -114,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             if path is not None:
                 write(result, path)
                 print(f"wrote {path}")
+    except NeedsTrust as exc:
+        print(
+            f"error: {exc.path} contains {exc.what}, which run code when loaded; latency.py does not unpickle. "
+            f"Export it to ONNX with 'slim2deploy export --model {exc.path} --trust-pickle --input-shape C,H,W "
+            "--out model.onnx' and time the .onnx",
+            file=sys.stderr,
+        )
+        return 2
     except SlimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SlimError, match="disk full"):
         save_checkpoint(bad, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind

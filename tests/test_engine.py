@@ -200,7 +200,7 @@ def test_engine_policy_with_tensorrt_present_builds():
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # older ORT: IR <= 10
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

@@ -1,4 +1,4 @@
-"""Atomic file output: never leave a half-written artifact behind."""
+"""Output files: checked before any work, written atomically, never left half-written."""
 
 from __future__ import annotations
 
@@ -6,44 +6,113 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+from slim2deploy.base.errors import SlimError
+
+PathLike = str | os.PathLike[str]
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (atomic_path creates the missing folders)."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        return False
+    return a.resolve() == b.resolve()
+
+
+def check_output(
+    path: PathLike, what: str = "--out", *, inputs: Iterable[PathLike | None] = (), folder: bool = False
+) -> Path:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    ``what`` names the flag in the message. A file output must not be a folder and must not be
+    one of ``inputs``; a folder output (``folder=True``) must not be a file. Missing parent
+    folders are fine when the nearest existing one is a writable folder (they are created).
+    """
+    out = Path(path)
+    if str(path) == "":
+        raise SlimError(f"{what} is empty; name the output {'folder' if folder else 'file'}")
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise SlimError(f"{what} {out} is a file, but a folder is wanted; name a new or existing folder")
+    elif out.is_dir():
+        raise SlimError(f"{what} {out} is a folder; name a file inside it, e.g. {out / 'out'}")
+    base = _nearest_existing(out if folder else out.parent)
+    if not base.is_dir():
+        raise SlimError(f"{what} {out}: {base} is a file, not a folder, so nothing can be written under it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise SlimError(f"{what} {out}: the folder {base} is not writable; choose another location")
+    for src in inputs:
+        if src is not None and not folder and _same_file(out, Path(src)):
+            raise SlimError(f"{what} {out} is also an input; writing it would replace the input, choose another name")
+    return out
+
+
+def check_outputs(
+    outputs: Mapping[str, PathLike | None], *, inputs: Iterable[PathLike | None] = (), folders: Iterable[str] = ()
+) -> None:
+    """``check_output`` for every flag given (None: not asked for), and no two flags on one file."""
+    inputs, folders = list(inputs), set(folders)
+    seen: dict[Path, str] = {}
+    for what, path in outputs.items():
+        if path is None:
+            continue
+        out = check_output(path, what, inputs=inputs, folder=what in folders).absolute()
+        for other, other_what in seen.items():
+            if _same_file(out, other):
+                raise SlimError(f"{what} and {other_what} name the same file {path}; give each its own name")
+        seen[out] = what
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
 
     Write the whole file to the yielded path. If the block raises, the temporary file is
-    removed and ``path`` is left exactly as it was.
+    removed and ``path`` is left exactly as it was; an OSError (full disk, no permission,
+    a folder in the way) becomes one SlimError naming the file.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp, final)
+    except OSError as exc:
+        raise SlimError(f"could not write {final}: {exc.strerror or exc}; nothing was changed there") from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
+def sha256_file(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

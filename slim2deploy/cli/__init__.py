@@ -14,11 +14,17 @@ import sys
 from slim2deploy.base.errors import SlimError
 
 # Order is the order shown in --help: the pipeline, first to last.
-COMMANDS = ["train", "inspect", "prune", "finetune", "calib", "export", "build"]
+COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
+# A command whose name is a Python keyword lives in a module named otherwise.
+MODULES = {"import": "import_model"}
+
+
+def _module(name: str) -> str:
+    return f"slim2deploy.cli.{MODULES.get(name, name)}"
 
 
 def _available_commands() -> list[str]:
-    return [name for name in COMMANDS if importlib.util.find_spec(f"slim2deploy.cli.{name}") is not None]
+    return [name for name in COMMANDS if importlib.util.find_spec(_module(name)) is not None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _available_commands():
-        module = importlib.import_module(f"slim2deploy.cli.{name}")
+        module = importlib.import_module(_module(name))
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)
     return parser

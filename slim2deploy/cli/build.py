@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_selection_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
     p.add_argument("--out", default="build", help="output directory")
     add_selection_args(p)
+    add_target_args(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
@@ -66,13 +67,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
     p.add_argument("--seed", type=int, default=0)
-    add_trust_arg(p)
+    add_trust_arg(p, input_shape=False)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
+    from slim2deploy.deploy.export import check_opset
     from slim2deploy.pipeline.build import BuildConfig, build
 
+    check_outputs({"--out": args.out}, folders=["--out"])
+    check_opset(args.opset)
     cfg = BuildConfig(
         model=args.model,
         selection=selection_from_args(args),

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 
 if TYPE_CHECKING:
+    from slim2deploy.pipeline.budget import Budget
     from slim2deploy.prune.select import Selection
+
+TARGETS = ("ort-cpu", "torch-cpu", "torch-cuda", "torch-cuda-compiled", "trt")  # measure.targets.TARGETS
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -25,9 +29,80 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         default=None,
         help="folder with the Fashion-MNIST IDX files; unset means /usr/share/datasets/fashion-mnist",
     )
-    g.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it",
+    )
     g.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
     g.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
+    add_stream_args(g)
+
+
+def add_stream_args(g: argparse._ActionsContainer) -> None:
+    """How a folder is read: streamed through a DataLoader or decoded into memory."""
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read a folder lazily through a DataLoader (default when its decoded images exceed 1 GiB)",
+    )
+    mode.add_argument(
+        "--in-memory", dest="stream", action="store_const", const=False, help="decode a folder into memory once"
+    )
+    g.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="streamed folders: the model's input size (train: random-resized crop; eval: center crop); "
+        "default --image-size",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes for streamed folders (default min(4, CPUs))",
+    )
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """Where a torchvision/timm/zoo model's starting weights come from, and its input normalisation."""
+    g = p.add_argument_group("starting weights")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="a state_dict file (.pt/.pth read without running code, or .safetensors); "
+        "missing/unexpected keys are reported",
+    )
+    src.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the library's pretrained weights (torchvision:NAME, timm:NAME); downloads into its cache on first use",
+    )
+    g.add_argument("--mean", default=None, help="input normalisation mean per channel, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", default=None, help="input normalisation std per channel, e.g. 0.229,0.224,0.225")
+
+
+def stats_from_args(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from --mean/--std, or None when neither is given."""
+    if args.mean is None and args.std is None:
+        return None
+    if args.mean is None or args.std is None:
+        raise SlimError("give --mean and --std together")
+    try:
+        mean = tuple(float(v) for v in args.mean.split(","))
+        std = tuple(float(v) for v in args.std.split(","))
+    except ValueError as exc:
+        raise SlimError(f"--mean and --std take comma-separated numbers ({exc})") from exc
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise SlimError(f"--mean and --std need one value per channel and std > 0, got {mean} and {std}")
+    return mean, std
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
@@ -45,23 +120,73 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     )
     g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
-    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (default: %(default)s)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="with --seed, repeatable on CUDA too: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS "
+        "workspace (slower)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
-def add_trust_arg(p: argparse.ArgumentParser) -> None:
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
+    return c, h, w
+
+
+def add_trust_arg(p: argparse.ArgumentParser, input_shape: bool = True) -> None:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow checkpoints that run code when loaded (a pickled nn.Module, or a model "
         "built by a 'package.module:factory'); only for files you trust",
     )
+    if input_shape:
+        p.add_argument(
+            "--input-shape",
+            type=parse_input_shape,
+            default=None,
+            metavar="C,H,W",
+            help="input shape of a pickled nn.Module (it records none), e.g. 3,32,32",
+        )
+
+
+def add_target_args(p: argparse.ArgumentParser, batch_flag: str = "--profile-batch") -> None:
+    """Where latency is measured: target, batch, precision, threads, the cell cache."""
+    g = p.add_argument_group("latency target")
+    g.add_argument("--target", default="ort-cpu", choices=TARGETS, help="runtime and device latency is measured on")
+    g.add_argument(batch_flag, dest="profile_batch", type=int, default=64, help="batch the latency is measured at")
+    g.add_argument(
+        "--profile-precision", default="fp32", choices=["fp32", "fp16"], help="precision the latency is measured at"
+    )
+    g.add_argument("--profile-threads", type=int, default=None, help="runtime threads (None: the runtime's choice)")
+    g.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="where measured layer latencies are kept (None: ~/.cache/slim2deploy/latency)",
+    )
+    g.add_argument("--no-cache", action="store_true", help="measure every layer again and keep nothing")
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
-    """--ratio and the safety rails: what ``selection_from_args`` turns into a ``Selection``."""
+    """--ratio or a latency budget, and the safety rails: what ``selection_from_args`` reads."""
     g = p.add_argument_group("pruning (--min-channels 1 --max-prune 1 --round-to 1: the paper exactly)")
-    g.add_argument("--ratio", type=float, required=True, help="fraction of prunable channels to remove, in (0, 1)")
+    how = g.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove, in (0, 1)")
+    how.add_argument(
+        "--speedup",
+        type=float,
+        metavar="S",
+        help="keep the most |gamma| whose measured latency on --target is the unpruned model's / S",
+    )
+    how.add_argument("--latency-ms", type=float, metavar="T", help="like --speedup, with a latency budget in ms")
     g.add_argument(
         "--min-channels",
         type=int,
@@ -86,9 +211,38 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
         help="do not fold removed channels' constant output into the next layer's bias",
     )
 
+    g = p.add_argument_group("latency budget (with --speedup or --latency-ms)")
+    g.add_argument("--table", default=None, metavar="TABLE.json", help="reuse a 'slim2deploy profile' table")
+    g.add_argument("--save-table", default=None, metavar="FILE", help="write the latency table used")
+    g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
 
-def selection_from_args(args: argparse.Namespace) -> Selection:
-    """The ``Selection`` the pruning flags describe; a bad value is one SlimError."""
-    from slim2deploy.prune.select import by_ratio  # imports torch: only when a command runs
 
-    return by_ratio(args.ratio, Rails(args.min_channels, args.max_prune, args.round_to))
+def rails_from_args(args: argparse.Namespace) -> Rails:
+    return Rails(args.min_channels, args.max_prune, args.round_to)
+
+
+def selection_from_args(args: argparse.Namespace) -> Selection | Budget:
+    """A ``Selection`` (``--ratio``) or a ``Budget`` (``--speedup``/``--latency-ms``); bad values are one SlimError."""
+    from slim2deploy.pipeline.budget import Budget  # imports torch: only when a command runs
+    from slim2deploy.prune.select import by_ratio
+
+    if args.ratio is not None:
+        return by_ratio(args.ratio, rails_from_args(args))
+    return Budget(
+        speedup=args.speedup,
+        latency_ms=args.latency_ms,
+        target=args.target,
+        batch=args.profile_batch,
+        precision=args.profile_precision,
+        threads=args.profile_threads,
+        table=args.table,
+        cache=cache_from_args(args),
+        tries=args.tries,
+        rails=rails_from_args(args),
+    )
+
+
+def cache_from_args(args: argparse.Namespace) -> str | None:
+    from slim2deploy.measure.targets import DEFAULT_CACHE
+
+    return None if args.no_cache else str(args.cache or DEFAULT_CACHE)

@@ -45,15 +45,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.deploy.calib import load_calib
+    from slim2deploy.deploy.export import check_opset
     from slim2deploy.deploy.precision import check_precision
-    from slim2deploy.model.checkpoint import load_checkpoint
+    from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
     from slim2deploy.pipeline.export import export_precision
     from slim2deploy.prune.rebuild import model_from_checkpoint
 
+    check_outputs({"--out": args.out, "--json": args.json}, inputs=[args.model, args.calib, args.eval_data])
     check_precision(args.precision)
-    ckpt = load_checkpoint(args.model, trust_pickle=args.trust_pickle)
+    check_opset(args.opset)
+    ckpt = with_input_shape(load_checkpoint(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.model)
     model = model_from_checkpoint(ckpt, trust_code=args.trust_pickle)
     calib_x = load_calib(args.calib, ckpt.input_shape) if args.calib else None
     eval_x = eval_y = None

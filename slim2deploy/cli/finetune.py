@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", choices=["step", "cosine"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="repeatable on CUDA too (see train --help)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_data_args(p, required=True)
     add_trust_arg(p)
@@ -29,8 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
     from slim2deploy.pipeline.train import finetune_checkpoint
 
+    check_outputs({"--out": args.out}, inputs=[args.model, args.data])
     history = finetune_checkpoint(
         args.model,
         args.out,
@@ -43,9 +46,14 @@ def run(args: argparse.Namespace) -> int:
         limit_train=args.limit_train,
         limit_val=args.limit_val,
         seed=args.seed,
+        deterministic=args.deterministic,
         schedule=args.schedule,
         device=args.device,
         trust_code=args.trust_pickle,
+        stream=args.stream,
+        crop=args.crop,
+        workers=args.workers,
+        input_shape=args.input_shape,
     )
     last = history[-1]
     print(f"val_acc {last.val_acc:.4f} after {last.epoch} epoch(s); wrote {args.out}")

@@ -24,11 +24,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
-    from slim2deploy.model.checkpoint import load_checkpoint
+    from slim2deploy.base.files import atomic_write_text, check_outputs
+    from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
     from slim2deploy.pipeline.inspect import inspect_checkpoint, plot_gammas
 
-    ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[args.checkpoint])
+    ckpt = with_input_shape(
+        load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle), args.input_shape, args.checkpoint
+    )
     info = inspect_checkpoint(ckpt, trust_code=args.trust_pickle)
     print(info.table())
     if args.json:

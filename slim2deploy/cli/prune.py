@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_selection_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,28 +13,49 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="remove the channels with the smallest BatchNorm gammas (a dense, thinner model)",
         description="Trace the model, group the channels that must be pruned together, remove the "
         "fraction RATIO of them with the smallest |gamma| under one global threshold (Network Slimming), "
-        "cut them out and save architecture + plan + slim weights. Prints the per-layer table.",
+        "cut them out and save architecture + plan + slim weights. Prints the per-layer table. "
+        "With --speedup or --latency-ms instead of --ratio: profile the layers on --target (or reuse "
+        "--table), keep the most |gamma| whose predicted latency fits, then measure the slim model on the "
+        "target against the unpruned one and tighten until it fits (--tries).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="SLIM.pt", help="pruned checkpoint to write")
     add_selection_args(p)
+    add_target_args(p)
     p.add_argument("--plan-json", default=None, metavar="FILE", help="also write the plan as JSON")
     add_trust_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.base.files import atomic_write_text, check_outputs
+    from slim2deploy.pipeline.budget import Budget, prune_to_budget
     from slim2deploy.pipeline.prune import prune_checkpoint
 
-    plan, table = prune_checkpoint(
-        args.model,
-        args.out,
-        selection_from_args(args),
-        fold=not args.no_fold,
-        trust_code=args.trust_pickle,
+    check_outputs(
+        {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table}, inputs=[args.model]
     )
+    selection = selection_from_args(args)
+    if isinstance(selection, Budget):
+        result = prune_to_budget(
+            args.model,
+            args.out,
+            selection,
+            fold=not args.no_fold,
+            trust_code=args.trust_pickle,
+            table_out=args.save_table,
+        )
+        plan, table = result.plan, result.summary
+    else:
+        plan, table = prune_checkpoint(
+            args.model,
+            args.out,
+            selection,
+            fold=not args.no_fold,
+            trust_code=args.trust_pickle,
+            input_shape=args.input_shape,
+        )
     print(table)
     if args.plan_json:
         atomic_write_text(args.plan_json, plan.to_json())

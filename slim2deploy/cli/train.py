@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import add_data_args, add_train_args, add_trust_arg
+from slim2deploy.cli.common import add_data_args, add_source_args, add_train_args, add_trust_arg, stats_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,11 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--arch",
         default="vgg11",
-        help="zoo name (vgg11/13/16/19, resnet20/56/164, densenet40), torchvision:NAME or package.module:factory",
+        help="zoo name (vgg11/13/16/19, resnet20/56/164, densenet40), torchvision:NAME, timm:NAME "
+        "or package.module:factory",
     )
     p.add_argument("--width", type=float, default=None, help="width multiplier of zoo models (default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (updated after every epoch)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    add_source_args(p)
     add_data_args(p)
     add_train_args(p, epochs=10, lr=0.1)
     g = p.add_argument_group("sparsity")
@@ -61,10 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text
+    from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.model.loop import TrainConfig
     from slim2deploy.pipeline.train import train_command
 
+    # --resume may name --out (a run continues in place); the data file may not
+    check_outputs({"--out": args.out, "--history": args.history}, inputs=[args.data])
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         augment=not args.no_augment,
         seed=args.seed,
+        deterministic=args.deterministic,
     )
     history, is_main = train_command(
         arch=args.arch,
@@ -93,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         trust_code=args.trust_pickle,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        stats=stats_from_args(args),
+        stream=args.stream,
+        crop=args.crop,
+        workers=args.workers,
     )
     if args.history and is_main:
         atomic_write_text(args.history, json.dumps([h.to_dict() for h in history], indent=2))

@@ -7,14 +7,14 @@ exactly as the model's training inputs, and optionally ``y`` (int64 labels), ``m
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
-from slim2deploy.model.data import load_dataset
+from slim2deploy.model.data import Dataset, read_npz
+from slim2deploy.model.folder import load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
 PLAUSIBLE_ABS_MAX = 50.0
@@ -45,29 +45,33 @@ def make_calib_set(
     *,
     image_size: int | None = None,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    stream: bool | None = None,
+    crop: int | None = None,
 ) -> Path:
     """Write ``n`` training images of ``dataset_name`` (stratified by label, seeded) to ``out``.
 
     ``stats`` = (mean, std) must be the model's training normalisation for sources whose
     statistics are computed from the data (folders, .npz); Fashion-MNIST uses its standard values.
+    A streamed folder is not decoded whole: the labels come from the folder names and only the
+    ``n`` picked images are read, in their evaluation view (resize + center crop).
     """
 
     if n <= 0:
         raise SlimError(f"a calibration set needs at least one image, got --n {n}")
-    ds = load_dataset(dataset_name, "train", data_dir, image_size=image_size, stats=stats)
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
+    ds = load_data(dataset_name, "train", data_dir, image_size, stats, stream=stream, crop=crop)
     if n > len(ds):
         raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")
-    y = ds.y.numpy()
+    y = ds.y.numpy() if isinstance(ds, Dataset) else ds.labels
     idx = stratified_indices(y, n, seed)
     arrays = {
-        "x": ds.x.numpy()[idx].astype(np.float32),
+        "x": (ds.x.numpy()[idx] if isinstance(ds, Dataset) else ds.stack(idx)).astype(np.float32),
         "y": y[idx].astype(np.int64),
         "mean": np.asarray(ds.mean, dtype=np.float32),
         "std": np.asarray(ds.std, dtype=np.float32),
     }
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -79,13 +83,10 @@ def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None
     path = Path(path)
     if not path.is_file():
         raise SlimError(f"no such calibration set: {path} (make one with 'slim2deploy calib')")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            if "x" not in arrays:
-                raise SlimError(f"{path} has no array 'x' (it has {sorted(arrays.files)}); see calib/README.md")
-            x = arrays["x"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SlimError(f"{path} is not a readable .npz calibration set ({exc}); re-create it") from exc
+    arrays = read_npz(path, "calibration set")
+    if "x" not in arrays:
+        raise SlimError(f"{path} has no array 'x' (it has {sorted(arrays)}); see calib/README.md")
+    x = arrays["x"]
     return check_calib(x, input_shape, str(path))
 
 

@@ -344,9 +344,6 @@ def build_engine(
     options: BuildOptions | None = None,
 ) -> EngineManifest:
     """Build ``engine_path`` (and its ``.engine.json``) from ``onnx_path``; both written atomically."""
-    import tensorrt as trt
-
-
     options = options or BuildOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.exists():
@@ -354,6 +351,8 @@ def build_engine(
     ok, reason = engine_available()
     if not ok:
         raise SlimError(f"cannot build {engine_path.name}: {reason}")
+    import tensorrt as trt  # only now: without the package, engine_available() gave the clean error
+
     started = time.perf_counter()
     logger = _Logger.get()
     builder = trt.Builder(logger)
@@ -449,7 +448,10 @@ def check_engine_file(engine_path: Path, data: bytes, env: dict[str, str | None]
 
 def load_engine(engine_path: str | os.PathLike[str], check: bool = True) -> LoadedEngine:
     """Deserialize an engine after checking its manifest against this GPU and TensorRT."""
-    import tensorrt as trt
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise SlimError(f"cannot load {engine_path}: TensorRT is not installed (pip install tensorrt)") from exc
 
     engine_path = Path(engine_path)
     if not engine_path.exists():

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_OPSET = 17
+# 13: per-channel QuantizeLinear/DequantizeLinear for int8; 20: the TorchScript exporter's last opset
+# (above it, or below 13, torch would silently write another opset than the one asked for)
+MIN_OPSET, MAX_OPSET = 13, 20
 # the dynamo exporter implements opset 18 and up; converting down to 17 fails on ReduceMean here
 DYNAMO_MIN_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -235,6 +238,18 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def check_opset(opset: int | None) -> int:
+    """The opset to export at (None: the default); one outside MIN_OPSET..MAX_OPSET is refused."""
+    if opset is None:
+        return DEFAULT_OPSET
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SlimError(
+            f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET}): int8 Q/DQ "
+            f"needs {MIN_OPSET}, and the exporter writes at most {MAX_OPSET}"
+        )
+    return opset
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_input: torch.Tensor,
@@ -256,6 +271,7 @@ def export_onnx(
 
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise SlimError(f"unknown exporter {exporter!r}; use auto, torchscript or dynamo")
+    opset = check_opset(opset)
     if example_input.dim() != 4:
         raise SlimError(f"the example input must be N x C x H x W, got shape {tuple(example_input.shape)}")
     start = time.perf_counter()

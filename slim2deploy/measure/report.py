@@ -41,6 +41,22 @@ def build_markdown(report: dict[str, Any]) -> str:
             f"| top-1 accuracy (torch, held-out) | {acc['baseline']:.2%} | {acc['slim']:.2%} | "
             f"{(acc['slim'] - acc['baseline']) * 100:+.2f} pts |"
         )
+    lat = report.get("latency_target")
+    if lat:
+        lines += [
+            "",
+            f"## Latency budget: {lat['goal']} ({'met' if lat['met'] else 'MISSED'})",
+            "",
+            "The slim model measured on the target interleaved with the unpruned one, after each selection:",
+            "",
+            "| try | budget ms | predicted ms | measured ms | unpruned ms | goal ms |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for i, t in enumerate(lat["tries"], 1):
+            lines.append(
+                f"| {i} | {t['budget_ms']:.4g} | {t['predicted_ms']:.4g} | {t['measured_ms']:.4g} | "
+                f"{t['baseline_ms']:.4g} | {t['goal_ms']:.4g} |"
+            )
     parity = {n: e.get("parity") for n, e in exports.items() if e.get("parity")}
     if parity:
         lines += [
@@ -73,7 +89,6 @@ def build_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(str(engines or "none built"))
     if report.get("benchmark"):
-
         lines += [
             "",
             "Benchmark: fp32 graphs on ONNX Runtime (CPU), baseline and slim measured interleaved.",

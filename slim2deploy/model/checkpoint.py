@@ -7,13 +7,17 @@ the plan, which ``apply_plan`` replays on the freshly built model before the wei
 
 Two things run code and so need an explicit opt-in (``trust_code=True``, ``--trust-pickle``):
 a plain pickled ``nn.Module`` (``torch.save(model)``), and an ``arch`` that names a user
-factory ``package.module:factory`` (importing it runs that module).
+factory ``package.module:factory`` (importing it runs that module). A pickled module has no
+architecture name, so what is made from it (pruned, fine-tuned) is saved as this format with the
+module pickled inside, and loading that needs the same opt-in.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import platform
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -24,11 +28,15 @@ import torch
 from torch import nn
 
 from slim2deploy.base.environment import library_versions as library_versions_of
-from slim2deploy.base.errors import SlimError
+from slim2deploy.base.errors import NeedsTrust, SlimError
 from slim2deploy.base.files import atomic_path
 
 FORMAT = "slim2deploy.checkpoint/1"
 PICKLED_ARCH = "<pickled nn.Module>"
+# torch's weights_only unpickler names the class or function it refused ("GLOBAL module.name");
+# any other failure (an unknown opcode, a name that is not a dotted identifier) means a damaged file
+_REFUSED_GLOBAL = re.compile(r"(GLOBAL|Unsupported class) [A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+_SCALARS = (bool, int, float, str, type(None))
 
 
 @dataclass
@@ -44,12 +52,7 @@ class Checkpoint:
     module: nn.Module | None = field(default=None, repr=False)  # only for trusted pickled modules
 
     def to_payload(self) -> dict[str, Any]:
-        if self.module is not None:
-            raise SlimError(
-                "this model came from a pickled nn.Module and has no architecture spec, so it cannot be "
-                "saved in the slim2deploy format; rebuild it from the zoo or a 'package.module:factory'"
-            )
-        return {
+        payload: dict[str, Any] = {
             "format": FORMAT,
             "arch": self.arch,
             "arch_kwargs": dict(self.arch_kwargs),
@@ -60,26 +63,67 @@ class Checkpoint:
             "plan": self.plan,
             "train_state": self.train_state,
         }
+        if self.module is not None:
+            payload["module"] = self.module  # a trusted pickled model: it has no architecture name
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str = "checkpoint") -> Checkpoint:
-        missing = [k for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "state_dict") if k not in payload]
-        if missing:
-            raise SlimError(f"{source} is a slim2deploy checkpoint but lacks {', '.join(missing)}; it is damaged")
+        problems = spec_problems(payload)
+        if problems:
+            raise SlimError(
+                f"{source} is a slim2deploy checkpoint but its contents are inconsistent: {'; '.join(problems[:3])}"
+                " (was it edited by hand?); re-create it"
+            )
         return cls(
-            arch=str(payload["arch"]),
+            arch=payload["arch"],
             arch_kwargs=dict(payload["arch_kwargs"]),
-            input_shape=tuple(int(v) for v in payload["input_shape"]),  # type: ignore[arg-type]
-            num_classes=int(payload["num_classes"]),
+            input_shape=tuple(payload["input_shape"]),  # type: ignore[arg-type]
+            num_classes=payload["num_classes"],
             state_dict=dict(payload["state_dict"]),
             meta=dict(payload.get("meta") or {}),
             plan=payload.get("plan"),
             train_state=payload.get("train_state"),
+            module=payload.get("module"),
         )
 
     @property
     def is_pruned(self) -> bool:
         return self.plan is not None
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _SCALARS) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def spec_problems(payload: dict[str, Any]) -> list[str]:
+    """What is wrong with a checkpoint dict, checked as data before anything is built from it."""
+    problems = []
+    missing = [k for k in ("arch", "arch_kwargs", "input_shape", "num_classes", "state_dict") if k not in payload]
+    if missing:
+        return [f"it lacks {', '.join(missing)}"]
+    arch, kwargs, shape = payload["arch"], payload["arch_kwargs"], payload["input_shape"]
+    if not isinstance(arch, str) or not arch:
+        problems.append(f"arch must be a model name, got {arch!r}")
+    elif arch == PICKLED_ARCH and not isinstance(payload.get("module"), nn.Module):
+        problems.append("it names a pickled module but holds none")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and _plain(v) for k, v in kwargs.items()):
+        problems.append(f"arch_kwargs must map names to plain values, got {kwargs!r}"[:200])
+    shape_ok = isinstance(shape, (list, tuple)) and len(shape) == 3
+    if not (shape_ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        problems.append(f"input_shape must be three positive integers C, H, W, got {shape!r}"[:200])
+    n = payload["num_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems.append(f"num_classes must be a positive integer, got {n!r}")
+    sd = payload["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        problems.append("state_dict must map parameter names to tensors")
+    for key in ("meta", "plan", "train_state"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            problems.append(f"{key} must be a dict or absent, got {type(payload[key]).__name__}")
+    return problems
 
 
 def library_versions() -> dict[str, str]:
@@ -96,20 +140,23 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     payload = ckpt.to_payload()
     payload["meta"] = {**payload["meta"], "versions": library_versions()}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's C++ writer reports a full disk or a size limit this way
+            raise SlimError(
+                f"could not write {path}: the write failed (is the disk full?); nothing was changed"
+            ) from exc
     return Path(path)
 
 
 def _pickled_module(path: Path, trust_pickle: bool) -> Any:
     if not trust_pickle:
-        raise SlimError(
-            f"{path} contains pickled Python objects (for example a whole nn.Module saved with "
-            "torch.save(model)); unpickling them can run arbitrary code, so it is refused. If you trust "
-            "the file's origin, pass --trust-pickle (trust_pickle=True); better, save a state_dict and "
-            "create a slim2deploy checkpoint from it"
-        )
+        raise NeedsTrust(path, "pickled Python objects (for example a whole nn.Module saved with torch.save(model))")
     warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=3)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - unpickling runs the file's code, which may raise anything
+        raise SlimError(f"{path} could not be unpickled ({first_line(exc)}); is the code it needs importable?") from exc
 
 
 def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
@@ -122,10 +169,24 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise SlimError(f"{path} is not a readable torch checkpoint ({first_line(exc)})") from exc
+        if not _REFUSED_GLOBAL.search(str(exc)):
+            raise SlimError(
+                f"{path} is corrupt or not a torch checkpoint (its data cannot be unpickled); re-create or "
+                "re-download it"
+            ) from exc
         obj = _pickled_module(path, trust_pickle)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
         raise SlimError(
             f"{path} is truncated or not a torch checkpoint ({first_line(exc)}); re-create or re-download it"
         ) from exc
@@ -143,8 +204,9 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         return Checkpoint.from_payload(obj, str(path))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SlimError(
-            f"{path} is a bare state_dict without an architecture; build the model and save it with "
-            "slim2deploy.Checkpoint(arch=..., arch_kwargs=..., ...) or train it with 'slim2deploy train'"
+            f"{path} is a bare state_dict without an architecture; make a checkpoint of it with "
+            f"'slim2deploy import --arch NAME --weights {path} --input-shape C,H,W --out model.pt', or start "
+            f"training from it with 'slim2deploy train --arch NAME --weights {path}'"
         )
     raise SlimError(f"{path} is a torch file but not a slim2deploy checkpoint (found {type(obj).__name__})")
 
@@ -173,4 +235,42 @@ def checkpoint_for(
         {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()},
         dict(meta or {}),
         plan,
+        module=inner.cpu() if arch == PICKLED_ARCH else None,
     )
+
+
+def with_input_shape(ckpt: Checkpoint, shape: tuple[int, int, int] | None, source: str) -> Checkpoint:
+    """Give a pickled module the input shape it does not record (``--input-shape``); check any other.
+
+    The class count of a pickled module is read from its output on a zero input of that shape.
+    """
+    known = all(ckpt.input_shape)
+    if shape is None:
+        if not known:
+            raise SlimError(
+                f"{source} is a pickled nn.Module, which records no input shape; pass --input-shape C,H,W "
+                "(e.g. 3,32,32)"
+            )
+        return ckpt
+    if known:
+        if tuple(shape) != tuple(ckpt.input_shape):
+            raise SlimError(
+                f"--input-shape {','.join(map(str, shape))} differs from the {','.join(map(str, ckpt.input_shape))} "
+                f"that {source} records; drop --input-shape"
+            )
+        return ckpt
+    assert ckpt.module is not None  # only a bare pickled module lacks a shape
+    was_training = ckpt.module.training
+    try:
+        with torch.no_grad():
+            out = ckpt.module.eval()(torch.zeros(1, *shape))
+    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything on a wrong shape
+        raise SlimError(
+            f"{source} does not run on an input of shape {shape} ({first_line(exc)}); check --input-shape"
+        ) from exc
+    finally:
+        ckpt.module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise SlimError(f"{source} must return N x classes logits, got {getattr(out, 'shape', type(out).__name__)}")
+    ckpt.input_shape, ckpt.num_classes = (shape[0], shape[1], shape[2]), int(out.shape[1])
+    return ckpt

@@ -17,6 +17,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,49 @@ class Dataset:
 Stats = tuple[tuple[float, ...], tuple[float, ...]] | None
 
 
+def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None) -> np.ndarray:
+    """Validate images and labels of any source before use; returns the labels as int64.
+
+    Every format goes through here, so a mismatch, a bad label or a non-finite pixel is one
+    SlimError instead of a silently wrong model (a float label cast to 0, a NaN checkpoint).
+    """
+    if x.ndim not in (3, 4):
+        raise SlimError(f"{source}: images must be N x C x H x W or N x H x W, got shape {x.shape}")
+    if y.ndim != 1:
+        raise SlimError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}")
+    if len(x) != len(y):
+        raise SlimError(f"{source}: {len(x)} images but {len(y)} labels; every image needs exactly one label")
+    if len(y) == 0:
+        raise SlimError(f"{source}: no images")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise SlimError(f"{source}: images have dtype {x.dtype}; use uint8 pixels or float values in [0, 1]")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise SlimError(f"{source}: images contain NaN or infinite values; fix or drop those images")
+    if np.issubdtype(y.dtype, np.floating):
+        if not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise SlimError(f"{source}: labels must be whole class indices 0, 1, 2, ..., got non-integer values")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise SlimError(f"{source}: labels have dtype {y.dtype}; use integer class indices")
+    low, high = int(y.min()), int(y.max())
+    if low < 0:
+        raise SlimError(f"{source}: labels must be class indices >= 0, found {low}")
+    if num_classes is not None and high >= num_classes:
+        raise SlimError(f"{source}: label {high} but only {num_classes} classes (indices 0..{num_classes - 1})")
+    return y.astype(np.int64)
+
+
+def read_npz(path: Path, what: str = "data set") -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, read now, so a truncated or foreign file is one SlimError."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise SlimError(f"{path} holds a single .npy array, not an .npz archive of named arrays ({what})")
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise SlimError(f"{path} is not a readable .npz {what} ({exc or type(exc).__name__}); re-create it") from exc
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -127,8 +172,9 @@ def _fashion_mnist(split: str, data_dir: str | None, stats: Stats) -> Dataset:
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    y = check_arrays(images, labels, f"Fashion-MNIST {split} in {root}", len(FASHION_MNIST_CLASSES))
     x, mean, std = _normalise(images, *(stats or (FASHION_MNIST_MEAN, FASHION_MNIST_STD)))
-    return Dataset(x, torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES, mean, std, "fashion-mnist")
+    return Dataset(x, torch.from_numpy(y), FASHION_MNIST_CLASSES, mean, std, "fashion-mnist")
 
 
 def _split_90_10(n: int, split: str) -> np.ndarray:
@@ -138,29 +184,28 @@ def _split_90_10(n: int, split: str) -> np.ndarray:
 
 
 def _npz(path: Path, split: str, stats: Stats) -> Dataset:
-    try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as exc:
-        raise SlimError(f"{path} is not a readable .npz file ({exc})") from exc
-    key = "train" if split == "train" else "val"
-    if f"x_{key}" in arrays and f"y_{key}" in arrays:
-        x, y = arrays[f"x_{key}"], arrays[f"y_{key}"]
+    arrays = read_npz(path)
+    if all(k in arrays for k in ("x_train", "y_train", "x_val", "y_val")):
+        names = {"train": ("x_train", "y_train"), "val": ("x_val", "y_val")}
     elif "x" in arrays and "y" in arrays:
-        idx = _split_90_10(len(arrays["y"]), split)
-        x, y = arrays["x"][idx], arrays["y"][idx]
+        names = {"all": ("x", "y")}
     else:
         raise SlimError(f"{path} needs arrays x_train/y_train/x_val/y_val or x/y; it has {sorted(arrays)}")
-    if len(x) != len(y):
-        raise SlimError(f"{path}: {len(x)} images but {len(y)} labels")
+    labels = {part: check_arrays(arrays[xk], arrays[yk], f"{path} ({xk}, {yk})") for part, (xk, yk) in names.items()}
+    # the class count comes from every split in the file, so train and val agree on it
+    n_classes = max(int(v.max()) for v in labels.values()) + 1
+    if "all" in names:
+        idx = _split_90_10(len(labels["all"]), split)
+        x, y = arrays["x"][idx], labels["all"][idx]
+    else:
+        part = "train" if split == "train" else "val"
+        x, y = arrays[names[part][0]], labels[part]
     xt, mean, std = _normalise(x, *(stats or (None, None)))
-    n_classes = int(max(arrays["y_train"].max() if "y_train" in arrays else 0, y.max())) + 1
-    return Dataset(
-        xt, torch.from_numpy(y.astype(np.int64)), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}"
-    )
+    return Dataset(xt, torch.from_numpy(y), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}")
 
 
 def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     base = root / split if (root / "train").is_dir() else root
     if split == "val" and not (root / "val").is_dir() and (root / "train").is_dir():
@@ -180,17 +225,21 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
         files = [files[i] for i in _split_90_10(len(files), split)]
     arrays = []
     for path, _ in files:
-        with Image.open(path) as opened:
-            rgb = opened.convert("RGB")
+        try:
+            with Image.open(path) as opened:
+                rgb = opened.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
         if image_size:
             rgb = rgb.resize((image_size, image_size))
         arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
-    x, mean, std = _normalise(np.stack(arrays), *(stats or (None, None)))
-    y = torch.tensor([i for _, i in files], dtype=torch.int64)
-    return Dataset(x, y, classes, mean, std, f"folder:{root}")
+    images = np.stack(arrays)
+    y = check_arrays(images, np.array([i for _, i in files], dtype=np.int64), str(base), len(classes))
+    x, mean, std = _normalise(images, *(stats or (None, None)))
+    return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}")
 
 
 def load_dataset(
@@ -204,6 +253,8 @@ def load_dataset(
     """
     if split not in ("train", "val", "test"):
         raise SlimError(f"split must be train, val or test, got {split!r}")
+    if image_size is not None and image_size < 1:
+        raise SlimError(f"--image-size must be at least 1 pixel, got {image_size}")
     if name == "fashion-mnist":
         return _fashion_mnist(split, data_dir, stats)
     path = Path(name.split(":", 1)[1] if name.startswith(("npz:", "folder:")) else name)

@@ -1,4 +1,4 @@
-"""The training loop: plain SGD over in-memory data, with the BatchNorm-gamma L1 penalty.
+"""The training loop: plain SGD over in-memory or streamed data, with the BatchNorm-gamma L1 penalty.
 
 Used for sparse training (``train``) and for fine-tuning a pruned model (``finetune``). Kept
 boring on purpose: one loop, no callbacks framework. Data parallelism follows torchrun's
@@ -8,10 +8,11 @@ SyncBatchNorm so that N processes compute what one process computes at the same 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
-from slim2deploy.model.data import Dataset, batches
+from slim2deploy.model.data import batches
+from slim2deploy.model.folder import AnyData, FolderData
 
 SCHEDULES = ("step", "cosine")
 
@@ -45,6 +47,7 @@ class TrainConfig:
     amp: bool = False
     augment: bool = True
     seed: int = 0
+    deterministic: bool = False  # deterministic kernels (CUDA); see make_deterministic
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -54,8 +57,15 @@ class TrainConfig:
             raise SlimError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SlimError(f"--lr must be a positive number, got {self.lr}")
-        if self.sparsity < 0:
-            raise SlimError(f"--sparsity must be >= 0, got {self.sparsity}")
+        for flag, value in (
+            ("--sparsity", self.sparsity),
+            ("--weight-decay", self.weight_decay),
+            ("--sparsity-warmup", self.sparsity_warmup),
+        ):
+            if not (value >= 0 and math.isfinite(value)):
+                raise SlimError(f"{flag} must be a finite number >= 0, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise SlimError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.sparsity_mode not in sparsity.MODES:
             raise SlimError(f"--sparsity-mode must be one of {', '.join(sparsity.MODES)}")
         if self.sparsity_scope not in sparsity.SCOPES:
@@ -95,11 +105,21 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else is one SlimError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SlimError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SlimError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -115,6 +135,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group in an order that cannot abort at exit (see the end of ``fit``).
+
+    Every rank waits for the others (rank 0 may still be writing the checkpoint), then the group
+    and whatever still refers to it are freed before the interpreter starts tearing down.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):
@@ -158,6 +190,26 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+# cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use
+CUBLAS_WORKSPACE = ":4096:8"
+# the resume test's tolerance on CUDA: a few backward kernels (adaptive average pooling) have no
+# deterministic CUDA version and only warn under make_deterministic, so runs agree to rounding
+CUDA_RESUME_ATOL = 1e-4
+
+
+def make_deterministic() -> None:
+    """Same seed, same numbers on CUDA too: deterministic kernels, no cuDNN autotuning.
+
+    Kernels without a deterministic CUDA version warn instead of failing (``warn_only``), so a
+    resumed or repeated CUDA run matches to ``CUDA_RESUME_ATOL`` rather than bit for bit. On the
+    CPU the training loop is deterministic anyway.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Learning rate at ``progress`` epochs (fractional)."""
     if cfg.schedule == "cosine":
@@ -171,10 +223,29 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
     return cfg.lr * factor
 
 
+def iterate(
+    ds: AnyData,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    do_augment: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (x, y) batches of one epoch, from memory or streamed from a folder through a DataLoader."""
+    if isinstance(ds, FolderData):
+        return ds.batches(batch_size, shuffle=shuffle, epoch=epoch, augment=do_augment, rank=rank, world=world)
+    return batches(
+        ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, do_augment=do_augment, rank=rank, world=world
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    ds: Dataset,
+    ds: AnyData,
     batch_size: int = 500,
     device: torch.device | None = None,
 ) -> tuple[float, float]:
@@ -183,8 +254,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for x, y in batches(ds, batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
+    for x, y in iterate(ds, batch_size, shuffle=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x).float()
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
@@ -199,8 +270,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def fit(
     model: nn.Module,
-    train_ds: Dataset,
-    val_ds: Dataset | None,
+    train_ds: AnyData,
+    val_ds: AnyData | None,
     cfg: TrainConfig,
     *,
     dist_info: DistInfo | None = None,
@@ -223,6 +294,8 @@ def fit(
             f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
         )
     torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        make_deterministic()
     model.to(info.device)
     net: nn.Module = model
     if info.world > 1:
@@ -244,7 +317,7 @@ def fit(
         started = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
         bar = tqdm(
-            batches(
+            iterate(
                 train_ds,
                 cfg.batch_size,
                 shuffle=True,
@@ -282,8 +355,14 @@ def fit(
                 # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
                 # the same effective step here gives lambda the same pull as in subgradient mode.
                 sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):
+                raise SlimError(
+                    f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}; nothing "
+                    "was saved for this epoch. Lower --lr or --sparsity, or check the data for extreme values"
+                )
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += step_loss * len(y)
             correct += int((out.argmax(1) == y).sum())
             if step % 20 == 0 or step == steps_per_epoch - 1:
                 bar.set_postfix(
@@ -293,6 +372,12 @@ def fit(
                     lr=f"{lr:.3g}",
                 )
         bar.close()
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise SlimError(
+                f"training diverged: {bad[0]} has NaN or infinite weights after epoch {epoch + 1}; nothing was "
+                "saved for this epoch. Lower --lr or --sparsity"
+            )
         val_loss, val_acc = (float("nan"), float("nan"))
         if val_ds is not None and info.is_main:
             val_loss, val_acc = evaluate(model, val_ds, cfg.eval_batch_size, info.device)
@@ -315,4 +400,12 @@ def fit(
             )
         if on_epoch_end is not None and info.is_main:
             on_epoch_end(result, model, optimizer)
+    if info.world > 1:
+        # DDP's reducer and the last step's autograd graph (the all-reduces of CpuSyncBatchNorm) hold
+        # the process group and gloo work objects with tensors. Left to the garbage collector at exit,
+        # freeing them takes the GIL while Python is being torn down, which now and then aborts the
+        # process ("terminate called without an active exception", exit -6). Free them while alive.
+        net = model
+        out = loss = torch.empty(0)
+        gc.collect()
     return history

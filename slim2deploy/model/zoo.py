@@ -5,7 +5,12 @@ Names:
 - ``resnet20/56/164``: pre-activation ResNets for 32x32 inputs; 164 uses bottleneck blocks.
 - ``densenet40``: DenseNet-40 with growth rate 12 (no bottleneck, no compression), as in the paper.
 - ``torchvision:NAME``: any torchvision classification builder, ``weights=None``.
+- ``timm:NAME``: any timm model (``pip install 'slim2deploy[timm]'``), ``pretrained=False``.
 - ``package.module:factory``: a user's own model; ``factory(**kwargs)`` must return an ``nn.Module``.
+
+Models are always built with fresh weights: a checkpoint rebuilds its model this way and then
+loads its own state_dict, so nothing downloads when a checkpoint is read. ``create_pretrained``
+asks the library for its pretrained weights (see ``model/weights.py``).
 
 Every zoo model takes ``in_channels``, ``num_classes`` and a width multiplier ``width`` and works
 at 28x28 and 32x32 (pooling uses ``ceil_mode`` and a global average pool before the classifier).
@@ -214,32 +219,115 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+LIBRARIES = ("torchvision", "timm")
+ZOO_ARGS = ("in_channels", "num_classes", "width")
+
+
 def list_models() -> list[str]:
-    """Zoo names; ``torchvision:NAME`` and ``package.module:factory`` are accepted as well."""
+    """Zoo names; ``torchvision:NAME``, ``timm:NAME`` and ``package.module:factory`` are accepted as well."""
     return sorted(REGISTRY)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """("torchvision" | "timm", model name) for a library model, ("", name) otherwise."""
+    library, sep, rest = name.partition(":")
+    return (library, rest) if sep and library in LIBRARIES else ("", name)
 
 
 def is_user_factory(name: str) -> bool:
     """True for ``package.module:factory`` references, which import and run user code."""
-    return ":" in name and not name.startswith("torchvision:")
+    return ":" in name and not split_name(name)[0]
 
 
-def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import torchvision
-
+def _three_channels(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(kwargs)
     in_channels = kwargs.pop("in_channels", 3)
     if "width" in kwargs:
-        raise SlimError(f"torchvision:{name} has no width multiplier; drop --width for torchvision models")
+        raise SlimError(f"{name} has no width multiplier; drop --width for torchvision and timm models")
     if in_channels != 3:
         raise SlimError(
-            f"torchvision:{name} takes 3 input channels, the data has {in_channels}; use a zoo model "
+            f"{name} takes 3 input channels, the data has {in_channels}; use a zoo model "
             f"({', '.join(list_models())}) or your own factory for other channel counts"
         )
+    return kwargs
+
+
+def _torchvision(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    import torchvision
+
+    kwargs = _three_channels(f"torchvision:{name}", kwargs)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise SlimError(f"unknown torchvision classifier {name!r}; available: {', '.join(sorted(available))}")
-    return torchvision.models.get_model(name, weights=None, **kwargs)
+    if not pretrained:
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a bad value
+            raise SlimError(f"cannot build torchvision:{name} with {kwargs}: {exc}") from exc
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT")
+    except ValueError as exc:
+        raise SlimError(f"torchvision has no pretrained weights for {name}") from exc
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+        raise SlimError(
+            f"could not get torchvision's pretrained weights for {name} ({exc}); they download into "
+            "$TORCH_HOME/hub/checkpoints on first use, so this needs internet once (or pass --weights FILE)"
+        ) from exc
+
+
+def _timm_module() -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise SlimError("timm models need the timm package: pip install 'slim2deploy[timm]'") from exc
+    return timm
+
+
+def _timm(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    timm = _timm_module()
+    kwargs = _three_channels(f"timm:{name}", kwargs)
+    if not timm.is_model(name.split(".", 1)[0]):
+        close = timm.list_models(f"*{name.split('.', 1)[0]}*")[:10]
+        raise SlimError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    if not pretrained:
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except (TypeError, ValueError) as exc:  # an argument the model does not take, or a bad value
+            raise SlimError(f"cannot build timm:{name} with {kwargs}: {exc}") from exc
+    try:
+        return timm.create_model(name, pretrained=True)
+    except RuntimeError as exc:
+        raise SlimError(f"timm has no pretrained weights for {name} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - the hub client raises its own error types when offline
+        raise SlimError(
+            f"could not get timm's pretrained weights for {name} ({type(exc).__name__}: {exc}); they download "
+            "into the Hugging Face cache on first use, so this needs internet once (or pass --weights FILE)"
+        ) from exc
+
+
+def create_pretrained(name: str) -> nn.Module:
+    """The library's own pretrained model (at its own class count); downloads on first use."""
+    library, model_name = split_name(name)
+    if library == "torchvision":
+        return _torchvision(model_name, {}, pretrained=True)
+    if library == "timm":
+        return _timm(model_name, {}, pretrained=True)
+    raise SlimError(f"--pretrained is for torchvision:NAME and timm:NAME models, not {name!r}; use --weights FILE")
+
+
+def pretrained_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation (mean, std) the library's pretrained weights expect."""
+    library, model_name = split_name(name)
+    if library == "timm":
+        cfg = _timm_module().get_pretrained_cfg(model_name)
+        if cfg is not None:
+            return tuple(cfg.mean), tuple(cfg.std)
+    if library == "torchvision":
+        import torchvision
+
+        preset = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    raise SlimError(f"{name} has no library normalisation; pass --mean and --std")
 
 
 def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -251,7 +339,10 @@ def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SlimError(f"{module_name!r} has no callable {attr!r}; expected 'package.module:factory'")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # most often an argument the factory does not take
+        raise SlimError(f"{ref} cannot be called with {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise SlimError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -259,16 +350,26 @@ def _user_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name with freshly initialised weights (see the module docstring)."""
-    if name.startswith("torchvision:"):
-        return _torchvision(name.split(":", 1)[1], kwargs)
+    library, model_name = split_name(name)
+    if library == "torchvision":
+        return _torchvision(model_name, kwargs)
+    if library == "timm":
+        return _timm(model_name, kwargs)
     if is_user_factory(name):
         return _user_factory(name, kwargs)
     if name not in REGISTRY:
         raise SlimError(
             f"unknown model {name!r}; zoo models: {', '.join(list_models())}; "
-            "or use 'torchvision:NAME' or 'package.module:factory'"
+            "or use 'torchvision:NAME', 'timm:NAME' or 'package.module:factory'"
         )
+    unknown = sorted(set(kwargs) - set(ZOO_ARGS))
+    if unknown:
+        raise SlimError(f"unknown argument(s) {', '.join(unknown)} for {name}; zoo models take {', '.join(ZOO_ARGS)}")
     width = kwargs.get("width", 1.0)
     if not (isinstance(width, (int, float)) and 0 < width and math.isfinite(width)):
         raise SlimError(f"width must be a positive number, got {width!r}")
+    for key in ("in_channels", "num_classes"):
+        value = kwargs.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise SlimError(f"{key} must be a positive integer, got {value!r}")
     return REGISTRY[name](**kwargs)

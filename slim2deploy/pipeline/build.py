@@ -44,21 +44,23 @@ from slim2deploy.measure.report import write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.model.data import load_dataset
+from slim2deploy.model.folder import load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.prune import prune_checkpoint
-from slim2deploy.pipeline.train import finetune_checkpoint
+from slim2deploy.pipeline.train import data_options, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection
 
+PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision checks run on
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
 
 @dataclass
 class BuildConfig:
     model: str
-    selection: Selection
+    selection: Selection | Budget  # a ratio (or widths), or a latency budget measured on a target
     out: str = "build"
     fold: bool = True
     finetune_epochs: int = 0
@@ -164,8 +166,9 @@ def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Any:
     if not name:
         return None
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
+    opts = data_options(meta, None, None, None)
     try:
-        ds = load_dataset(name, "val", cfg.data_dir, stats=stats).subset(cfg.eval_limit)
+        ds = load_data(name, "val", cfg.data_dir, opts.pop("image_size"), stats, **opts).subset(cfg.eval_limit)
     except SlimError:
         if cfg.data:
             raise
@@ -189,6 +192,11 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         log(f"[{i}/{n_stages}] {name:<9} {text}")
 
     ckpt = load_checkpoint(cfg.model, trust_pickle=cfg.trust_pickle)
+    if ckpt.module is not None:
+        raise SlimError(
+            f"{cfg.model} is a pickled nn.Module; build needs a slim2deploy checkpoint. Run the stages one by one "
+            "with --trust-pickle --input-shape C,H,W (prune, finetune, export), or save it in the slim2deploy format"
+        )
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
@@ -197,7 +205,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     build_engines, engine_msg = resolve_engine_policy(cfg.engine)
     ckpt_sha = sha256_file(cfg.model)
     eval_ds = _eval_data(cfg, ckpt.meta)
-    eval_xy = None if eval_ds is None else (eval_ds.x.numpy(), eval_ds.y.numpy())
+    # a streamed folder is evaluated whole in torch, but the ONNX precision checks take a sample
+    eval_xy = None if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
 
     # 1. prune
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
@@ -208,17 +217,32 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     else:
 
         started = time.perf_counter()
-        plan, table = prune_checkpoint(
-            cfg.model,
-            slim_path,
-            cfg.selection,
-            fold=cfg.fold,
-            trust_code=cfg.trust_pickle,
-        )
+        latency = None
+        if isinstance(cfg.selection, Budget):
+            pruned = prune_to_budget(
+                cfg.model,
+                slim_path,
+                cfg.selection,
+                fold=cfg.fold,
+                trust_code=cfg.trust_pickle,
+                table_out=out / "latency-table.json",
+                log=log,
+            )
+            plan, table = pruned.plan, pruned.summary
+            latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
+        else:
+            plan, table = prune_checkpoint(
+                cfg.model,
+                slim_path,
+                cfg.selection,
+                fold=cfg.fold,
+                trust_code=cfg.trust_pickle,
+            )
         log(table)
         atomic_write_text(plan_path, plan.to_json())
-        state.done("prune", key, [slim_path, plan_path], {"seconds": round(time.perf_counter() - started, 2)})
-        stage(1, "prune", f"{cfg.selection.selector.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
+        info = {"seconds": round(time.perf_counter() - started, 2), "latency": latency}
+        state.done("prune", key, [slim_path, plan_path], info)
+        stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
     result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
 
     # 2. finetune
@@ -377,6 +401,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         "model": cfg.model,
         "config": cfg.to_dict(),
         "selection": cfg.selection.describe(),
+        "latency_target": state.info("prune").get("latency"),
         "baseline": {"params": count_params(baseline), "macs": count_macs(baseline, example)},
         "slim": {"params": count_params(slim_model), "macs": count_macs(slim_model, example)},
         "accuracy": accuracy,

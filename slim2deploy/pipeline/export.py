@@ -16,11 +16,11 @@ import numpy as np
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.deploy.export import (
-    DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
     FP32_ATOL,
     FP32_RTOL,
+    check_opset,
     export_onnx,
     load_onnx,
     save_onnx,
@@ -89,7 +89,7 @@ def export_precision(
     with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         result = export_onnx(
-            model, example, fp32_path, opset=opset or DEFAULT_OPSET, dynamic_batch=static_batch is None
+            model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None
         )
         parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
         parity.raise_if_failed()

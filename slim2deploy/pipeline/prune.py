@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, select
@@ -23,26 +24,42 @@ def prune_checkpoint(
     *,
     fold: bool = True,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> tuple[PruningPlan, str]:
-    """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table."""
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    """What ``slim2deploy prune`` does: plan, cut, save arch + plan + slim weights; returns the table.
+
+    A trusted pickled module (``input_shape`` given) has no architecture name to replay the plan
+    on, so its slim copy is saved pickled inside the checkpoint and needs trust to load again.
+    """
+    ckpt, model = load_for_pruning(src, trust_code, input_shape)
+    x = torch.zeros(1, *ckpt.input_shape)
+    plan = select(trace_groups(model, x, fold=fold), selection)
+    slim = apply_plan(model, plan)
+    table = summarize(plan, model, x, slim)
+    save_pruned(ckpt, src, slim, plan, selection, dst)
+    return plan, table
+
+
+def load_for_pruning(
+    src: str | Path, trust_code: bool = False, input_shape: tuple[int, int, int] | None = None
+) -> tuple[Checkpoint, nn.Module]:
+    """A sparse-trained checkpoint and its model; a pruned checkpoint is refused."""
+    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     if ckpt.is_pruned:
         raise SlimError(
             f"{src} is already pruned; prune the sparse-trained checkpoint it came from with a larger ratio instead"
         )
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
-    if ckpt.module is not None:
-        raise SlimError(
-            f"{src} is a pickled nn.Module without an architecture name; a pruned copy could not be rebuilt"
-        )
-    x = torch.zeros(1, *ckpt.input_shape)
-    plan = select(trace_groups(model, x, fold=fold), selection)
-    slim = apply_plan(model, plan)
-    table = summarize(plan, model, x, slim)
+    return ckpt, model
+
+
+def save_pruned(
+    ckpt: Checkpoint, src: str | Path, slim: nn.Module, plan: PruningPlan, selection: Selection, dst: str | Path
+) -> None:
+    """The pruned checkpoint: the source's architecture (or pickled module), the plan and the slim weights."""
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("val_acc", "versions")}
     meta["pruned"] = {"from": str(src), "selection": selection.to_dict(), "val_acc_before": ckpt.meta.get("val_acc")}
     save_checkpoint(
         checkpoint_for(slim, ckpt.arch, ckpt.arch_kwargs, ckpt.input_shape, ckpt.num_classes, meta, plan.to_dict()),
         dst,
     )
-    return plan, table

@@ -6,15 +6,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
-from slim2deploy.model.data import load_dataset
-from slim2deploy.model.loop import DistInfo, EpochResult, TrainConfig, fit, init_distributed, pick_device
-from slim2deploy.model.zoo import create_model
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
+from slim2deploy.model.folder import describe, load_data, preprocess_meta
+from slim2deploy.model.loop import (
+    DistInfo,
+    EpochResult,
+    TrainConfig,
+    fit,
+    init_distributed,
+    pick_device,
+    shutdown_distributed,
+)
+from slim2deploy.model.weights import build_with_weights
+from slim2deploy.model.zoo import pretrained_stats, split_name
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.trace import prunable_masks
 
@@ -33,14 +41,24 @@ def train_command(
     resume: str | None = None,
     device: str = "auto",
     trust_code: bool = False,
+    weights: str | None = None,
+    pretrained: bool = False,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    stream: bool | None = None,
+    crop: int | None = None,
+    workers: int | None = None,
 ) -> tuple[list[EpochResult], bool]:
     """What ``slim2deploy train`` does: build or resume a model, train it, checkpoint every epoch.
 
-    Returns the epoch results and whether this process is the one that writes files.
+    ``weights`` (a state_dict file) or ``pretrained`` (the library's weights) start from trained
+    weights; a classifier for another class count is re-initialised. ``stats`` fixes the input
+    normalisation (default: the pretrained weights' own, else the training data's). Returns the
+    epoch results and whether this process is the one that writes files.
     """
     cfg.validate()
     info = init_distributed(device)
-    start_epoch, optimizer_state, previous = 0, None, []
+    data_kw: dict[str, Any] = {"stream": stream, "crop": crop, "seed": cfg.seed, "workers": workers}
+    start_epoch, optimizer_state, previous, report = 0, None, [], None
     arch_kwargs: dict[str, Any]
     if resume:
         ckpt = load_checkpoint(resume, trust_pickle=trust_code)
@@ -52,19 +70,27 @@ def train_command(
         optimizer_state = ckpt.train_state.get("optimizer")
         previous = list(ckpt.train_state.get("history", []))
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
-        train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
+        train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
         if start_epoch >= cfg.epochs:
             raise SlimError(f"{resume} already finished {start_epoch} epochs; pass a larger --epochs to go on")
     else:
-        train_ds = load_dataset(data, "train", data_dir, image_size).subset(limit_train)
+        if pretrained and stats is None:
+            stats = pretrained_stats(arch)
+        train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
         arch_kwargs = {"num_classes": train_ds.num_classes, "in_channels": train_ds.input_shape[0]}
         if width is not None:
             arch_kwargs["width"] = width
-        if arch.startswith("torchvision:"):
+        if split_name(arch)[0]:
             arch_kwargs.pop("in_channels")
         torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed repeats
-        model = create_model(arch, **arch_kwargs)
-    val_ds = load_dataset(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std)).subset(limit_val)
+        model, arch_kwargs, report = build_with_weights(
+            arch, arch_kwargs, weights=weights, pretrained=pretrained, trust_pickle=trust_code
+        )
+        if report is not None and info.is_main:
+            tqdm.write(report.summary())
+    val_ds = load_data(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std), **data_kw).subset(limit_val)
+    if info.is_main:
+        tqdm.write(describe(train_ds))
     if val_ds.input_shape != train_ds.input_shape:
         raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
 
@@ -74,8 +100,10 @@ def train_command(
         "mean": list(train_ds.mean),
         "std": list(train_ds.std),
         "train_images": len(train_ds),
+        "preprocess": preprocess_meta(train_ds),
         "train_config": cfg.to_dict(),
         "world_size": info.world,
+        **({"weights": report.to_dict()} if report is not None else {}),
     }
 
     def save(result: EpochResult, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -109,9 +137,27 @@ def train_command(
     if info.is_main:
         tqdm.write(f"wrote {out}")
     if info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed()
     return history, info.is_main
+
+
+def data_options(
+    meta: dict[str, Any],
+    image_size: int | None,
+    stream: bool | None,
+    crop: int | None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Data flags for a later stage: what the user gave, else how the checkpoint's training read its data."""
+    pre = meta.get("preprocess") or {}
+    return {
+        "image_size": image_size if image_size is not None else pre.get("image_size"),
+        "stream": stream if stream is not None else pre.get("stream"),
+        "crop": crop if crop is not None else pre.get("crop"),
+        "seed": seed,
+        "workers": workers,
+    }
 
 
 def finetune_checkpoint(
@@ -127,24 +173,33 @@ def finetune_checkpoint(
     limit_train: int | None = None,
     limit_val: int | None = None,
     seed: int = 0,
+    deterministic: bool = False,
     schedule: str = "cosine",
     device: str = "auto",
     trust_code: bool = False,
     progress: bool = True,
+    stream: bool | None = None,
+    crop: int | None = None,
+    workers: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> list[EpochResult]:
     """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
 
     The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
     """
-    ckpt = load_checkpoint(src, trust_pickle=trust_code)
+    info = DistInfo(device=pick_device(device))
+    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
-    train_ds = load_dataset(data, "train", data_dir, image_size, stats).subset(limit_train)
-    val_ds = load_dataset(data, "val", data_dir, image_size, stats).subset(limit_val)
+    data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
+    size = data_kw.pop("image_size")
+    train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
+    val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     if train_ds.input_shape != tuple(ckpt.input_shape):
         raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed)
-    info = DistInfo(device=pick_device(device))
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
+    )
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.knapsack import solve_mckp, staircase
+from slim2deploy.prune.latency import LatencyTable
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
 from slim2deploy.prune.score import ScoreFn, max_abs_gamma
@@ -102,6 +104,137 @@ class WidthsSelector(Selector):
         return [rails.fit(g.size, w) if g.prunable else g.size for g, w in zip(groups, self.widths, strict=True)], {}
 
 
+@register_selector
+@dataclass(frozen=True)
+class LatencySelector(Selector):
+    """Keep the most importance whose predicted latency on the table's target fits a budget.
+
+    The budget is ``latency_ms``, or the table's measured full-model latency divided by
+    ``speedup``. Importance of keeping k channels of a group is the sum of its k largest scores
+    (the paper's |gamma|, raw): like the paper's one global threshold this assumes one scale for
+    all BatchNorms, which sparse training gives (one lambda pulls every gamma towards zero), so
+    no per-group normalisation is applied. Kept counts are the table's profiled steps the rails
+    allow, as a staircase where equal cost means the larger count. Layers whose input and output
+    widths both change make the latency non-additive over groups; the knapsack (exact, see
+    ``prune.knapsack``) is solved on costs linearised around the current solution, with the budget
+    handed to it searched (bisection) for the largest whose solution the table predicts within the
+    real budget; then re-linearised around that solution (bounded), keeping the best. Exact where
+    latency is additive over groups (every layer changes with one group); a heuristic, always
+    within budget, where it is not.
+    """
+
+    table: dict[str, Any]
+    latency_ms: float | None = None
+    speedup: float | None = None
+    tolerance: float = 0.03
+    kind: ClassVar[str] = "latency"
+
+    def __post_init__(self) -> None:
+        if (self.latency_ms is None) == (self.speedup is None):
+            raise SlimError("give exactly one latency budget: --speedup S or --latency-ms T")
+        value = self.speedup if self.speedup is not None else self.latency_ms
+        if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+            raise SlimError(f"the latency budget must be a positive number, got {value!r}")
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "speedup": self.speedup,
+            "tolerance": self.tolerance,
+            "table": self.table,
+        }
+
+    def describe(self) -> str:
+        t = LatencyTable.from_dict(self.table)
+        goal = f"speedup={self.speedup:g}" if self.speedup is not None else f"latency_ms={self.latency_ms:g}"
+        return f"latency {goal} on {t.describe()}"
+
+    def budget_ms(self, table: LatencyTable) -> float:
+        return float(self.latency_ms) if self.latency_ms is not None else table.full_ms / float(self.speedup or 1)
+
+    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
+        table = LatencyTable.from_dict(self.table)
+        table.check_model([g.size for g in groups])
+        budget = self.budget_ms(table)
+        options: dict[int, list[int]] = {}
+        gains: dict[int, list[float]] = {}
+        for i, g in enumerate(groups):
+            allowed = sorted(set(rails.allowed(g.size)) & set(table.steps[i]))
+            if g.prunable and allowed:
+                options[i] = allowed
+                ranked = sorted((abs(s) for s in g.scores or []), reverse=True)
+                gains[i] = [0.0]
+                for s in ranked:
+                    gains[i].append(gains[i][-1] + s)
+        smallest = [options[i][0] if i in options else g.size for i, g in enumerate(groups)]
+        floor_ms = table.predict(smallest)
+        if floor_ms > budget:
+            raise SlimError(
+                f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the smallest model the rails "
+                f"allow is predicted at {floor_ms:.4g} ms, a speed-up of {table.full_ms / floor_ms:.2f}x over "
+                f"{table.full_ms:.4g} ms; ask for at most that, or loosen --min-channels / --max-prune"
+            )
+
+        def value(counts: list[int]) -> float:
+            return sum(gains[i][k] for i, k in enumerate(counts) if i in gains)
+
+        best = (value(smallest), smallest)
+        current = [g.size for g in groups]
+        order = sorted(options)
+        for _ in range(4):  # re-linearise around the latest solution
+            curves = [
+                staircase(options[i], [table.group_ms(i, k, current) for k in options[i]], self.tolerance)
+                for i in order
+            ]
+            fixed = table.predict(current) - sum(table.group_ms(i, current[i], current) for i in order)
+            choices = [[(c, gains[i][k]) for k, c in curve] for i, curve in zip(order, curves, strict=True)]
+            # the linearised cost is off where both widths of a layer change: search the budget handed to
+            # the knapsack for the largest one whose solution the table itself predicts within budget
+            lo, hi, t, found = 0.0, 2.0, 1.0, None
+            for _ in range(11):
+                picked = solve_mckp(choices, budget * t - fixed)
+                trial = list(current)
+                for i, curve, j in zip(order, curves, picked or [], strict=False):
+                    trial[i] = curve[j][0]
+                if picked is not None and table.predict(trial) <= budget:
+                    lo, found = t, trial
+                    if value(trial) > best[0]:
+                        best = (value(trial), trial)
+                else:
+                    hi = t
+                t = (lo + hi) / 2
+            if found is None or found == current:
+                break
+            current = found
+        counts = _fill(table, options, gains, best[1], budget)
+        predicted = table.predict(counts)
+        return counts, {
+            "threshold": None,
+            "budget_ms": budget,
+            "predicted_ms": predicted,
+            "full_ms": table.full_ms,
+            "target": table.describe(),
+        }
+
+
+def _fill(
+    table: LatencyTable, options: dict[int, list[int]], gains: dict[int, list[float]], counts: list[int], budget: float
+) -> list[int]:
+    """Spend what the budget has left: widen one group at a time, best value gain first."""
+    counts = list(counts)
+    while True:
+        moves = [
+            (gains[i][k] - gains[i][counts[i]], i, k)
+            for i, ks in options.items()
+            for k in ks
+            if k > counts[i] and table.predict([*counts[:i], k, *counts[i + 1 :]]) <= budget
+        ]
+        if not moves:
+            return counts
+        _, i, k = max(moves)
+        counts[i] = k
+
+
 @dataclass(frozen=True)
 class Selection:
     """What to prune: a selector and the rails it respects. Plain data, recorded in the plan."""
@@ -153,6 +286,12 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
     )
     counts, facts = selection.selector.kept_counts(plan.groups, selection.rails)
     plan.threshold = facts.get("threshold")
+    if "predicted_ms" in facts:
+        plan.notes.append(
+            f"latency on {facts['target']}: budget {facts['budget_ms']:.4g} ms, "
+            f"predicted {facts['predicted_ms']:.4g} ms (unpruned {facts['full_ms']:.4g} ms measured, "
+            f"predicted speed-up {facts['full_ms'] / facts['predicted_ms']:.2f}x)"
+        )
     if not any(g.prunable for g in plan.groups):
         plan.notes.append("no prunable group: nothing removed")
     for g, k in zip(plan.groups, counts, strict=True):

@@ -1,0 +1,117 @@
+"""Pruning to a latency target on ONNX Runtime CPU: predicted against measured, and the speed-up.
+
+    python bench/latency_target.py [--speedup 2] [--batch 64] [--models demo,resnet56] [--cache DIR]
+
+For each model: ``prune_to_budget`` (profile on ort-cpu, select, cut, closed loop), then the
+unpruned and the slim ONNX graphs measured interleaved with ``measure.benchmark.compare`` (the
+engine of ``bench/latency.py``). ``demo`` is ``demo/vgg11-w0.25-sparse.pt``; ``resnet56`` is the
+zoo model at width 1.0 and 28x28x1 with BatchNorm gamma drawn sparse (half of every layer near
+zero, the rest uniform in [0.2, 1]), as the DESIGN's GPU measurements were made. Prints one row
+per model: MACs ratio, the closed loop's tries, predicted and measured slim latency, the
+predicted speed-up (table: unpruned / predicted; the table's milliseconds are from profiling time,
+so on a machine whose load changes compare speed-ups, not milliseconds), the loop's measured
+speed-up, and the benchmark's interleaved speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slim2deploy.deploy.export import export_onnx
+from slim2deploy.measure.benchmark import compare
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.stats import count_macs
+from slim2deploy.model.zoo import create_model
+from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.prune.rebuild import model_from_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sparse_resnet56(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("resnet56", in_channels=1, num_classes=10, width=1.0).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.weight.numel()
+                gamma = torch.rand(n) * 0.8 + 0.2
+                gamma[torch.randperm(n)[: n // 2]] = torch.rand(n // 2) * 1e-3
+                m.weight.copy_(gamma)
+    meta = {"dataset": "fashion-mnist"}
+    save_checkpoint(checkpoint_for(model, "resnet56", {"in_channels": 1, "width": 1.0}, (1, 28, 28), 10, meta), path)
+    return path
+
+
+def onnx_of(ckpt_path: Path, out: Path) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    export_onnx(model_from_checkpoint(ckpt), torch.zeros(1, *ckpt.input_shape), out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--speedup", type=float, default=2.0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--models", default="demo,resnet56")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache", default=None, help="layer cell cache (default: a fresh temporary one)")
+    p.add_argument("--iterations", type=int, default=200, help="benchmark iterations per model")
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="latency-target-") as tmp:
+        work = Path(tmp)
+        for name in args.models.split(","):
+            src = ROOT / "demo" / "vgg11-w0.25-sparse.pt" if name == "demo" else sparse_resnet56(work / f"{name}.pt")
+            budget = Budget(
+                speedup=args.speedup,
+                batch=args.batch,
+                threads=args.threads,
+                cache=args.cache or str(work / "cache"),
+            )
+            started = time.perf_counter()
+            slim = work / f"{name}-slim.pt"
+            result = prune_to_budget(src, slim, budget, log=lambda s, n=name: print(f"  [{n}] {s}", flush=True))
+            seconds = time.perf_counter() - started
+            base_onnx, slim_onnx = onnx_of(src, work / f"{name}.onnx"), onnx_of(slim, work / f"{name}-slim.onnx")
+            comp = compare(
+                base_onnx,
+                slim_onnx,
+                batches=[args.batch],
+                iterations=args.iterations,
+                rounds=args.rounds,
+                threads=args.threads,
+                device="cpu",
+                measure_rss=False,
+            )
+            speed = comp.speedups[0]
+            base_ms = comp.model("baseline").at(args.batch).latency.median_ms  # type: ignore[union-attr]
+            slim_ms = comp.model("slim").at(args.batch).latency.median_ms  # type: ignore[union-attr]
+            x = torch.zeros(1, *load_checkpoint(src).input_shape)
+            macs = count_macs(model_from_checkpoint(load_checkpoint(slim)), x) / count_macs(
+                model_from_checkpoint(load_checkpoint(src)), x
+            )
+            c = result.chosen
+            rows.append(
+                f"| {name} | {macs:.3f} | {len(result.tries)} | {seconds:.0f} | {c['predicted_ms']:.3f} | "
+                f"{c['measured_ms']:.3f} | {result.table.full_ms / c['predicted_ms']:.2f}x | "
+                f"{c['baseline_ms'] / c['measured_ms']:.2f}x | {base_ms:.3f} | {slim_ms:.3f} | {speed.speedup:.2f}x |"
+            )
+            print(rows[-1], flush=True)
+    print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}, threads {args.threads or 'default'}")
+    print(
+        "| model | MACs ratio | tries | prune s | predicted ms | loop measured ms | predicted speed-up | "
+        "loop speed-up | bench baseline ms | bench slim ms | bench speed-up |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

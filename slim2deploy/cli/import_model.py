@@ -1,0 +1,64 @@
+"""slim2deploy import: turn an existing model + weights into a slim2deploy checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from slim2deploy.cli.common import add_source_args, add_trust_arg, parse_input_shape, stats_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "import",
+        help="make a checkpoint from a torchvision/timm/zoo model and its weights (a file or pretrained)",
+        description="Build ARCH, load its weights (--weights FILE or the library's --pretrained ones), check it "
+        "runs on --input-shape and write a slim2deploy checkpoint that prune, export, build and the "
+        "benchmarks take directly. Loading a file reports missing and unexpected keys.",
+    )
+    p.add_argument("--arch", required=True, help="torchvision:NAME, timm:NAME, a zoo name or package.module:factory")
+    p.add_argument(
+        "--input-shape",
+        type=parse_input_shape,
+        required=True,
+        metavar="C,H,W",
+        help="the model's input, e.g. 3,224,224",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="class count; when it differs from the weights', only the classifier is re-initialised "
+        "(default: the weights')",
+    )
+    p.add_argument("--width", type=float, default=None, help="width multiplier of zoo models")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="evaluation resize of the shorter side before the center crop to H (default: H)",
+    )
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    add_source_args(p)
+    add_trust_arg(p, input_shape=False)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from slim2deploy.pipeline.import_model import import_model
+
+    out, report = import_model(
+        args.arch,
+        args.out,
+        args.input_shape,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        num_classes=args.num_classes,
+        width=args.width,
+        stats=stats_from_args(args),
+        image_size=args.image_size,
+        trust_code=args.trust_pickle,
+    )
+    if report is not None:
+        print(report.summary())
+    print(f"wrote {out}")
+    return 0

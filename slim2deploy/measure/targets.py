@@ -1,0 +1,280 @@
+"""Deployment targets: a runtime + device + batch + precision that latency is measured on.
+
+One concept for profiling (``slim2deploy profile``), budgets (``--speedup``) and verification:
+
+- ``ort-cpu``: ONNX Runtime on the CPU (``threads``), fp32 or fp16 graphs;
+- ``torch-cpu``: a slim2deploy checkpoint run by torch on the CPU;
+- ``torch-cuda``: torch on a GPU, channels-last, CUDA graphs;
+- ``torch-cuda-compiled``: torch.compile (inductor) on a GPU;
+- ``trt``: TensorRT engines.
+
+Every target times whole models through the runner interface (``runtime.runners``), interleaved
+(``measure.benchmark.measure``). Targets that run ONNX also time single layers for a latency
+table (``layer_ms``), built as standalone ONNX graphs. Measured layer cells are cached on disk,
+keyed by target, device, library versions, batch, precision and the layer's signature and widths.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from slim2deploy.base.environment import cpu_model, nvidia_smi, package_version
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text
+from slim2deploy.deploy.layer_onnx import write_layer_onnx
+from slim2deploy.measure.benchmark import measure
+from slim2deploy.prune.latency import LayerSpec
+from slim2deploy.runtime.base import Runner
+from slim2deploy.runtime.registry import open_runner
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy" / "latency"
+PRECISIONS = ("fp32", "fp16")
+
+
+class Target(abc.ABC):
+    """Where latency is measured. ``artifact`` is what a model must be turned into to run here."""
+
+    name: ClassVar[str]
+    artifact: ClassVar[str]  # "onnx" or "checkpoint"
+
+    def __init__(self, batch: int = 64, precision: str = "fp32", threads: int | None = None) -> None:
+        if isinstance(batch, bool) or not (isinstance(batch, int) and batch >= 1):
+            raise SlimError(f"the target batch must be a positive integer, got {batch!r}")
+        if precision not in PRECISIONS:
+            raise SlimError(f"target precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.batch = batch
+        self.precision = precision
+        self.threads = threads
+
+    @abc.abstractmethod
+    def open(self, path: str | os.PathLike[str]) -> Runner:
+        """A runner for one model artifact on this target."""
+
+    def device(self) -> str:
+        return cpu_model()
+
+    def versions(self) -> dict[str, str | None]:
+        return {}
+
+    def key(self) -> dict[str, Any]:
+        """Everything a measurement depends on besides the model: what the cache is keyed by."""
+        return {
+            "target": self.name,
+            "device": self.device(),
+            "versions": self.versions(),
+            "batch": self.batch,
+            "precision": self.precision,
+            "threads": self.threads or 0,
+        }
+
+    def describe(self) -> str:
+        return f"{self.name} batch {self.batch} {self.precision}"
+
+    def latencies(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        iterations: int = 60,
+        rounds: int = 6,
+        warmup_s: float = 0.2,
+    ) -> list[float]:
+        """Latency (ms) of each model at the target's batch, measured interleaved (see ``time_runners``)."""
+        return self.time_runners([self.open(p) for p in paths], iterations=iterations, rounds=rounds, warmup_s=warmup_s)
+
+    def time_runners(
+        self, runners: Sequence[Runner], *, iterations: int = 60, rounds: int = 6, warmup_s: float = 0.2
+    ) -> list[float]:
+        """The lowest per-round median (ms) of each runner, interleaved: on a shared machine a round
+        that lost the CPU to another process says something about the machine, not the model."""
+        try:
+            for r in runners:
+                r.activate()
+            results = measure(runners, [self.batch], warmup_s=warmup_s, iterations=iterations, rounds=rounds)
+        finally:
+            for r in runners:
+                r.deactivate()
+        return [min(res[0][0].round_medians_ms) for res in results]
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        """Latency (ms) of each ``(layer, c_in, c_out)`` as a standalone layer at the target's batch."""
+        raise SlimError(
+            f"target {self.name} cannot time single layers; profile on another target and give the table with --table"
+        )
+
+
+class OrtCpuTarget(Target):
+    name = "ort-cpu"
+    artifact = "onnx"
+
+    def open(self, path: str | os.PathLike[str]) -> Runner:
+        return open_runner(path, backend="onnx", device="cpu", threads=self.threads)
+
+    def versions(self) -> dict[str, str | None]:
+        return {"onnxruntime": package_version("onnxruntime"), "onnx": package_version("onnx")}
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        """Cells of one layer are timed interleaved, so load drifting meanwhile hits all of them alike."""
+        out: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="slim2deploy-probe-") as tmp:
+            paths = []
+            for i, (layer, ci, co) in enumerate(cells):
+                paths.append(write_layer_onnx(layer, ci, co, Path(tmp) / f"probe{i}.onnx", self.precision))
+            for start in range(0, len(paths), 16):
+                out += self.latencies(paths[start : start + 16], iterations=15, rounds=3, warmup_s=0.0)
+        return out
+
+
+class TorchTarget(Target):
+    """torch on the CPU or a GPU, checkpoints in, Conv+BN folded at load as every deployment runtime does."""
+
+    artifact = "checkpoint"
+    torch_device: ClassVar[str] = "cpu"
+    mode: ClassVar[str] = "folded"
+    cuda_graph: ClassVar[bool] = False
+
+    def open(self, path: str | os.PathLike[str]) -> Runner:
+        return open_runner(
+            path,
+            backend="torch",
+            device=self.torch_device,
+            precision=self.precision,
+            mode=self.mode,
+            channels_last=self.torch_device == "cuda",
+            cuda_graph=self.cuda_graph,
+            threads=self.threads,
+        )
+
+    def versions(self) -> dict[str, str | None]:
+        return {"torch": package_version("torch")}
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        """Each cell as a small in-memory module (conv or linear + ReLU) on the torch runner."""
+        import torch  # noqa: F401 - fails early, with torch's own message, where torch is missing
+        from torch import nn
+
+        runners = []
+        for layer, ci, co in cells:
+            module: nn.Module
+            if layer.op == "conv":
+                groups = ci if layer.depthwise else 1
+                conv = nn.Conv2d(
+                    ci,
+                    ci if layer.depthwise else co,
+                    (layer.kernel[0], layer.kernel[1]),
+                    (layer.stride[0], layer.stride[1]),
+                    (layer.padding[0], layer.padding[1]),
+                    (layer.dilation[0], layer.dilation[1]),
+                    groups=groups,
+                )
+                module, shape = nn.Sequential(conv, nn.ReLU()), (ci, *layer.in_hw)
+            else:
+                module, shape = nn.Sequential(nn.Linear(ci, co), nn.ReLU()), (ci,)
+            runners.append(
+                open_runner(
+                    module.eval(),
+                    backend="torch",
+                    device=self.torch_device,
+                    precision=self.precision,
+                    mode=self.mode,
+                    channels_last=self.torch_device == "cuda" and layer.op == "conv",
+                    cuda_graph=self.cuda_graph,
+                    threads=self.threads,
+                    input_shape=shape,
+                )
+            )
+        out: list[float] = []
+        for start in range(0, len(runners), 16):
+            out += self.time_runners(runners[start : start + 16], iterations=15, rounds=3, warmup_s=0.0)
+        return out
+
+
+class TorchCpuTarget(TorchTarget):
+    name = "torch-cpu"
+
+
+class TorchCudaTarget(TorchTarget):
+    name = "torch-cuda"
+    torch_device = "cuda"
+    cuda_graph = True
+
+    def device(self) -> str:
+        return nvidia_smi().get("gpu_name") or "no GPU"
+
+
+class TorchCudaCompiledTarget(TorchCudaTarget):
+    name = "torch-cuda-compiled"
+    mode = "compiled"
+
+
+class TrtTarget(Target):
+    name = "trt"
+    artifact = "engine"
+
+    def open(self, path: str | os.PathLike[str]) -> Runner:
+        raise SlimError(
+            "target trt measures TensorRT engines, which this version builds only in 'slim2deploy build'; "
+            "profile on ort-cpu or torch-cuda"
+        )
+
+
+TARGETS: dict[str, type[Target]] = {
+    t.name: t for t in (OrtCpuTarget, TorchCpuTarget, TorchCudaTarget, TorchCudaCompiledTarget, TrtTarget)
+}
+
+
+def make_target(name: str, batch: int = 64, precision: str = "fp32", threads: int | None = None) -> Target:
+    if name not in TARGETS:
+        raise SlimError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    return TARGETS[name](batch=batch, precision=precision, threads=threads)
+
+
+class CellCache:
+    """Measured layer cells on disk: one JSON file per target key, cells keyed by signature and widths."""
+
+    def __init__(self, target: Target, directory: str | os.PathLike[str] | None = DEFAULT_CACHE) -> None:
+        self.key = target.key()
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.path = None if directory is None else Path(directory) / f"{target.name}-{digest}.json"
+        self.cells: dict[str, float] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                self.cells = {str(k): float(v) for k, v in json.loads(self.path.read_text())["cells"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.cells = {}  # a damaged cache is only lost time: measure again
+
+    @staticmethod
+    def cell_key(layer: LayerSpec, ci: int, co: int) -> str:
+        return f"{layer.signature()} {ci},{co}"
+
+    def measure(
+        self,
+        target: Target,
+        cells: Sequence[tuple[LayerSpec, int, int]],
+        log: Callable[[str], None] | None = None,
+    ) -> int:
+        """Fill ``cells`` into their layers, timing only what the cache does not know; returns how many were timed."""
+        todo = [c for c in cells if self.cell_key(*c) not in self.cells]
+        unique = list({self.cell_key(*c): c for c in todo}.values())
+        if unique:
+            if log:
+                log(f"timing {len(unique)} layer cells on {target.describe()} ({len(cells) - len(todo)} cached)")
+            for cell, ms in zip(unique, target.layer_ms(unique), strict=True):
+                self.cells[self.cell_key(*cell)] = ms
+            self.save()
+        for layer, ci, co in cells:
+            layer.record(ci, co, self.cells[self.cell_key(layer, ci, co)])
+        return len(unique)
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"key": self.key, "cells": self.cells}, indent=0))

@@ -1,0 +1,317 @@
+"""Image folders read lazily through a DataLoader, for sets that do not fit in memory.
+
+``load_data`` picks the loader: the in-memory ``data.Dataset`` for small sources (Fashion-MNIST,
+``.npz``, small folders), where one tensor is fastest, and ``FolderData`` for a folder whose
+decoded float32 images would take more than ``STREAM_ABOVE_BYTES`` (or with ``stream=True``).
+The choice is made once per folder, for the train and val splits alike, so both are
+preprocessed the same way.
+
+``FolderData`` decodes each image when a batch needs it, with the ImageNet-style transforms
+(train: random-resized crop to ``crop`` + horizontal flip; eval: resize the shorter side to
+``image_size``, center crop ``crop``) and the per-channel normalisation of the training split.
+Augmentation draws come from (seed, epoch, image index), not from a worker's random state, so a
+run repeats exactly whatever the number of workers or processes. Under torchrun a
+``DistributedSampler`` gives rank r the images r, r + world, ... of the epoch's permutation, so
+step k of the N ranks together covers exactly the global batch k of one process with N times
+the batch size: N processes compute what one computes (``fit`` syncs BatchNorm statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, _split_90_10, load_dataset
+
+STREAM_ABOVE_BYTES = 1 << 30
+STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+
+
+def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``."""
+    base = root / "train" if (root / "train").is_dir() else root
+    if split != "train" and (root / "train").is_dir():
+        if not (root / "val").is_dir():
+            raise SlimError(f"{root} has train/ but no val/ folder")
+        base = root / "val"
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
+    files = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((base / c).iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
+    if base == root:
+        files = [files[i] for i in _split_90_10(len(files), split)]
+    return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
+
+
+def _open_rgb(path: Path) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as exc:
+        raise SlimError(f"cannot read image {path} ({exc}); remove or replace it") from exc
+
+
+def _crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random-resized crop, as torchvision's RandomResizedCrop.get_params."""
+    area = width * height
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*RRC_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    ratio = width / height
+    if ratio < RRC_RATIO[0]:
+        w, h = width, int(round(width / RRC_RATIO[0]))
+    elif ratio > RRC_RATIO[1]:
+        w, h = int(round(height * RRC_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
+class FolderData(torch.utils.data.Dataset):
+    """A folder split as a map-style dataset; items are (index, epoch) with epoch < 0 for no augmentation."""
+
+    files: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    crop: int
+    name: str = ""
+    seed: int = 0
+    workers: int = 0
+    meta: dict[str, object] = field(default_factory=dict)
+    _loaders: dict[tuple[int, bool, bool, int, int], DataLoader] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return 3, self.crop, self.crop
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n: int | None) -> FolderData:
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise SlimError(f"a subset needs at least one image, got {n}")
+        return FolderData(**{**self.__dict__, "files": self.files[:n], "labels": self.labels[:n], "_loaders": {}})
+
+    def pixels(self, index: int, epoch: int = -1) -> torch.Tensor:
+        """Image ``index`` as float C x H x W in [0, 1]: augmented for ``epoch`` >= 0, else the eval view."""
+        from torchvision.transforms import functional as TF
+
+        img = _open_rgb(self.files[index])
+        if epoch >= 0:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            top, left, h, w = _crop_box(img.width, img.height, rng)
+            img = TF.resized_crop(img, top, left, h, w, [self.crop, self.crop], antialias=True)
+            if rng.random() < 0.5:
+                img = TF.hflip(img)
+        else:
+            img = TF.center_crop(TF.resize(img, self.image_size, antialias=True), [self.crop, self.crop])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item
+        x = self.pixels(index, epoch)
+        m = torch.tensor(self.mean).view(-1, 1, 1)
+        s = torch.tensor(self.std).view(-1, 1, 1)
+        return (x - m) / s, int(self.labels[index])
+
+    def stack(self, indices: Iterable[int]) -> np.ndarray:
+        """The eval view of the chosen images, normalised, as one float32 N x C x H x W array."""
+        return np.stack([self[(int(i), -1)][0].numpy() for i in indices]).astype(np.float32)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, epoch: int = 0, augment: bool = False, rank: int = 0, world: int = 1
+    ) -> DataLoader:
+        """This rank's batches of one epoch (the module docstring says which images each rank gets).
+
+        The DataLoader is made once per configuration and kept, so its workers persist across epochs.
+        """
+        key = (batch_size, shuffle, augment, rank, world)
+        if key not in self._loaders:
+            sampler: DistributedSampler[int] = DistributedSampler(
+                self, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
+            )
+            self._loaders[key] = DataLoader(
+                self,
+                batch_size=batch_size,
+                sampler=_WithEpoch(sampler),
+                drop_last=shuffle,
+                num_workers=self.workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.workers > 0,
+                worker_init_fn=_one_thread,
+            )
+        loader = self._loaders[key]
+        assert isinstance(loader.sampler, _WithEpoch)
+        loader.sampler.set_epoch(epoch, augment)
+        return loader
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaders": {}}  # workers get the data, not the loaders
+
+
+class _WithEpoch(Sampler[tuple[int, int]]):
+    """Pairs each index with the epoch whose augmentation it gets (-1: none); iterated in the main process."""
+
+    def __init__(self, inner: DistributedSampler[int]):
+        self.inner, self.epoch = inner, -1
+
+    def set_epoch(self, epoch: int, augment: bool) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch = epoch if augment else -1
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i, self.epoch) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the training threads
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def _estimate_stats(ds: FolderData) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(STATS_SAMPLE, len(ds))).astype(int))
+    x = torch.stack([ds.pixels(int(i)) for i in picks])
+    mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-6) for v in x.std(dim=(0, 2, 3)))
+    return mean, std
+
+
+def decoded_bytes(root: Path, image_size: int | None, crop: int | None) -> int:
+    """What the whole folder would take as one float32 tensor (the in-memory loader's layout)."""
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        return 0
+    side = crop or image_size
+    if side is None:
+        first = _open_rgb(files[0])
+        return len(files) * 3 * first.width * first.height * 4
+    return len(files) * 3 * side * side * 4
+
+
+def open_folder(
+    root: Path,
+    split: str,
+    *,
+    image_size: int | None = None,
+    crop: int | None = None,
+    stats: Stats = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> FolderData:
+    """A streaming view of ``split`` of an image folder; ``stats`` = the training normalisation."""
+    files, labels, classes = scan_folder(root, split)
+    if (image_size is not None and image_size < 1) or (crop is not None and crop < 1):
+        raise SlimError(f"--image-size and --crop must be positive, got {image_size} and {crop}")
+    if crop is None and image_size is None:
+        first = _open_rgb(files[0])
+        image_size = min(first.width, first.height)
+    crop = crop or image_size
+    image_size = image_size or crop
+    assert crop is not None and image_size is not None
+    if crop > image_size:
+        raise SlimError(f"--crop {crop} is larger than --image-size {image_size}; the center crop must fit")
+    n_workers = default_workers() if workers is None else workers
+    if n_workers < 0:
+        raise SlimError(f"--workers must be >= 0, got {n_workers}")
+    ds = FolderData(files, labels, classes, (0.0,), (1.0,), image_size, crop, f"folder:{root}", seed, n_workers)
+    ds.mean, ds.std = stats if stats is not None else _estimate_stats(ds)
+    ds.meta = {"loader": "stream", "image_size": image_size, "crop": crop}
+    return ds
+
+
+AnyData = Dataset | FolderData
+
+
+def load_data(
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    stats: Stats = None,
+    *,
+    stream: bool | None = None,
+    crop: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> AnyData:
+    """``data.load_dataset``, or a ``FolderData`` for a folder that streams (``stream=None``: by size).
+
+    ``crop`` (also recorded by ``import`` for the model's input size) is ignored for non-folder sources.
+    """
+    path = Path(name.split(":", 1)[1] if name.startswith("folder:") else name)
+    if not path.is_dir():
+        if stream:
+            raise SlimError(f"--stream is for image folders; {name!r} is not a folder")
+        return load_dataset(name, split, data_dir, image_size, stats)  # --crop only shapes folder images
+    if stream is None:
+        stream = crop is not None or decoded_bytes(path, image_size, crop) > STREAM_ABOVE_BYTES
+    if not stream:
+        if crop is not None:
+            raise SlimError("--crop needs the streaming loader (--stream); the in-memory one resizes whole images")
+        return load_dataset(name, split, data_dir, image_size, stats)
+    return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
+
+
+def describe(ds: AnyData) -> str:
+    """One line saying which loader is used and what holding the set in memory would cost."""
+    size = len(ds) * math.prod(ds.input_shape) * 4
+    if isinstance(ds, FolderData):
+        return (
+            f"data: streaming {len(ds)} images from {ds.name.removeprefix('folder:')} with {ds.workers} workers "
+            f"(decoded they would take {size / 2**30:.2f} GiB)"
+        )
+    return f"data: {len(ds)} images of {ds.name or 'the dataset'} in memory ({size / 2**20:.0f} MiB)"
+
+
+def preprocess_meta(ds: AnyData) -> dict[str, Any]:
+    """What a checkpoint records so that later stages read the data the same way."""
+    if isinstance(ds, FolderData):
+        return {"stream": True, "image_size": ds.image_size, "crop": ds.crop}
+    return {"stream": False}
+
+
+def sample_arrays(ds: AnyData, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) as numpy arrays: everything for in-memory data, the first ``n`` images of a streamed folder."""
+    if isinstance(ds, Dataset):
+        return ds.x.numpy(), ds.y.numpy()
+    idx = range(min(len(ds), n or len(ds)))
+    return ds.stack(idx), ds.labels[: len(idx)]

@@ -1,0 +1,175 @@
+"""Pruning to a latency budget on a target, closed loop: profile, select, cut, measure, tighten.
+
+The table predicts; the target decides. After surgery the slim model is measured on the target
+interleaved with the unpruned one; if it misses the goal by more than ``MISS_TOLERANCE`` the
+budget handed to the selector is tightened by the miss and the selection repeated (at most
+``Budget.tries`` times). The goal for ``--speedup S`` is the interleaved baseline measurement
+divided by S, so load on the machine hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text
+from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
+from slim2deploy.pipeline.profile import model_artifact, profile, refine
+from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
+from slim2deploy.prune.latency import LatencyTable
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.select import LatencySelector, Selection, select
+from slim2deploy.prune.summary import summarize
+from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
+
+MISS_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency goal on a target: ``speedup`` over the unpruned model, or ``latency_ms``; the
+    rails every selection respects. Plain data, like ``Selection`` (what a build caches on)."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+    target: str = "ort-cpu"
+    batch: int = 64
+    precision: str = "fp32"
+    threads: int | None = None
+    table: str | None = None  # a profile to reuse instead of profiling
+    cache: str | None = str(DEFAULT_CACHE)
+    tries: int = 4
+    rails: Rails = field(default_factory=Rails)
+
+    def __post_init__(self) -> None:
+        if (self.speedup is None) == (self.latency_ms is None):
+            raise SlimError("give exactly one latency budget: --speedup S or --latency-ms T")
+        if not (isinstance(self.tries, int) and self.tries >= 1):
+            raise SlimError(f"--tries must be a positive integer, got {self.tries!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def goal(self) -> str:
+        return f"speed-up {self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
+
+    def describe(self) -> str:
+        r = self.rails
+        return (
+            f"latency {self.goal()} on {self.target} batch {self.batch} {self.precision}; rails: "
+            f"min_channels={r.min_channels} max_prune={r.max_prune} round_to={r.round_to}"
+        )
+
+
+@dataclass
+class BudgetResult:
+    plan: PruningPlan
+    summary: str
+    table: LatencyTable
+    chosen: dict[str, float]
+    tries: list[dict[str, float]] = field(default_factory=list)
+    met: bool = False
+
+
+def prune_to_budget(
+    src: str | Path,
+    dst: str | Path,
+    budget: Budget,
+    *,
+    fold: bool = True,
+    trust_code: bool = False,
+    target: Target | None = None,
+    table_out: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> BudgetResult:
+    """What ``slim2deploy prune --speedup/--latency-ms`` does; ``target`` overrides ``budget.target``."""
+    rails = budget.rails
+    target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
+    ckpt, model = load_for_pruning(src, trust_code)
+    x = torch.zeros(1, *ckpt.input_shape)
+    traced = trace_groups(model, x, fold=fold)
+    cache = CellCache(target, budget.cache)
+    goal_ms = budget.latency_ms
+    if budget.table:
+        try:
+            table = LatencyTable.from_json(Path(budget.table).read_text())
+        except OSError as exc:
+            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
+        table.check_model([g.size for g in traced.groups])
+        if log and table.meta.get("target") != target.name:
+            log(f"note: the table was profiled on {table.describe()}; the slim model is verified on {target.name}")
+    else:
+        table = profile(model, traced, ckpt, src, target, rails, cache=cache, log=log)
+        first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), rails)
+        refine(table, traced, first, target, cache=cache, log=log)
+    if table_out:
+        atomic_write_text(table_out, table.to_json())
+    budget_ms = budget.latency_ms or table.full_ms / float(budget.speedup or 1)
+    tries: list[dict[str, float]] = []
+    best: tuple[float, PruningPlan, Any, Selection, dict[str, float]] | None = None
+    with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
+        work = Path(tmp)
+        base: Path | None = None
+        floor_ms = table.predict(
+            [
+                min(set(rails.allowed(g.size)) & set(steps), default=g.size) if g.prunable else g.size
+                for steps, g in zip(table.steps, traced.groups, strict=True)
+            ]
+        )
+        at_floor = False
+        for attempt in range(budget.tries):
+            selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
+            try:
+                plan = select(traced, selection)
+            except SlimError:
+                if best is None or at_floor:
+                    raise
+                # tightened past what the rails allow: the last try is the smallest model they allow
+                budget_ms, at_floor = floor_ms, True
+                selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
+                plan = select(traced, selection)
+            slim = apply_plan(model, plan)
+            base = base or model_artifact(model, ckpt, Path(src), target, work, "baseline")
+            slim_ckpt = work / f"slim{attempt}.pt"
+            save_pruned(ckpt, src, slim, plan, selection, slim_ckpt)
+            art = model_artifact(slim, ckpt, slim_ckpt, target, work, f"slim{attempt}")
+            base_ms, slim_ms = target.latencies([base, art])
+            goal = goal_ms if goal_ms is not None else base_ms / float(budget.speedup or 1)
+            counts = [len(g.keep) for g in plan.groups]
+            row = {
+                "budget_ms": budget_ms,
+                "predicted_ms": table.predict(counts),
+                "measured_ms": slim_ms,
+                "baseline_ms": base_ms,
+                "goal_ms": goal,
+            }
+            tries.append(row)
+            if log:
+                log(
+                    f"try {attempt + 1}: predicted {row['predicted_ms']:.4g} ms, measured {slim_ms:.4g} ms "
+                    f"(unpruned {base_ms:.4g} ms, goal {goal:.4g} ms)"
+                )
+            miss = slim_ms / goal
+            if best is None or (best[0] > 1 + MISS_TOLERANCE and miss < best[0]) or miss <= 1 + MISS_TOLERANCE:
+                best = (miss, plan, slim, selection, row)
+            if miss <= 1 + MISS_TOLERANCE or at_floor:
+                break
+            budget_ms *= goal / slim_ms
+    assert best is not None
+    miss, plan, slim, selection, chosen = best
+    met = miss <= 1 + MISS_TOLERANCE
+    plan.notes.append(
+        f"measured on {target.describe()}: {chosen['measured_ms']:.4g} ms vs unpruned {chosen['baseline_ms']:.4g} ms "
+        f"interleaved (speed-up {chosen['baseline_ms'] / chosen['measured_ms']:.2f}x), goal {budget.goal()} = "
+        f"{chosen['goal_ms']:.4g} ms {'met' if met else 'MISSED'} ({len(tries)} of at most {budget.tries} tries)"
+    )
+    save_pruned(ckpt, src, slim, plan, selection, dst)
+    return BudgetResult(plan, summarize(plan, model, x, slim), table, chosen, tries, met)

@@ -1,0 +1,76 @@
+"""The ``import`` stage: an existing model + its weights + an input shape in, a slim2deploy checkpoint out.
+
+The checkpoint records the architecture by name, so ``prune``, ``export``, ``build`` and the
+benchmarks work on it directly, and the normalisation its inputs need (the library's for
+pretrained torchvision/timm weights unless ``--mean/--std`` say otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.model.checkpoint import checkpoint_for, first_line, save_checkpoint
+from slim2deploy.model.weights import WeightsReport, build_with_weights
+from slim2deploy.model.zoo import is_user_factory, pretrained_stats, split_name
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def import_model(
+    arch: str,
+    out: str | Path,
+    input_shape: tuple[int, int, int],
+    *,
+    weights: str | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    width: float | None = None,
+    stats: Stats | None = None,
+    image_size: int | None = None,
+    trust_code: bool = False,
+) -> tuple[Path, WeightsReport | None]:
+    """Build ``arch`` with the given weights, check it runs on ``input_shape`` and save a checkpoint."""
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise SlimError(f"--input-shape is C,H,W with positive sizes, e.g. 3,224,224; got {input_shape}")
+    if is_user_factory(arch) and not trust_code:
+        raise SlimError(f"{arch!r} imports and runs that module's code; pass --trust-pickle if you trust it")
+    if num_classes is not None and num_classes < 1:
+        raise SlimError(f"--num-classes must be at least 1, got {num_classes}")
+    if not (weights or pretrained):
+        raise SlimError("import needs the weights to start from: --weights PATH or --pretrained")
+    kwargs: dict[str, Any] = {} if split_name(arch)[0] else {"in_channels": input_shape[0]}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if width is not None:
+        kwargs["width"] = width
+    model, kwargs, report = build_with_weights(
+        arch, kwargs, weights=weights, pretrained=pretrained, trust_pickle=trust_code
+    )
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *input_shape))
+    except RuntimeError as exc:
+        raise SlimError(f"{arch} does not run on inputs of shape {input_shape} (C,H,W): {first_line(exc)}") from exc
+    if logits.dim() != 2:
+        raise SlimError(f"{arch} returns shape {tuple(logits.shape)}; a classifier returning N x classes is needed")
+    if stats is None:
+        if not split_name(arch)[0]:
+            raise SlimError(f"give the input normalisation of {arch} with --mean and --std")
+        stats = pretrained_stats(arch)
+    if len(stats[0]) != input_shape[0]:
+        raise SlimError(f"--mean/--std have {len(stats[0])} values but the input has {input_shape[0]} channels")
+    meta = {
+        "mean": list(stats[0]),
+        "std": list(stats[1]),
+        "classes": [str(i) for i in range(logits.shape[1])],
+        "preprocess": {"image_size": image_size or input_shape[1], "crop": input_shape[1]},
+        "imported": {"arch": arch, "weights": weights, "pretrained": pretrained},
+        **({"weights": report.to_dict()} if report is not None else {}),
+    }
+    ckpt = checkpoint_for(model, arch, kwargs, input_shape, int(logits.shape[1]), meta)
+    return save_checkpoint(ckpt, out), report

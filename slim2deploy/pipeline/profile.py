@@ -1,0 +1,207 @@
+"""The ``profile`` stage: a model and a target in, a latency table (``prune.latency``) out.
+
+Which layers: every convolution and linear that reads or produces a prunable group's channels
+(``layer_specs``), at its real input size (found by running the model once with hooks).
+Which cells: the row and the column of each layer's (c_in, c_out) grid through the full model,
+at every kept count the rails allow; then, for a budget, the lines through the solution, solved
+again until the solution stops moving (``refine``). The unpruned model is measured whole to
+calibrate the part no group changes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text
+from slim2deploy.deploy.export import export_onnx
+from slim2deploy.deploy.precision import to_fp16
+from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
+from slim2deploy.model.checkpoint import Checkpoint
+from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
+from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
+from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
+
+Log = Callable[[str], None]
+
+
+def layer_specs(model: nn.Module, traced: PruningPlan, example_input: torch.Tensor) -> list[LayerSpec]:
+    """The convolutions and linears whose widths a prunable group changes, with their shapes."""
+    outs: dict[str, int] = {}
+    ins: dict[str, list[list[int]]] = {}
+    through: dict[str, int] = {}
+    for gi, g in enumerate(traced.groups):
+        if not g.prunable:
+            continue
+        for m in g.members:
+            if not m.tensor.endswith(".weight"):
+                continue
+            if m.role == "out" and m.dim == 0:
+                outs[m.module] = gi
+            elif m.role == "in" and m.dim == 1:
+                ins.setdefault(m.module, []).append([gi, m.block])
+            elif m.role == "through" and m.dim == 0:
+                through[m.module] = gi
+    in_shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+
+            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                in_shapes[name] = tuple(args[0].shape[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    specs = []
+    for name, module in model.named_modules():
+        depthwise = name in through and isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+        if name not in outs and name not in ins and not depthwise:
+            continue
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 and not depthwise:
+                continue  # grouped convolutions are never pruned: their cost is in the base
+            if not all(isinstance(p, int) for p in module.padding):
+                continue  # padding='same': a probe cannot reproduce it; its cost stays in the base
+            spec = LayerSpec(name, "conv", module.in_channels, [], module.out_channels, None)
+            spec.kernel, spec.stride = list(module.kernel_size), list(module.stride)
+            spec.padding = [int(p) for p in module.padding]
+            spec.dilation, spec.in_hw = list(module.dilation), list(in_shapes[name][1:])
+        elif isinstance(module, nn.Linear) and len(in_shapes.get(name, ())) == 1:
+            spec = LayerSpec(name, "linear", module.in_features, [], module.out_features, None)
+        else:
+            continue
+        if depthwise:
+            spec.in_fixed, spec.in_groups, spec.out_fixed, spec.out_group = 0, [[through[name], 1]], 0, through[name]
+            spec.depthwise = True
+        else:
+            spec.in_groups = ins.get(name, [])
+            spec.in_fixed -= sum(traced.groups[gi].size * block for gi, block in spec.in_groups)
+            if name in outs:
+                spec.out_fixed, spec.out_group = 0, outs[name]
+        specs.append(spec)
+    return specs
+
+
+def model_artifact(model: nn.Module, ckpt: Checkpoint, src: Path, target: Target, workdir: Path, stem: str) -> Path:
+    """``model`` as the file ``target`` runs (an ONNX graph, or the checkpoint itself)."""
+    if target.artifact == "checkpoint":
+        return src
+    if target.artifact != "onnx":
+        raise SlimError(f"target {target.name} runs {target.artifact} files, which profiling cannot make")
+    path = workdir / f"{stem}.onnx"
+    export_onnx(model, torch.zeros(1, *ckpt.input_shape), path)
+    if target.precision == "fp16":
+        to_fp16(path, path)
+    return path
+
+
+def profile(
+    model: nn.Module,
+    traced: PruningPlan,
+    ckpt: Checkpoint,
+    src: str | Path,
+    target: Target,
+    rails: Rails,
+    *,
+    cache: CellCache | None = None,
+    log: Log | None = None,
+) -> LatencyTable:
+    """A latency table for ``model`` on ``target``: lines through the full model, calibrated."""
+    x = torch.zeros(1, *ckpt.input_shape)
+    sizes = [g.size for g in traced.groups]
+    steps = [rails.allowed(g.size) if g.prunable else [] for g in traced.groups]
+    meta = {**target.key(), "model": str(src), "arch": ckpt.arch, "input_shape": list(ckpt.input_shape)}
+    table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0)
+    cache = cache or CellCache(target)
+    cache.measure(target, table.lines_around(sizes), log)
+    small = [s[0] if s else g.size for s, g in zip(steps, traced.groups, strict=True)]
+    with tempfile.TemporaryDirectory(prefix="slim2deploy-profile-") as tmp:
+        work = Path(tmp)
+        base = model_artifact(model, ckpt, Path(src), target, work, "baseline")
+        narrow = Selection(WidthsSelector(tuple(small)), rails)
+        plan = select(traced, narrow)
+        slim = apply_plan(model, plan)
+        save_pruned(ckpt, src, slim, plan, narrow, work / "smallest.pt")
+        tiny = model_artifact(slim, ckpt, work / "smallest.pt", target, work, "smallest")
+        full_ms, small_ms = target.latencies([base, tiny])
+    table.calibrate(full_ms, small_ms, small)
+    if log:
+        log(
+            f"unpruned model {full_ms:.4g} ms, smallest {small_ms:.4g} ms on {target.describe()}; "
+            f"{len(table.layers)} layers profiled, in-model / standalone cost {table.scale:.2f}"
+        )
+    return table
+
+
+def refine(
+    table: LatencyTable,
+    traced: PruningPlan,
+    selection: Selection,
+    target: Target,
+    *,
+    cache: CellCache | None = None,
+    rounds: int = 3,
+    log: Log | None = None,
+) -> list[int]:
+    """Solve, measure the lines through the solution, solve again; until it stops moving."""
+    if not isinstance(selection.selector, LatencySelector):
+        raise SlimError("refine needs a latency selection")
+    cache = cache or CellCache(target)
+    counts: list[int] = []
+    for _ in range(rounds):
+        selector = LatencySelector(
+            table.to_dict(), selection.selector.latency_ms, selection.selector.speedup, selection.selector.tolerance
+        )
+        new, _ = selector.kept_counts(traced.groups, selection.rails)
+        if new == counts or not cache.measure(target, table.lines_around(new), log):
+            return new
+        counts = new
+    return counts
+
+
+def profile_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    target: str = "ort-cpu",
+    batch: int = 64,
+    precision: str = "fp32",
+    threads: int | None = None,
+    rails: Rails | None = None,
+    cache: str | None = str(DEFAULT_CACHE),
+    speedup: float | None = None,
+    trust_code: bool = False,
+    log: Log | None = print,
+) -> LatencyTable:
+    """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
+    rails = rails or Rails()
+    tgt = make_target(target, batch, precision, threads)
+    ckpt, model = load_for_pruning(src, trust_code)
+    traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape))
+    cells = CellCache(tgt, cache)
+    table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
+    if speedup is not None:
+        refine(
+            table,
+            traced,
+            Selection(LatencySelector(table.to_dict(), speedup=speedup), rails),
+            tgt,
+            cache=cells,
+            log=log,
+        )
+    atomic_write_text(dst, table.to_json())
+    return table

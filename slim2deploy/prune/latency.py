@@ -1,0 +1,227 @@
+"""The latency table: what each layer a group touches costs on a target, as data (no torch).
+
+A target's latency is modelled as ``base_ms + scale * sum(layer_ms(layer, c_in, c_out))`` over
+the convolutions and linears whose input or output width a prunable group changes. ``base_ms``
+is everything else (layers no group changes, the runtime's fixed overhead). ``scale`` is what a
+layer costs inside the model per millisecond it costs standalone (a standalone probe also pays
+for its input and output copies; and on a shared machine the load differs between the moments
+cells and models are measured). Both are calibrated on two real models measured interleaved,
+the unpruned one and the smallest the rails allow, so the table predicts both exactly.
+
+A convolution's cost depends on its input *and* output widths, so every layer has its own grid
+of measured cells ``(c_in, c_out) -> ms``. Profiling does not fill the grid (15 x 15 cells per
+layer at the default rails): it measures the *row* through the layer's current input width and
+the *column* through its current output width, first at the full model and then again around
+each solution (``pipeline.profile``). Between measured lines a cell is estimated by a rank-1
+(separable) model anchored at the nearest measured crossing ``(ri, rc)``:
+``f(ci, co) ~= f(ri, co) * f(ci, rc) / f(ri, rc)``, exact on every measured line -- so exact
+along the lines through the solution once it has been re-profiled. Any runtime's step
+structure (a 40-channel conv costing what a 48-channel one costs) is in the measured cells,
+not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.knapsack import staircase
+
+TABLE_VERSION = 1
+
+
+@dataclass
+class LayerSpec:
+    """One convolution or linear whose width some group changes, with its measured cells.
+
+    Input width = ``in_fixed`` + sum of ``kept * block`` over ``in_groups`` (``[group, block]``
+    pairs: after a flatten each channel owns ``block`` features; a concatenation has several).
+    Output width = ``out_fixed`` when ``out_group`` is None, else that group's kept count. A
+    depthwise convolution has ``in_groups == [[out_group, 1]]``.
+    """
+
+    name: str
+    op: str  # "conv" or "linear"
+    in_fixed: int
+    in_groups: list[list[int]]
+    out_fixed: int
+    out_group: int | None
+    kernel: list[int] = field(default_factory=list)
+    stride: list[int] = field(default_factory=list)
+    padding: list[int] = field(default_factory=list)
+    dilation: list[int] = field(default_factory=list)
+    depthwise: bool = False
+    in_hw: list[int] = field(default_factory=list)
+    cells: dict[str, float] = field(default_factory=dict)
+    _parsed: dict[tuple[int, int], float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def widths(self, counts: Sequence[int]) -> tuple[int, int]:
+        ci = self.in_fixed + sum(counts[g] * block for g, block in self.in_groups)
+        co = self.out_fixed if self.out_group is None else counts[self.out_group]
+        return ci, co
+
+    def groups(self) -> set[int]:
+        found = {g for g, _ in self.in_groups}
+        if self.out_group is not None:
+            found.add(self.out_group)
+        return found
+
+    def signature(self) -> str:
+        """What the cost depends on besides the widths (the cache key's layer part)."""
+        return (
+            f"{self.op} k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
+            f"dw{int(self.depthwise)} hw{self.in_hw}"
+        )
+
+    def measured(self) -> dict[tuple[int, int], float]:
+        if self._parsed is None or len(self._parsed) != len(self.cells):
+            self._parsed = {_cell(key): ms for key, ms in self.cells.items()}
+        return self._parsed
+
+    def record(self, ci: int, co: int, ms: float) -> None:
+        self.cells[f"{ci},{co}"] = float(ms)
+        self._parsed = None
+
+    def ms(self, ci: int, co: int) -> float:
+        """Measured cost of the cell, or the rank-1 estimate from the nearest measured crossing."""
+        cells = self.measured()
+        if (ci, co) in cells:
+            return cells[(ci, co)]
+        if not cells:
+            raise SlimError(f"layer {self.name} has no measured latency; profile the model again")
+        best: tuple[float, float] | None = None
+        for (ri, rc), anchor in cells.items():
+            if (ri, co) in cells and (ci, rc) in cells and anchor > 0:
+                distance = abs(ri - ci) / max(ci, 1) + abs(rc - co) / max(co, 1)
+                if best is None or distance < best[0]:
+                    best = (distance, cells[(ri, co)] * cells[(ci, rc)] / anchor)
+        if best is not None:
+            return best[1]
+        # no crossing covers the cell: scale the nearest cell by the arithmetic it does
+        (ni, no), near = min(cells.items(), key=lambda kv: abs(kv[0][0] - ci) + abs(kv[0][1] - co))
+        return near * (ci * co) / max(ni * no, 1)
+
+
+def _cell(key: str) -> tuple[int, int]:
+    a, b = key.split(",")
+    return int(a), int(b)
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer measured cells for one model on one target, batch and precision.
+
+    ``sizes`` are the traced groups' channel counts (every group, in plan order); ``steps`` the
+    kept counts profiled per group (empty for a group that cannot be pruned). ``full_ms`` is the
+    measured latency of the unpruned model; ``meta`` records target, device, library versions,
+    batch, precision and the model.
+    """
+
+    meta: dict[str, Any]
+    sizes: list[int]
+    steps: list[list[int]]
+    layers: list[LayerSpec]
+    full_ms: float
+    base_ms: float = 0.0
+    scale: float = 1.0
+
+    def calibrate(self, full_ms: float, small_ms: float | None = None, small: Sequence[int] | None = None) -> None:
+        """Make the table predict ``full_ms`` for the unpruned model, and ``small_ms`` for the kept
+        counts ``small`` when given (then ``scale`` is fitted too; else it is 1)."""
+        self.full_ms = float(full_ms)
+        layers_full = self._layers_ms(self.sizes)
+        self.scale = 1.0
+        if small_ms is not None and small is not None:
+            spread = layers_full - self._layers_ms(small)
+            if spread > 0 and full_ms > small_ms:
+                self.scale = (full_ms - small_ms) / spread
+        self.base_ms = self.full_ms - self.scale * layers_full
+
+    def _layers_ms(self, counts: Sequence[int]) -> float:
+        return sum(layer.ms(*layer.widths(counts)) for layer in self.layers)
+
+    def predict(self, counts: Sequence[int]) -> float:
+        """Predicted latency (ms) of the model with these kept counts per group."""
+        if len(counts) != len(self.sizes):
+            raise SlimError(f"{len(counts)} kept counts given for a table of {len(self.sizes)} groups")
+        return self.base_ms + self.scale * self._layers_ms(counts)
+
+    def group_ms(self, group: int, kept: int, counts: Sequence[int]) -> float:
+        """What the layers touching ``group`` cost (in the model) when it keeps ``kept`` and the rest ``counts``."""
+        trial = list(counts)
+        trial[group] = kept
+        return self.scale * sum(layer.ms(*layer.widths(trial)) for layer in self.layers if group in layer.groups())
+
+    def staircases(self, tol: float = 0.03) -> dict[int, list[tuple[int, float]]]:
+        """Per prunable group, the kept counts where its cost (at the full model) steps up -- the
+        runtime's step structure as measured -- with the cost of each step."""
+        return {
+            g: staircase(steps, [self.group_ms(g, k, self.sizes) for k in steps], tol)
+            for g, steps in enumerate(self.steps)
+            if steps
+        }
+
+    def lines_around(self, counts: Sequence[int]) -> list[tuple[LayerSpec, int, int]]:
+        """Unmeasured cells on each layer's row and column through ``counts`` (what to profile next)."""
+        todo: list[tuple[LayerSpec, int, int]] = []
+        for layer in self.layers:
+            seen = layer.measured()
+            wanted: set[tuple[int, int]] = set()
+            for g in layer.groups():
+                for k in self.steps[g]:
+                    trial = list(counts)
+                    trial[g] = k
+                    wanted.add(layer.widths(trial))
+            wanted.add(layer.widths(counts))
+            todo += [(layer, ci, co) for ci, co in sorted(wanted) if (ci, co) not in seen]
+        return todo
+
+    def check_model(self, sizes: Sequence[int]) -> None:
+        if list(sizes) != self.sizes:
+            what = self.meta.get("model", "another model")
+            raise SlimError(
+                f"the latency table was profiled for {what} (group sizes {self.sizes[:6]}...), "
+                f"not this model ({list(sizes)[:6]}...); run 'slim2deploy profile' on this checkpoint"
+            )
+
+    def describe(self) -> str:
+        m = self.meta
+        return f"{m.get('target', '?')} batch {m.get('batch', '?')} {m.get('precision', '?')} on {m.get('device', '?')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"version": TABLE_VERSION, **asdict(self)}
+        for layer in d["layers"]:
+            layer.pop("_parsed")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LatencyTable:
+        if not isinstance(d, dict) or d.get("version") != TABLE_VERSION:
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise SlimError(f"not a slim2deploy latency table (version {got!r}, expected {TABLE_VERSION})")
+        try:
+            layers = [LayerSpec(**layer) for layer in d["layers"]]
+            return cls(
+                meta=dict(d["meta"]),
+                sizes=[int(s) for s in d["sizes"]],
+                steps=[[int(k) for k in s] for s in d["steps"]],
+                layers=layers,
+                full_ms=float(d["full_ms"]),
+                base_ms=float(d["base_ms"]),
+                scale=float(d.get("scale", 1.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SlimError(f"latency table is malformed ({exc}); profile the model again") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyTable:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise SlimError(f"latency table is not valid JSON ({exc}); profile the model again") from exc

@@ -1,0 +1,379 @@
+"""Fault injection: every user mistake is one `error:` line, exit status 2, and nothing changed on disk.
+
+Most cases call the CLI's ``main`` in this process (the same code the command runs; a subprocess
+per case would cost seconds of start-up each); a few go through a real subprocess to show that no
+traceback reaches the terminal and that a full disk is reported cleanly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import re
+import resource
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.cli import main
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.zoo import create_model
+
+ERROR_LINE = re.compile(r"^([\w.]+( \w+)?: )?error: ")
+KWARGS = {"in_channels": 1, "num_classes": 3, "width": 0.125}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (temporary ones included) with its content hash."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny checkpoint, tiny datasets of every format, and broken variants of each."""
+    d = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (64, 1, 8, 8)).astype(np.uint8)
+    y = rng.integers(0, 3, 64)
+    f = {"dir": d / "adir", "file": d / "plain.txt"}
+    f["dir"].mkdir()
+    f["file"].write_text("not a folder\n")
+    np.savez(d / "ok.npz", x=x, y=y)
+    xf = x.astype(np.float32) / 255
+    xf[5, 0, 1, 1] = np.nan
+    bad_npz = {
+        "count": {"x": x, "y": y[:40]},
+        "negative": {"x": x, "y": np.where(y == 0, -1, y)},
+        "float_labels": {"x": x, "y": y + 0.5},
+        "nan": {"x": xf, "y": y},
+        "split_count": {"x_train": x, "y_train": y, "x_val": x[:10], "y_val": y[:7]},
+    }
+    for name, arrays in bad_npz.items():
+        np.savez(d / f"{name}.npz", **arrays)
+    np.save(d / "single.npy", x)
+    (d / "npy_as.npz").write_bytes((d / "single.npy").read_bytes())
+    (d / "empty.npz").write_bytes(b"")
+    whole = (d / "ok.npz").read_bytes()
+    (d / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    for name, n_images, labels in (("idx_count", 30, rng.integers(0, 10, 20)), ("idx_label", 20, np.full(20, 12))):
+        folder = d / name
+        folder.mkdir()
+        _idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (n_images, 28, 28)))
+        _idx(folder / "train-labels-idx1-ubyte.gz", labels)
+        _idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
+        _idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    from PIL import Image
+
+    for name, junk in (("zero_byte", b""), ("garbage", b"\x89PNG but not really" * 10)):
+        for c in ("a", "b"):
+            (d / name / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(d / name / c / f"{i}.png")
+        (d / name / "a" / "broken.png").write_bytes(junk)
+    model = create_model("vgg11", **KWARGS)
+    good = checkpoint_for(model, "vgg11", KWARGS, (1, 8, 8), 3, meta={"mean": [0.5], "std": [0.25]})
+    f["ckpt"] = save_checkpoint(good, d / "model.pt")
+    payload = torch.load(f["ckpt"], weights_only=True)
+    edits = {
+        "unknown_kwarg": {"arch_kwargs": {**KWARGS, "bogus": 1}},
+        "negative_shape": {"input_shape": [-1, 8, 8]},
+        "classes_text": {"num_classes": "three"},
+        "arch_number": {"arch": 5},
+        "state_list": {"state_dict": [1, 2]},
+        "meta_list": {"meta": [1]},
+    }
+    for name, change in edits.items():
+        torch.save({**payload, **change}, d / f"{name}.pt")
+    (d / "random.pt").write_bytes(np.random.default_rng(1).bytes(4096))
+    torch.save(model.eval(), d / "pickled.pt")
+    f["root"] = d
+    return f
+
+
+@pytest.fixture
+def cli(files, capsys):
+    """Run ``slim2deploy ARGS`` in this process; returns (status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse refuses a flag
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, str], root: Path) -> str:
+    status, _, err = result
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2, err
+    assert len(errors) == 1 and ERROR_LINE.match(errors[0]), err
+    assert "Traceback" not in err
+    assert needle in errors[0], errors[0]
+    assert _snapshot(root) == before, "a refused command changed files"
+    return errors[0]
+
+
+OUTPUT_CASES = {
+    "prune --out folder": (["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{dir}"], "is a folder"),
+    "prune --plan-json folder, main output not written": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/slim.pt", "--plan-json", "{dir}"],
+        "--plan-json",
+    ),
+    "prune --out equals --plan-json": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/s.pt", "--plan-json", "{root}/s.pt"],
+        "same file",
+    ),
+    "export --out under a file": (["export", "--model", "{ckpt}", "--out", "{file}/x.onnx"], "not a folder"),
+    "export --out is the input": (["export", "--model", "{ckpt}", "--out", "{ckpt}"], "is also an input"),
+    "export --json folder": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--json", "{dir}"], "--json"),
+    "build --out is a file": (["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{file}"], "is a file"),
+    "inspect --json folder": (["inspect", "{ckpt}", "--json", "{dir}"], "is a folder"),
+    "inspect --plot is the checkpoint": (["inspect", "{ckpt}", "--plot", "{ckpt}"], "is also an input"),
+    "train --out folder, before any epoch": (["train", "--data", "{root}/ok.npz", "--out", "{dir}"], "is a folder"),
+    "train --history under a file": (
+        ["train", "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--history", "{file}/h.json"],
+        "--history",
+    ),
+    "train --out is the data": (["train", "--data", "{root}/ok.npz", "--out", "{root}/ok.npz"], "is also an input"),
+    "finetune --out is the model": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/ok.npz", "--out", "{ckpt}"],
+        "is also an input",
+    ),
+    "calib --out folder": (["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{dir}"], "is a folder"),
+}
+
+DATA_CASES = {
+    "npz image/label count": ("count.npz", "64 images but 40 labels"),
+    "npz val split count": ("split_count.npz", "10 images but 7 labels"),
+    "npz negative label": ("negative.npz", ">= 0"),
+    "npz float labels": ("float_labels.npz", "whole class indices"),
+    "npz NaN image": ("nan.npz", "NaN"),
+    "npy passed as npz": ("npy_as.npz", "single .npy array"),
+    "empty npz": ("empty.npz", "not a readable .npz"),
+    "truncated npz": ("truncated.npz", "not a readable .npz"),
+    "zero-byte image": ("zero_byte", "broken.png is not a readable image"),
+    "corrupt image": ("garbage", "broken.png is not a readable image"),
+}
+
+CHECKPOINT_CASES = {
+    "unknown architecture argument": ("unknown_kwarg.pt", "bogus"),
+    "negative input shape": ("negative_shape.pt", "input_shape"),
+    "class count as text": ("classes_text.pt", "num_classes"),
+    "architecture not a name": ("arch_number.pt", "arch must be"),
+    "state_dict not a dict": ("state_list.pt", "state_dict"),
+    "meta not a dict": ("meta_list.pt", "meta must be"),
+    "random bytes": ("random.pt", "corrupt or not a torch checkpoint"),
+    "pickled module without trust": ("pickled.pt", "--trust-pickle"),
+}
+
+TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--epochs", "1", "--batch-size", "16"]
+FLAG_CASES = {
+    "opset too old": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "5"], "13..20"),
+    "opset too new": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"], "13..20"),
+    "build opset before any stage": (
+        ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--opset", "99"],
+        "13..20",
+    ),
+    "unknown device": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--device", "tpu"], "tpu"),
+    "sparsity nan": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "nan"], "--sparsity"),
+    "sparsity inf": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "inf"], "--sparsity"),
+    "momentum 1": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--momentum", "1"], "--momentum"),
+    "weight decay nan": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--weight-decay", "nan"],
+        "--weight-decay",
+    ),
+    "image size 0": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--image-size", "0"], "--image-size"),
+    "input shape malformed": (["inspect", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
+    "pickled module without input shape": (["inspect", "{root}/pickled.pt", "--trust-pickle"], "--input-shape C,H,W"),
+    "input shape contradicts the checkpoint": (["inspect", "{ckpt}", "--input-shape", "3,8,8"], "differs"),
+}
+
+
+def _args(template: list[str], files: dict[str, Path]) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in files.items()}) for a in template]
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_bad_output_paths_are_refused_before_any_work(case, files, cli):
+    template, needle = OUTPUT_CASES[case]
+    before = _snapshot(files["root"])
+    assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_corrupt_or_inconsistent_data_is_one_error(case, files, cli):
+    name, needle = DATA_CASES[case]
+    before = _snapshot(files["root"])
+    out = files["root"] / "t.pt"
+    assert_refused(cli(*TRAIN, "--data", files["root"] / name, "--out", out), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("name,needle", [("idx_count", "30 images but 20 labels"), ("idx_label", "only 10 classes")])
+def test_inconsistent_idx_files_are_refused(name, needle, files, cli):
+    before = _snapshot(files["root"])
+    args = [*TRAIN, "--data", "fashion-mnist", "--data-dir", files["root"] / name, "--out", files["root"] / "t.pt"]
+    assert_refused(cli(*args), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("name", ["npy_as.npz", "truncated.npz", "nan.npz"])
+def test_bad_calibration_file_is_one_error(name, files, cli):
+    before = _snapshot(files["root"])
+    args = ["export", "--model", files["ckpt"], "--out", files["root"] / "q.onnx", "--precision", "int8"]
+    assert_refused(cli(*args, "--calib", files["root"] / name), str(files["root"] / name), before, files["root"])
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_edited_or_foreign_checkpoints_are_one_error(case, files, cli):
+    name, needle = CHECKPOINT_CASES[case]
+    before = _snapshot(files["root"])
+    line = assert_refused(cli("inspect", files["root"] / name), needle, before, files["root"])
+    if case != "pickled module without trust":
+        assert "--trust-pickle" not in line  # never steer users into turning safety off for a damaged file
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_bad_flags_are_one_error(case, files, cli):
+    template, needle = FLAG_CASES[case]
+    before = _snapshot(files["root"])
+    assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+
+
+def test_diverging_training_stops_without_saving(files, cli):
+    before = _snapshot(files["root"])
+    args = [*TRAIN, "--data", files["root"] / "ok.npz", "--out", files["root"] / "t.pt", "--lr", "1e30"]
+    assert_refused(cli(*args), "training diverged", before, files["root"])
+
+
+def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
+    pickled, trust = files["root"] / "pickled.pt", ["--trust-pickle", "--input-shape", "1,8,8"]
+    status, out, err = cli("inspect", pickled, *trust)
+    assert status == 0 and "features.1" in out, err
+    slim = tmp_path / "slim.pt"
+    status, out, err = cli("prune", "--model", pickled, *trust, "--ratio", "0.5", "--out", slim)
+    assert status == 0, err
+    with pytest.raises(SlimError, match="--trust-pickle"):
+        load_checkpoint(slim)  # the slim copy is pickled too: still needs the opt-in
+    with pytest.warns(UserWarning):
+        reloaded = load_checkpoint(slim, trust_pickle=True)
+    assert reloaded.input_shape == (1, 8, 8) and reloaded.num_classes == 3 and reloaded.is_pruned
+    status, out, err = cli("export", "--model", slim, "--trust-pickle", "--out", tmp_path / "slim.onnx")
+    assert status == 0 and "parity" in out, err
+    status, out, err = cli(
+        "finetune", "--model", pickled, *trust, "--data", files["root"] / "ok.npz", "--epochs", "1",
+        "--batch-size", "16", "--out", tmp_path / "ft.pt",
+    )  # fmt: skip
+    assert status == 0, err
+    status, out, err = cli("build", "--model", pickled, "--trust-pickle", "--ratio", "0.5", "--out", tmp_path / "b")
+    assert status == 2 and "one by one" in err
+
+
+def _latency():
+    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--input-sets", "0"], "--input-sets"),
+        (["--iters", "0"], "--iters"),
+        (["--rounds", "0"], "--rounds"),
+        (["--warmup-s", "nan"], "--warmup-s"),
+        (["--json", "{dir}"], "is a folder"),
+    ],
+)
+def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
+    before = _snapshot(files["root"])
+    try:
+        status = _latency().main([str(files["ckpt"]), *_args(extra, files), "--quiet"])
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
+
+
+def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
+    status = _latency().main(
+        [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"]
+    )
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and "slim2deploy export" in line and "--input-shape" in line
+    assert "pass --trust-pickle" not in line
+
+
+def test_engine_without_tensorrt_is_a_clean_error(tmp_path, monkeypatch):
+    from slim2deploy.deploy.engine import build_engine
+
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"placeholder: the engine check comes first")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now raises ModuleNotFoundError
+    with pytest.raises(SlimError, match="TensorRT is not installed"):
+        build_engine(onnx_file, tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
+
+
+# ---- real subprocesses: what reaches the terminal ----------------------------------------------
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("command", ["prune", "inspect"])
+def test_full_disk_is_one_error_and_leaves_no_temp_file(command, files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = {
+        "prune": ["prune", "--model", str(files["ckpt"]), "--ratio", "0.5", "--out", str(out / "slim.pt")],
+        "inspect": ["inspect", str(files["ckpt"]), "--plot", str(out / "g.png")],
+    }[command]
+    proc = subprocess.run(
+        [sys.executable, "-m", "slim2deploy", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{root}/random.pt"],
+        ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"],
+        ["train", "--data", "{root}/truncated.npz", "--out", "{root}/t.pt"],
+    ],
+)
+def test_real_command_prints_one_line_and_no_traceback(args, files):
+    before = _snapshot(files["root"])
+    proc = run_cli(*_args(args, files))
+    assert_refused((proc.returncode, proc.stdout, proc.stderr), "", before, files["root"])

@@ -1,0 +1,141 @@
+"""The streaming image-folder loader: lazy, repeatable, and the same global batches under torchrun."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.calib import make_calib_set, stratified_indices
+from slim2deploy.model import folder
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.data import Dataset
+from slim2deploy.model.folder import FolderData, describe, load_data, scan_folder
+
+CLASSES = 4
+
+
+def make_folder(root, per_class, seed=0, size=(20, 30)):
+    """Class folders of RGB PNGs of varied sizes, each class with its own bright quadrant."""
+    rng = np.random.default_rng(seed)
+    for c in range(CLASSES):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(size[0], size[1], 2)
+            img = rng.integers(0, 90, (h, w, 3)).astype(np.uint8)
+            r, q = (c // 2) * h // 2, (c % 2) * w // 2
+            img[r : r + h // 2, q : q + w // 2] += 140
+            Image.fromarray(img).save(root / f"c{c}" / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder") / "imgs", per_class=30)
+
+
+def _sorted_rows(x, y):
+    key = x.flatten(1).double() @ torch.linspace(1, 2, x[0].numel(), dtype=torch.double)
+    order = torch.argsort(key)
+    return x[order], y[order]
+
+
+def test_two_ranks_together_get_exactly_the_global_batch_of_one(images):
+    ds = load_data(str(images), "train", image_size=18, crop=16, stream=True, workers=0, seed=5)
+    assert isinstance(ds, FolderData) and ds.input_shape == (3, 16, 16)
+    for epoch in (0, 1):
+        whole = list(ds.batches(8, shuffle=True, epoch=epoch, augment=True))
+        ranks = [list(ds.batches(4, shuffle=True, epoch=epoch, augment=True, rank=r, world=2)) for r in (0, 1)]
+        assert len(whole) == len(ranks[0]) == len(ranks[1]) == len(ds) // 8
+        for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks, strict=True):
+            a, b = _sorted_rows(x, y), _sorted_rows(torch.cat([x0, x1]), torch.cat([y0, y1]))
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    first, second = (next(iter(ds.batches(8, shuffle=True, epoch=e, augment=True)))[0] for e in (0, 1))
+    assert not torch.equal(first, second)  # a new permutation and new crops every epoch
+
+
+def test_workers_do_not_change_what_is_read(images):
+    kw = {"image_size": 18, "crop": 16, "stream": True, "seed": 1}
+    serial = load_data(str(images), "train", workers=0, **kw)
+    parallel = load_data(str(images), "train", workers=2, **kw)
+    for epoch in (0, 1):  # the second epoch reuses the persistent workers
+        a = list(serial.batches(16, shuffle=True, epoch=epoch, augment=True))
+        b = list(parallel.batches(16, shuffle=True, epoch=epoch, augment=True))
+        assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True))
+
+
+def test_eval_view_is_resize_then_center_crop_normalised_with_the_training_statistics(images):
+    train = load_data(str(images), "train", image_size=24, crop=20, stream=True, workers=0)
+    val = load_data(str(images), "val", image_size=24, crop=20, stream=True, stats=(train.mean, train.std))
+    assert isinstance(val, FolderData) and val.mean == train.mean and len(val) + len(train) == 4 * 30
+    x, y = next(iter(val.batches(len(val), shuffle=False)))
+    assert torch.equal(y, torch.from_numpy(val.labels))
+    with Image.open(val.files[0]) as img:
+        rgb = img.convert("RGB")
+    scale = 24 / min(rgb.size)
+    w, h = round(rgb.width * scale), round(rgb.height * scale)
+    assert max(w, h) >= 24 and min(w, h) == 24
+    raw = x[0] * torch.tensor(val.std).view(3, 1, 1) + torch.tensor(val.mean).view(3, 1, 1)
+    assert raw.shape == (3, 20, 20) and float(raw.min()) > -1e-5 and float(raw.max()) < 1 + 1e-5
+    assert np.allclose(val.stack([0])[0], x[0].numpy(), atol=1e-6)
+
+
+def test_the_loader_is_chosen_by_size_and_said(images, monkeypatch):
+    small = load_data(str(images), "train", image_size=16)
+    assert isinstance(small, Dataset) and "in memory" in describe(small)
+    monkeypatch.setattr(folder, "STREAM_ABOVE_BYTES", 1000)
+    big = load_data(str(images), "train", image_size=16, workers=0)
+    assert isinstance(big, FolderData) and "streaming" in describe(big)
+    assert isinstance(load_data(str(images), "train", image_size=16, stream=False), Dataset)
+    with pytest.raises(SlimError, match="--crop needs the streaming loader"):
+        load_data(str(images), "train", image_size=16, crop=12, stream=False)
+    with pytest.raises(SlimError, match="larger than --image-size"):
+        load_data(str(images), "train", image_size=16, crop=20, stream=True)
+
+
+def test_calib_from_a_streamed_folder_reads_only_the_images_it_picks(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=12, seed=3)
+    files, labels, _ = scan_folder(root, "train")
+    n = 8
+    picked = stratified_indices(labels, n, seed=0)
+    # a corrupt image the sample does not pick: decoding the whole folder would fail on it
+    victim = next(i for i in range(len(files)) if i not in set(picked))
+    files[victim].write_bytes(b"not a png")
+    stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    out = make_calib_set(str(root), n, tmp_path / "c.npz", stats=stats, image_size=18, crop=16, stream=True)
+    with np.load(out) as z:
+        x, y = z["x"], z["y"]
+    assert x.shape == (n, 3, 16, 16) and x.dtype == np.float32
+    assert np.array_equal(y, labels[picked]) and len(set(y.tolist())) == CLASSES  # stratified: every class
+    ds = load_data(str(root), "train", image_size=18, crop=16, stream=True, stats=stats)
+    assert isinstance(ds, FolderData) and np.array_equal(x, ds.stack(picked))
+
+
+def test_torchrun_two_processes_train_what_one_does_on_a_streamed_folder(tmp_path, images):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    common = [
+        "train", "--arch", "vgg11", "--width", "0.125", "--sparsity", "1e-3", "--seed", "3", "--data", str(images),
+        "--stream", "--image-size", "18", "--crop", "16", "--workers", "1", "--epochs", "1", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "slim2deploy", *common, "--batch-size", "16", "--out", str(one)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "data: streaming" in single.stderr + single.stdout
+    dist = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         "-m", "slim2deploy", *common, "--batch-size", "8", "--out", str(two)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a, b = load_checkpoint(one), load_checkpoint(two)
+    assert b.meta["world_size"] == 2 and b.meta["preprocess"] == {"stream": True, "image_size": 18, "crop": 16}
+    worst = max(float((a.state_dict[k].float() - b.state_dict[k].float()).abs().max()) for k in a.state_dict)
+    assert worst < 1e-4, worst

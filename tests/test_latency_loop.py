@@ -1,0 +1,266 @@
+"""Profiling, the cell cache and the closed loop, on a target whose latency the test controls.
+
+``WidthTarget`` is a real target (the ``measure.targets.Target`` interface): it runs slim2deploy
+checkpoints and answers with a latency computed from the model's actual layer widths -- a
+staircase in steps of 16 channels, like a runtime with blocked kernels. ``load`` slows whole
+models down the way a busier machine (or a colder cache) does after the table was profiled, so
+a table's prediction can miss and the loop has to correct it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.measure.targets import CellCache, Target
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
+from slim2deploy.pipeline.profile import layer_specs
+from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import trace_groups
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
+STEP = 16
+
+
+def cell_ms(kernel: Sequence[int], hw: Sequence[int], ci: int, co: int) -> float:
+    return math.ceil(ci / STEP) * math.ceil(co / STEP) * math.prod(kernel) * math.prod(hw) * 1e-4
+
+
+class WidthTarget(Target):
+    name = "width-test"
+    artifact = "checkpoint"
+
+    def __init__(self, batch: int = 64) -> None:
+        super().__init__(batch=batch)
+        self.load = 1.0
+        self.cells_timed = 0
+        self.models_timed = 0
+
+    def device(self) -> str:
+        return "test"
+
+    def open(self, path: str | os.PathLike[str]):
+        raise SlimError("WidthTarget answers latencies() directly")
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        self.cells_timed += len(cells)
+        return [cell_ms(layer.kernel, layer.in_hw, ci, co) for layer, ci, co in cells]
+
+    def latencies(self, paths, **_: object) -> list[float]:
+        self.models_timed += len(paths)
+        return [self.model_ms(p) for p in paths]
+
+    def model_ms(self, path) -> float:
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt).eval()
+        total: list[float] = []
+
+        def hook(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if isinstance(m, nn.Conv2d):
+                total.append(cell_ms(m.kernel_size, args[0].shape[2:], m.in_channels, m.out_channels))
+            else:
+                total.append(cell_ms([], [], m.in_features, m.out_features))
+
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        with torch.no_grad():
+            model(torch.zeros(1, *ckpt.input_shape))
+        for h in handles:
+            h.remove()
+        return self.load * (0.2 + sum(total))
+
+
+def test_layer_specs_of_the_demo_vgg():
+    ckpt = load_checkpoint(DEMO)
+    model = model_from_checkpoint(ckpt)
+    x = torch.zeros(1, *ckpt.input_shape)
+    traced = trace_groups(model, x)
+    specs = {s.name: s for s in layer_specs(model, traced, x)}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert set(convs) <= set(specs)  # every conv reads or writes a prunable group
+    first = specs[convs[0]]
+    assert first.in_fixed == ckpt.input_shape[0] and first.in_hw == list(ckpt.input_shape[1:])
+    sizes = [g.size for g in traced.groups]
+    for name, spec in specs.items():  # the widths at full size are the module's own
+        m = model.get_submodule(name)
+        full = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+        assert spec.widths(sizes) == full
+
+
+def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    quiet = prune_to_budget(
+        DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path, log=None
+    )
+    assert quiet.met and len(quiet.tries) == 1  # the table is exact while nothing changes
+    assert quiet.chosen["predicted_ms"] == pytest.approx(quiet.chosen["measured_ms"], rel=1e-6)
+    full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
+    target.load = 1.2  # the machine got slower after profiling: the table now under-predicts
+    budget = Budget(latency_ms=0.7 * full_ms, table=str(table_path), tries=6, rails=Rails())
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
+    first = result.tries[0]
+    assert first["measured_ms"] > first["goal_ms"] * (1 + MISS_TOLERANCE)
+    assert 1 < len(result.tries) <= budget.tries
+    assert result.met and result.chosen is result.tries[-1]
+    assert result.chosen["measured_ms"] <= result.chosen["goal_ms"] * (1 + MISS_TOLERANCE)
+    assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(result.chosen["measured_ms"])
+    kept = [len(g.keep) for g in result.plan.groups]
+    assert all(k % 8 == 0 or k == g.size for k, g in zip(kept, result.plan.groups, strict=True))  # rails apply
+    notes = "\n".join(result.plan.notes)
+    assert "predicted" in notes and "measured on" in notes and " met " in notes
+    assert "measured on" in result.summary
+    saved = load_checkpoint(tmp_path / "slim.pt")
+    assert saved.plan is not None and saved.plan["selection"]["selector"]["kind"] == "latency"
+
+
+def test_closed_loop_that_cannot_meet_the_goal_ends_at_the_smallest_model_and_says_so(tmp_path):
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO, tmp_path / "a.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+    )
+    full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
+    target.load = 3.0  # now nothing the rails allow is fast enough
+    budget = Budget(latency_ms=0.7 * full_ms, table=str(table_path), tries=6)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
+    assert not result.met and len(result.tries) <= budget.tries
+    smallest = min(t["measured_ms"] for t in result.tries)
+    assert result.chosen["measured_ms"] == smallest  # the closest miss is kept
+    assert any("MISSED" in n for n in result.plan.notes) and (tmp_path / "slim.pt").exists()
+
+
+def test_equal_cost_counts_are_not_kept_narrower(tmp_path):
+    """With a staircase of 16, a solution never keeps 8 + 16k channels where 16 + 16k costs the same."""
+    target = WidthTarget()
+    budget = Budget(speedup=1.5, cache=None)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
+    for g in result.plan.groups:
+        if g.prunable:
+            assert len(g.keep) % STEP == 0 or len(g.keep) == g.size
+
+
+def test_cells_are_cached_by_target_key(tmp_path):
+    ckpt = load_checkpoint(DEMO)
+    model = model_from_checkpoint(ckpt)
+    x = torch.zeros(1, *ckpt.input_shape)
+    specs = layer_specs(model, trace_groups(model, x), x)
+    cells = [(s, s.in_fixed or 8, s.out_fixed or 8) for s in specs]
+    target = WidthTarget()
+    assert CellCache(target, tmp_path).measure(target, cells) == len({CellCache.cell_key(*c) for c in cells})
+    timed = target.cells_timed
+    assert CellCache(target, tmp_path).measure(target, cells) == 0 and target.cells_timed == timed
+    other = WidthTarget(batch=32)  # another batch is another measurement
+    assert CellCache(other, tmp_path).measure(other, cells) > 0
+    assert all(s.measured() for s in specs)
+
+
+def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    with pytest.raises(SlimError, match=r"out of reach.*speed-up of \d+\.\d\dx"):
+        prune_to_budget(DEMO, tmp_path / "s.pt", Budget(speedup=50.0, cache=None), target=target, log=None)
+    prune_to_budget(
+        DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+    )
+    table = LatencyTable.from_json(table_path.read_text())
+    table.sizes[1] += 8
+    table_path.write_text(table.to_json())
+    with pytest.raises(SlimError, match="profiled for"):
+        prune_to_budget(DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_cli_budget_flags(tmp_path):
+    from conftest import run_cli
+
+    both = run_cli("prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--ratio", "0.5", "--speedup", "2")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO,
+        tmp_path / "w.pt",
+        Budget(speedup=1.2, cache=None),
+        target=WidthTarget(),
+        table_out=table_path,
+        log=None,
+    )
+    far = run_cli(
+        "prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--speedup", "50", "--table", str(table_path)
+    )
+    errors = [line for line in far.stderr.splitlines() if "error:" in line]
+    assert far.returncode == 2 and len(errors) == 1 and "out of reach" in errors[0], far.stderr
+    assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.slow
+def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
+    """The real thing: profile the demo VGG on ONNX Runtime, then prune to 1.5x with the table."""
+    from conftest import run_cli
+
+    table_path, cache = tmp_path / "vgg.json", tmp_path / "cache"
+    prof = run_cli(
+        "profile",
+        "--model",
+        str(DEMO),
+        "--target",
+        "ort-cpu",
+        "--batch",
+        "16",
+        "--cache",
+        str(cache),
+        "--out",
+        str(table_path),
+    )
+    assert prof.returncode == 0, prof.stderr
+    assert "latency steps up" in prof.stdout
+    table = LatencyTable.from_json(table_path.read_text())
+    assert table.meta["target"] == "ort-cpu" and table.meta["batch"] == 16 and table.full_ms > 0
+    assert all(layer.cells for layer in table.layers) and list(cache.glob("ort-cpu-*.json"))
+    out = tmp_path / "slim.pt"
+    pruned = run_cli(
+        "prune",
+        "--model",
+        str(DEMO),
+        "--out",
+        str(out),
+        "--speedup",
+        "1.5",
+        "--table",
+        str(table_path),
+        "--profile-batch",
+        "16",
+        "--tries",
+        "2",
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert "predicted" in pruned.stdout and "measured on ort-cpu" in pruned.stdout
+    assert load_checkpoint(out).plan["selection"]["selector"]["kind"] == "latency"
+
+
+@pytest.mark.slow
+def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
+    from conftest import run_cli
+
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO, tmp_path / "w.pt", Budget(speedup=1.2, cache=None), target=WidthTarget(), table_out=table_path, log=None
+    )
+    out = tmp_path / "build"
+    done = run_cli(
+        "build", "--model", str(DEMO), "--out", str(out), "--speedup", "1.3", "--table", str(table_path),
+        "--profile-batch", "8", "--tries", "2", "--engine", "off", "--no-bench", "--eval-limit", "200",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    assert "Latency budget: speed-up 1.3x" in report and "predicted ms" in report
+    assert (out / "latency-table.json").exists()

@@ -1,0 +1,201 @@
+"""The latency table as data, the exact knapsack and the latency selector (no model, no timing)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.knapsack import solve_mckp, staircase
+from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.plan import Group
+from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.select import LatencySelector, Selection
+
+eighths = st.integers(0, 80).map(lambda n: n / 8)  # exact in binary: sums do not depend on their order
+options = st.lists(st.tuples(eighths, st.floats(0, 10, allow_nan=False)), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(options, min_size=1, max_size=5), st.integers(0, 240).map(lambda n: n / 8))
+def test_knapsack_matches_brute_force(choices, budget):
+    picked = solve_mckp(choices, budget)
+    feasible = [
+        sum(choices[g][j][1] for g, j in enumerate(combo))
+        for combo in itertools.product(*[range(len(o)) for o in choices])
+        if sum(choices[g][j][0] for g, j in enumerate(combo)) <= budget
+    ]
+    if not feasible:
+        assert picked is None
+        return
+    assert picked is not None
+    assert sum(choices[g][j][0] for g, j in enumerate(picked)) <= budget + 1e-9
+    assert sum(choices[g][j][1] for g, j in enumerate(picked)) == pytest.approx(max(feasible), abs=1e-9)
+
+
+def test_staircase_keeps_the_larger_count_at_equal_cost():
+    # 40 and 48 cost the same (within noise): 48 is kept, 40 dropped; 8 -> 16 is a real step
+    steps = staircase([8, 16, 24, 32, 40, 48], [1.0, 2.0, 2.0, 3.0, 4.02, 4.0], tol=0.03)
+    assert steps == [(8, 1.0), (24, 2.0), (32, 3.0), (48, 4.0)]
+    # a wider layer measured faster: the narrower one may not cost more than it
+    assert staircase([8, 16], [2.0, 1.0], tol=0.0) == [(16, 1.0)]
+
+
+def _additive_table(sizes, steps, costs, base=0.5):
+    """Each group's cost lives in one layer that only it changes: latency is additive over groups."""
+    layers = []
+    for g, (size, curve) in enumerate(zip(sizes, costs, strict=True)):
+        layer = LayerSpec(name=f"conv{g}", op="conv", in_fixed=3, in_groups=[], out_fixed=size, out_group=g)
+        for k, ms in zip(steps[g], curve, strict=True):
+            layer.record(3, k, ms)
+        layers.append(layer)
+    table = LatencyTable({"target": "test", "batch": 1}, list(sizes), [list(s) for s in steps], layers, 0.0)
+    table.calibrate(base + sum(c[-1] for c in costs))
+    return table
+
+
+@st.composite
+def additive_cases(draw):
+    n = draw(st.integers(1, 4))
+    sizes, steps, costs, scores = [], [], [], []
+    for _ in range(n):
+        size = draw(st.sampled_from([8, 16, 24, 32]))
+        ks = list(range(8, size + 1, 8)) if size > 8 else [4, 8]
+        rises = draw(st.lists(st.sampled_from([0.0, 0.1, 0.25, 1.0]), min_size=len(ks), max_size=len(ks)))
+        sizes.append(size)
+        steps.append(ks)
+        costs.append(list(itertools.accumulate(r + 0.01 for r in rises)))
+        scores.append(draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=size, max_size=size)))
+    speedup = draw(st.floats(1.0, 3.0))
+    return sizes, steps, costs, scores, speedup
+
+
+@settings(max_examples=150, deadline=None)
+@given(additive_cases())
+def test_latency_selector_matches_brute_force(case):
+    sizes, steps, costs, scores, speedup = case
+    table = _additive_table(sizes, steps, costs)
+    groups = [Group(size, [], list(range(size)), scores=s) for size, s in zip(sizes, scores, strict=True)]
+    rails = Rails(min_channels=1, max_prune=1.0, round_to=4)
+    selector = LatencySelector(table.to_dict(), speedup=speedup, tolerance=0.0)
+    budget = table.full_ms / speedup
+
+    def value(counts):
+        return sum(sum(sorted(s, reverse=True)[:k]) for s, k in zip(scores, counts, strict=True))
+
+    feasible = [value(c) for c in itertools.product(*steps) if table.predict(c) <= budget + 1e-9]
+    if not feasible:
+        with pytest.raises(SlimError, match="out of reach"):
+            selector.kept_counts(groups, rails)
+        return
+    counts, facts = selector.kept_counts(groups, rails)
+    assert all(k in s for k, s in zip(counts, steps, strict=True))
+    assert facts["predicted_ms"] == pytest.approx(table.predict(counts))
+    assert table.predict(counts) <= budget + 1e-9
+    assert value(counts) == pytest.approx(max(feasible), abs=1e-9)
+
+
+def test_rails_still_apply_to_a_latency_selection():
+    table = _additive_table([32, 32], [[8, 16, 24, 32]] * 2, [[1, 2, 3, 4], [1, 2, 3, 4]])
+    groups = [Group(32, [], list(range(32)), scores=[0.0] * 32) for _ in range(2)]
+    counts, _ = LatencySelector(table.to_dict(), speedup=1.8).kept_counts(groups, Rails(min_channels=16))
+    assert min(counts) >= 16
+
+
+def test_unreachable_budget_is_one_line_with_the_best_speedup():
+    table = _additive_table([16], [[8, 16]], [[2.0, 3.0]], base=1.0)  # full 4 ms, at best 3 ms
+    groups = [Group(16, [], list(range(16)), scores=[1.0] * 16)]
+    with pytest.raises(SlimError) as err:
+        LatencySelector(table.to_dict(), speedup=2.0).kept_counts(groups, Rails(min_channels=1))
+    msg = str(err.value)
+    assert "\n" not in msg and "out of reach" in msg and "1.33x" in msg
+
+
+def test_budget_must_be_one_positive_number():
+    table = _additive_table([16], [[8, 16]], [[2.0, 3.0]]).to_dict()
+    for kwargs in ({}, {"speedup": 2.0, "latency_ms": 1.0}, {"speedup": -1.0}, {"latency_ms": 0}):
+        with pytest.raises(SlimError):
+            LatencySelector(table, **kwargs)
+
+
+def test_table_round_trip_and_selection_round_trip():
+    table = _additive_table([16, 24], [[8, 16], [8, 16, 24]], [[1.0, 2.0], [0.5, 0.6, 0.9]])
+    table.layers.append(LayerSpec("fc", "linear", 0, [[0, 4], [1, 4]], 10, None, cells={"160,10": 0.2, "64,10": 0.1}))
+    again = LatencyTable.from_json(table.to_json())
+    assert again == table
+    for counts in itertools.product([8, 16], [8, 16, 24]):
+        assert again.predict(counts) == pytest.approx(table.predict(counts))
+    assert {g: [k for k, _ in s] for g, s in again.staircases(tol=0.0).items()} == {0: [8, 16], 1: [8, 16, 24]}
+    selection = Selection(LatencySelector(table.to_dict(), latency_ms=3.0), Rails(min_channels=1))
+    assert Selection.from_dict(selection.to_dict()) == selection
+    with pytest.raises(SlimError, match="not a slim2deploy latency table"):
+        LatencyTable.from_json('{"version": 99}')
+
+
+def test_rank1_estimate_is_exact_on_measured_lines_and_separable_between():
+    layer = LayerSpec("conv", "conv", 0, [[0, 1]], 0, 1)
+    f = {ci: ci / 8 for ci in (8, 16, 32)}
+    g = {co: co / 4 for co in (8, 16, 32)}
+    for ci in f:  # the column at co=32 and the row at ci=32
+        layer.record(ci, 32, f[ci] * g[32])
+        layer.record(32, ci, f[32] * g[ci])
+    for ci, co in itertools.product(f, g):
+        assert layer.ms(ci, co) == pytest.approx(f[ci] * g[co])
+
+
+def test_table_solver_and_targets_import_without_torch():
+    """A GPU box with only numpy + a runtime can read tables, solve and time targets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import slim2deploy.prune.latency, slim2deploy.prune.knapsack, slim2deploy.measure.targets; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+
+
+@st.composite
+def chain_cases(draw):
+    """A plain chain (VGG-like): layer g reads group g-1 and writes group g, cost ~ c_in * c_out."""
+    n = draw(st.integers(2, 3))
+    sizes = [draw(st.sampled_from([16, 24, 32])) for _ in range(n)]
+    scores = [draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=s, max_size=s)) for s in sizes]
+    return sizes, scores, draw(st.floats(1.2, 3.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(chain_cases())
+def test_latency_selector_on_a_chain_stays_within_budget_and_near_brute_force(case):
+    sizes, scores, speedup = case
+    steps = [list(range(8, s + 1, 8)) for s in sizes]
+    layers = []
+    for g in range(len(sizes)):
+        layer = LayerSpec(f"conv{g}", "conv", 3 if g == 0 else 0, [] if g == 0 else [[g - 1, 1]], 0, g)
+        for ci in [3] if g == 0 else steps[g - 1]:
+            for co in steps[g]:
+                layer.record(ci, co, 0.01 * math.ceil(ci / 8) * math.ceil(co / 8))
+        layers.append(layer)
+    table = LatencyTable({"target": "test"}, sizes, steps, layers, 0.0)
+    table.calibrate(0.1 + table.predict(sizes))
+    groups = [Group(s, [], list(range(s)), scores=sc) for s, sc in zip(sizes, scores, strict=True)]
+    budget = table.full_ms / speedup
+
+    def value(counts):
+        return sum(sum(sorted(s, reverse=True)[:k]) for s, k in zip(scores, counts, strict=True))
+
+    feasible = [value(c) for c in itertools.product(*steps) if table.predict(c) <= budget + 1e-9]
+    selector = LatencySelector(table.to_dict(), speedup=speedup, tolerance=0.0)
+    if not feasible:
+        with pytest.raises(SlimError):
+            selector.kept_counts(groups, Rails(min_channels=1))
+        return
+    counts, _ = selector.kept_counts(groups, Rails(min_channels=1))
+    assert table.predict(counts) <= budget + 1e-9
+    assert value(counts) >= 0.9 * max(feasible) - 1e-9
