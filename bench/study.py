@@ -1,6 +1,6 @@
 """Fashion-MNIST study: what Network Slimming delivers against two controls, in one command.
 
-    python bench/study.py [--quick] [--out docs/results.md] [--work DIR] [--device auto]
+    python bench/study.py [--quick] [--latency-study [--speedup S]] [--out docs/results.md] [--work DIR] [--device auto]
 
 For each model (a VGG and a pre-activation ResNet from the zoo) it trains a baseline (lambda=0)
 and a sparse model, prunes the sparse model at every ratio with the paper-exact rails and with
@@ -12,6 +12,10 @@ the same kept widths as each default-rails slim model:
   channels the slim model keeps: a ``WidthsSelector``) and fine-tuned for the same epochs;
 - ``scratch``: the slim architecture re-initialised and trained from scratch for the sparse
   epochs plus the fine-tune epochs (Liu et al. 2019, "Rethinking the Value of Network Pruning").
+
+With ``--latency-study`` (default in ``--quick``) it also compares, at equal measured ONNX Runtime
+CPU latency (batch 64), the sparse model pruned by ``--speedup S`` against gamma-threshold slimming
+at the ratio of the same latency and a uniformly narrower model (``bench/studylib/latency.py``).
 
 Everything goes through the library's pipeline (``bench/studylib/runner.py`` says which piece does
 what). Checkpoints and per-stage results are cached under ``--work`` in a folder keyed by the
@@ -51,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
     p.add_argument("--sparsity", type=float, help="override lambda of the selected models")
     p.add_argument("--sparsity-warmup", type=float, help="override the lambda warm-up (epochs) of the selected models")
+    p.add_argument(
+        "--latency-study",
+        action="store_true",
+        help="add the latency-matched comparison (--speedup target, γ-threshold at equal latency, uniform width); "
+        "on by default with --quick",
+    )
+    p.add_argument("--speedup", type=float, help="speed-up goal of the latency-matched comparison (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads (default 2)")
     return p.parse_args(argv)
 
@@ -73,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.models = [replace(m, sparsity=args.sparsity) for m in cfg.models]
     if args.sparsity_warmup is not None:
         cfg.models = [replace(m, sparsity_warmup=args.sparsity_warmup) for m in cfg.models]
+    if args.latency_study or args.speedup is not None:
+        cfg = replace(cfg, latency_speedup=args.speedup or cfg.latency_speedup or 2.0)
     if args.limit_train:
         cfg = replace(cfg, limit_train=args.limit_train)
     overridden = any(

@@ -56,3 +56,23 @@ def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
         assert math.isclose(slim["speedup"][b], base["latency_ms"][b] / slim["latency_ms"][b], rel_tol=1e-2)
     assert {t["target"] for t in report["targets"]["vgg11"]} >= {"≥ 40% fewer MACs"}
     assert report["environment"]["torch"] and report["environment"]["onnxruntime"]
+
+    # the latency-matched comparison (on by default in smoke mode): its table and its rows
+    assert "Latency-matched comparison" in md
+    for column in ("acc before FT %", "acc after FT %", "predicted ms", "measured ms", "speed-up"):
+        assert column in md
+    study = result["latency_study"]
+    lat = {r["variant"]: r for r in study["rows"]}
+    assert list(lat) == ["baseline", "latency", "gamma", "uniform"]
+    for name in ("latency", "gamma", "uniform"):
+        r = lat[name]
+        assert 0.0 <= r["acc_before"] <= 1.0 and 0.0 <= r["acc"] <= 1.0
+        assert 0 < r["macs"] < lat["baseline"]["macs"] and r["measured_ms"] > 0
+        assert math.isclose(r["speedup"], lat["baseline"]["measured_ms"] / r["measured_ms"], rel_tol=1e-2)
+        assert r["epochs"] == lat["latency"]["epochs"]  # the same total training for all three
+    # the two controls were matched to the latency-targeted model by timing them against it
+    for search in (study["gamma_search"], study["uniform_search"]):
+        assert search["trials"] and search["relative"] == min(
+            (t["relative"] for t in search["trials"]), key=lambda v: abs(math.log(v))
+        )
+    assert lat["latency"]["predicted_ms"] > 0

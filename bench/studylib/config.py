@@ -48,6 +48,7 @@ class StudyConfig:
     bench_rounds: int = 8
     bench_warmup_s: float = 1.0
     mode: str = "full"
+    latency_speedup: float | None = None  # the latency-matched comparison (studylib/latency.py) at this --speedup
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +59,16 @@ class StudyConfig:
         ``sparse=False`` leaves out the sparsity settings: the baseline is shared by every lambda.
         """
         d = self.to_dict()
-        for k in ("models", "rails", "threads", "bench_batches", "bench_iterations", "bench_rounds", "bench_warmup_s"):
+        for k in (
+            "models",
+            "rails",
+            "threads",
+            "bench_batches",
+            "bench_iterations",
+            "bench_rounds",
+            "bench_warmup_s",
+            "latency_speedup",
+        ):
             d.pop(k)
         d.pop("mode")
         skip = {"ratios", "control_ratios"} | (
@@ -98,6 +108,7 @@ def quick_config(cuda: bool) -> StudyConfig:
         bench_iterations=30,
         bench_rounds=3,
         mode="quick",
+        latency_speedup=2.0,
     )
 
 
@@ -115,6 +126,7 @@ def smoke_config() -> StudyConfig:
         bench_rounds=2,
         bench_warmup_s=0.05,
         mode="smoke",
+        latency_speedup=1.3,  # at width 0.125 the rails' floor is about 1.6x
     )
 
 

@@ -50,6 +50,60 @@ def table(result: dict[str, Any], batches: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+LATENCY_NAMES = {
+    "baseline": "unpruned baseline",
+    "latency": "latency-targeted",
+    "gamma": "γ-threshold at equal latency",
+    "uniform": "uniform width at equal latency",
+}
+
+
+def latency_table(study: dict[str, Any]) -> str:
+    """The latency-matched comparison: one row per way to the same measured latency."""
+    head = ["model", "how", "acc before FT %", "acc after FT %", "params", "MACs", "predicted ms", "measured ms",
+            "speed-up", "epochs"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in study["rows"]:
+        cells = [
+            LATENCY_NAMES[r["variant"]],
+            r["how"],
+            _pct(r["acc_before"]),
+            _pct(r["acc"]),
+            f"{r['params']:,}",
+            f"{r['macs'] / 1e6:.2f}M",
+            _num(r["predicted_ms"], ".3f"),
+            _num(r["measured_ms"], ".3f"),
+            f"{r['speedup']:.2f}×",
+            str(r["epochs"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latency_section(res: dict[str, Any]) -> list[str]:
+    study = res.get("latency_study")
+    if not study:
+        return []
+    b = study["budget"]
+    steps = len(study["gamma_search"]["trials"]), len(study["uniform_search"]["trials"])
+    return [
+        f"### Latency-matched comparison ({res['setup']['arch']}, --speedup {study['speedup_goal']:g})",
+        "",
+        f"Three models of the same measured latency on {study['target']}: the sparse model pruned with "
+        f"`--speedup {study['speedup_goal']:g}` (closed loop: {b['tries']} tries, goal "
+        f"{'met' if b['met'] else 'missed'}); the sparse model pruned by the global γ threshold at the ratio whose "
+        f"latency, timed interleaved with the first, came closest ({steps[0]} bisection "
+        f"steps); and the architecture with every layer narrowed by one factor ({steps[1]} "
+        "steps), trained from scratch without the penalty for the sparse-training epochs. All three then get the same "
+        "fine-tuning. *acc before FT*: right after surgery (uniform: after its training from scratch); *predicted*: "
+        "the latency table profiled for `--speedup`; *measured*: the four graphs timed together, interleaved (min of "
+        "the round medians); *speed-up*: baseline / model.",
+        "",
+        latency_table(study),
+        "",
+    ]
+
+
 def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """The issue's targets for this model at 50% with the default rails: (target, met, measured)."""
     rows = {(r["variant"], r["rails"], r["ratio"]): r for r in result["rows"]}
@@ -159,6 +213,7 @@ def render(report: dict[str, Any]) -> str:
         notes = [f"- {r['variant']} {round(r['ratio'] * 100)}%: {n}" for r in res["rows"] for n in r["notes"]]
         if notes:
             out += [*notes, ""]
+        out += latency_section(res)
         checks = targets(res)
         if checks:
             out += [f"Targets at 50% with the default rails ({s['arch']}):", ""]
@@ -193,4 +248,3 @@ def _discussion(path: Path) -> str:
     text = path.read_text()
     at = text.find(DISCUSSION)
     return "" if at < 0 else "\n" + text[at:]
-

@@ -31,11 +31,13 @@ from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model, init_weights
 from slim2deploy.pipeline.export import export_variants, variant_path
 from slim2deploy.pipeline.train import ResumePoint, train_to_checkpoint
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, WidthsSelector, by_ratio, select
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 from studylib.config import EXACT_WIDTHS, RAILS, ModelSetup, Row, StudyConfig
+from studylib.latency import LatencyStudy
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = ROOT / "calib" / "fashion-mnist-512.npz"
@@ -71,7 +73,12 @@ class Study:
         return self.cache.run(stage, key, outputs, timed)[0]
 
     def train(
-        self, name: str, model: torch.nn.Module, cfg: TrainConfig, plan: PruningPlan | None = None
+        self,
+        name: str,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        plan: PruningPlan | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
         """Train ``model`` into ``<name>.pt``, resuming an unfinished run and reusing a finished one."""
         path = (self.base_dir if name == "baseline" else self.dir) / f"{name}.pt"
@@ -90,7 +97,7 @@ class Study:
 
         if resume is None or resume.epoch < cfg.epochs:
             train_to_checkpoint(
-                model, path, arch=self.setup.arch, arch_kwargs=self.arch_kwargs, train_ds=self.train_ds,
+                model, path, arch=self.setup.arch, arch_kwargs=arch_kwargs or self.arch_kwargs, train_ds=self.train_ds,
                 val_ds=self.val_ds, cfg=cfg, meta={**self.meta, "train_config": cfg.to_dict()},
                 plan=None if plan is None else plan.to_dict(), dist_info=DistInfo(device=self.device),
                 resume=resume, progress=False, desc=name, on_epoch=said,
@@ -166,12 +173,17 @@ class Study:
 
         self.export_all(rows, models)
         self.bench(rows)
+        latency = None
+        if cfg.latency_speedup is not None:
+            steps = 3 if cfg.mode == "smoke" else 6
+            latency = LatencyStudy(self, cfg.latency_speedup, steps).run(baseline, rows[0].acc or 0.0)
         return {
             "arch": setup.arch,
             "setup": asdict(setup),
             "work_dir": str(self.dir),
             "rows": [r.to_dict() for r in rows],
             "sparse_history": sparse_history,
+            "latency_study": latency,
             "train_seconds": round(self.train_seconds, 1),
             "seconds": round(time.perf_counter() - started, 1),
         }
