@@ -1,6 +1,7 @@
 """Fashion-MNIST study: what Network Slimming delivers against two controls, in one command.
 
-    python bench/study.py [--quick] [--latency-study [--speedup S]] [--out docs/results.md] [--work DIR] [--device auto]
+    python bench/study.py [--quick] [--latency-study | --latency-only] [--speedup S]
+                          [--out docs/results.md] [--work DIR] [--device auto]
 
 For each model (a VGG and a pre-activation ResNet from the zoo) it trains a baseline (lambda=0)
 and a sparse model, prunes the sparse model at every ratio with the paper-exact rails and with
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add the latency-matched comparison (--speedup target, γ-threshold at equal latency, uniform width); "
         "on by default with --quick",
     )
+    p.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="train the baseline and the sparse model and run only the latency-matched comparison",
+    )
     p.add_argument("--speedup", type=float, help="speed-up goal of the latency-matched comparison (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads (default 2)")
     return p.parse_args(argv)
@@ -84,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.models = [replace(m, sparsity=args.sparsity) for m in cfg.models]
     if args.sparsity_warmup is not None:
         cfg.models = [replace(m, sparsity_warmup=args.sparsity_warmup) for m in cfg.models]
-    if args.latency_study or args.speedup is not None:
+    if args.latency_only:  # ratios and rails are not part of the work dir's key: the checkpoints stay shared
+        cfg = replace(cfg, rails=())
+        cfg.models = [replace(m, ratios=(), control_ratios=()) for m in cfg.models]
+    if args.latency_study or args.latency_only or args.speedup is not None:
         cfg = replace(cfg, latency_speedup=args.speedup or cfg.latency_speedup or 2.0)
     if args.limit_train:
         cfg = replace(cfg, limit_train=args.limit_train)

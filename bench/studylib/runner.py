@@ -172,7 +172,8 @@ class Study:
                     rows += self.controls(plan, baseline, ratio, models)
 
         self.export_all(rows, models)
-        self.bench(rows)
+        if any(r.variant == "slim" for r in rows):
+            self.bench(rows)
         latency = None
         if cfg.latency_speedup is not None:
             steps = 3 if cfg.mode == "smoke" else 6
