@@ -252,7 +252,8 @@ def render(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, A
         lines.append("|---|---|---:|---:|---:|---:|" + "---:|" * len(batches))
         for r in mine:
             if "error" in r:
-                lines.append("| " + " | ".join([r["model"], r["selection"], r["error"]] + [""] * (3 + len(batches))) + " |")
+                cells = [r["model"], r["selection"], r["error"]] + [""] * (3 + len(batches))
+                lines.append("| " + " | ".join(cells) + " |")
                 continue
             cells = [fmt(r["batches"].get(str(b), {}).get("speedup"), ".2f", "x") for b in batches]
             sel = r["selection"] + ("" if r.get("met", True) else " (MISSED)")
