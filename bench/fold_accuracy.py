@@ -14,10 +14,10 @@ import torch
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
-from slim2deploy.prune.plan import trace_groups
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import select_channels
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 
 RAILS = {"paper": {"min_channels": 1, "max_prune": 1.0, "round_to": 1}, "default": {}}
 

@@ -14,9 +14,9 @@ import time
 import torch
 import torchvision
 
-from slim2deploy.prune.plan import trace_groups
 from slim2deploy.prune.select import select_channels
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ _EXPORTS = {
     "model_from_checkpoint": "slim2deploy.prune.rebuild",
     "PruningPlan": "slim2deploy.prune.plan",
     "plan_pruning": "slim2deploy.prune.select",
+    "trace_groups": "slim2deploy.prune.trace",
+    "max_abs_gamma": "slim2deploy.prune.score",
     "Selection": "slim2deploy.prune.select",
     "Rails": "slim2deploy.prune.rails",
     "summarize": "slim2deploy.prune.summary",

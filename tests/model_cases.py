@@ -1,4 +1,4 @@
-"""Models shared by the plan and surgery tests: small zoo nets and torchvision classifiers.
+"""Models shared by the plan and surgery tests: zoo nets, torchvision classifiers, third-party model code.
 
 Each is traced once per test session (tracing dominates the cost) with random BatchNorm
 statistics, so that BatchNorm is not the identity and scores differ.
@@ -7,14 +7,18 @@ statistics, so that BatchNorm is not the identity and scores differ.
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Callable
 
+import onnxruntime as ort
+import third_party_cases as tp
 import torch
 import torchvision
 from torch import nn
 
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.trace import trace_groups
 
 
 def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:
@@ -38,6 +42,19 @@ CASES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "shufflenet_v2_x1_0": (_tv("shufflenet_v2_x1_0"), 64),
     "mnasnet0_5": (_tv("mnasnet0_5"), 64),
     "googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64),
+    # third-party model code (tests/third_party_cases.py): structures, not named architectures
+    "tf_same_pad_mbconv": (tp.TFEfficientNetLike, 32),
+    "grouped_bottleneck": (tp.ResNeXtLike, 32),
+    "grouped_bottleneck_se": (lambda: tp.ResNeXtLike(se=True), 32),
+    "mixed_depthwise_split": (tp.MixNetLike, 32),
+    "dual_path": (tp.DPNLike, 32),
+}
+THIRD_PARTY = {
+    "tf_same_pad_mbconv",
+    "grouped_bottleneck",
+    "grouped_bottleneck_se",
+    "mixed_depthwise_split",
+    "dual_path",
 }
 ZOO = {"vgg11", "resnet20", "resnet164", "densenet40"}
 # big enough that one pass through them costs seconds on two cores
@@ -85,3 +102,17 @@ def zero_channels(model: nn.Module, plan: PruningPlan, fraction: float, seed: in
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+
+def onnx_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    buf = io.BytesIO()
+    try:  # the TorchScript exporter is several times faster, but cannot do every op (vgg's 1x1 -> 7x7 pool)
+        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], opset_version=17)
+    except torch.onnx.errors.OnnxExporterError:
+        buf = io.BytesIO(
+            torch.onnx.export(
+                model, (x,), dynamo=True, input_names=["x"], verbose=False
+            ).model_proto.SerializeToString()
+        )
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])

@@ -24,9 +24,9 @@ from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
-from slim2deploy.prune.plan import trace_groups
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import trace_groups
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
 STEP = 16

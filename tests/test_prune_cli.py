@@ -14,8 +14,9 @@ from model_cases import randomize_batchnorm, rel_err, zero_channels
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.stats import count_params
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import trace_groups
 
 ARCH_KWARGS = {"in_channels": 1, "num_classes": 4, "width": 0.25}
 

@@ -8,7 +8,7 @@ from slim2deploy.model import sparsity
 from slim2deploy.model.data import Dataset
 from slim2deploy.model.loop import TrainConfig, fit
 from slim2deploy.model.zoo import create_model
-from slim2deploy.prune.plan import prunable_masks
+from slim2deploy.prune.trace import prunable_masks
 
 
 def _grads(model, x, y):

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import copy
-import io
 import random
 
-import onnxruntime as ort
 import pytest
 import torch
-from model_cases import CASES, HEAVY, ZOO, randomize_batchnorm, rel_err, traced, zero_channels
+from model_cases import CASES, HEAVY, ZOO, onnx_outputs, randomize_batchnorm, rel_err, traced, zero_channels
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.stats import count_params
-from slim2deploy.prune.plan import PruningPlan, rescore, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.select import plan_pruning, select_channels
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import rescore, trace_groups
 
 PAPER = {"min_channels": 1, "max_prune": 1.0, "round_to": 1}
-
-
-def _onnx_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    buf = io.BytesIO()
-    try:  # the TorchScript exporter is several times faster, but cannot do every op (vgg's 1x1 -> 7x7 pool)
-        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], opset_version=17)
-    except torch.onnx.errors.OnnxExporterError:
-        buf = io.BytesIO(
-            torch.onnx.export(
-                model, (x,), dynamo=True, input_names=["x"], verbose=False
-            ).model_proto.SerializeToString()
-        )
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
 def _cases() -> list:
@@ -61,7 +46,7 @@ def test_removing_channels_with_zero_gamma_and_beta_is_exact(name: str) -> None:
             want, got = model(x), slim(x)
         assert rel_err(want, got) <= 1e-5, f"{name} seed {seed} rails {rails}"
         if seed == 0:
-            assert rel_err(got, _onnx_outputs(slim, x)) <= 1e-4
+            assert rel_err(got, onnx_outputs(slim, x)) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "densenet40"])

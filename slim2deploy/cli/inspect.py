@@ -1,4 +1,4 @@
-"""slim2deploy inspect: params, MACs and BatchNorm-gamma statistics of a checkpoint."""
+"""slim2deploy inspect: params, MACs, prunable share and BatchNorm-gamma statistics of a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from slim2deploy.cli.common import add_trust_arg
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
-        help="params, MACs and per-BatchNorm gamma statistics of a checkpoint",
-        description="Print params, MACs and per-BatchNorm |gamma| statistics (count, share "
+        help="params, MACs, prunable share and per-BatchNorm gamma statistics of a checkpoint",
+        description="Print params, MACs, the share of BatchNorm-scored channels the planner can prune "
+        "(with each unprunable structure and why), and per-BatchNorm |gamma| statistics (count, share "
         "below 1e-2 and 1e-3, min/median/max) of a checkpoint.",
     )
     p.add_argument("checkpoint", help="a slim2deploy checkpoint (.pt)")

@@ -23,11 +23,12 @@ from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_t
 from slim2deploy.pipeline.profile import model_artifact, profile, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.select import LatencySelector, Selection, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 
 MISS_TOLERANCE = 0.03
 

@@ -8,11 +8,14 @@ from typing import Any
 
 import torch
 
+from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.model.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.summary import coverage_lines
+from slim2deploy.prune.trace import trace_groups
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Inspection:
     pruned: bool
     gammas: list[GammaStats] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +40,7 @@ class Inspection:
             "pruned": self.pruned,
             "gammas": [g.to_dict() for g in self.gammas],
             "meta": self.meta,
+            "coverage": self.coverage,
         }
 
     def table(self) -> str:
@@ -48,6 +53,7 @@ class Inspection:
         for key in ("dataset", "epochs", "val_acc", "small_gamma_share"):
             if key in self.meta:
                 lines.append(f"{key:<10} {self.meta[key]}")
+        lines += ["", *self.coverage.get("lines", [])]
         if self.gammas:
             w = max(len(g.layer) for g in self.gammas)
             lines.append("")
@@ -80,7 +86,26 @@ def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspect
         ckpt.is_pruned,
         gamma_stats(model),
         meta,
+        planner_coverage(model, x),
     )
+
+
+def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """How much of the model the planner can prune: the share of BatchNorm-scored channels in
+    prunable groups and every unprunable group with its reason (a model it cannot trace says why)."""
+    try:
+        traced = trace_groups(model, x)
+    except SlimError as exc:
+        return {"error": str(exc), "lines": [f"prunable: unknown, the model could not be traced: {exc}"]}
+    prunable, scored = traced.coverage()
+    return {
+        "prunable_channels": prunable,
+        "scored_channels": scored,
+        "unprunable": [
+            {"channels": g.size, "modules": g.modules(), "reason": why} for g, why in traced.unprunable()
+        ],
+        "lines": coverage_lines(traced),
+    }
 
 
 def plot_gammas(ckpt: Checkpoint, out: str | Path, *, trust_code: bool = False) -> Path:

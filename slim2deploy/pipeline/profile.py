@@ -25,11 +25,12 @@ from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_t
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 
 Log = Callable[[str], None]
 

@@ -9,11 +9,12 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 
 
 def prune_checkpoint(

@@ -23,8 +23,8 @@ from slim2deploy.model.loop import (
 )
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import pretrained_stats, split_name
-from slim2deploy.prune.plan import prunable_masks
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.trace import prunable_masks
 
 
 def train_command(

@@ -2,8 +2,8 @@
 
 Three separate pieces, so each can change alone:
 
-- the *score* of every channel, computed when the model is traced (``prune.plan.trace_groups``;
-  the paper's |gamma|, the largest over the group's BatchNorms);
+- the *score* of every channel, computed when the model is traced (``prune.trace.trace_groups``
+  with a score from ``prune.score``; the paper's |gamma|, the largest over the group's BatchNorms);
 - a *selector*, the rule that turns scores into a kept count per group: a global threshold at a
   ratio (the paper), fixed widths (controls in the study), or a latency budget on a target;
 - the *rails* (``prune.rails.Rails``), which every selector respects.
@@ -25,8 +25,10 @@ from torch import nn
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.knapsack import solve_mckp, staircase
 from slim2deploy.prune.latency import LatencyTable
-from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group, trace_groups
+from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
+from slim2deploy.prune.score import ScoreFn, max_abs_gamma
+from slim2deploy.prune.trace import trace_groups
 
 
 class Selector(abc.ABC):
@@ -306,7 +308,12 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
 def _add_fold_biases(plan: PruningPlan) -> None:
     """Layers that receive a fold get a bias; decided here so apply_plan never looks at weights."""
     has = {m.tensor for g in plan.groups for m in g.members}
-    producer = {m.tensor: g for g in plan.groups for m in g.members if m.role == "out" and m.dim == 0}
+    # a layer's outputs can lie in several groups (cut by a slice) or several times in one (grouped conv)
+    outputs: dict[str, list[tuple[Group, Member]]] = {}
+    for g in plan.groups:
+        for m in g.members:
+            if m.role == "out" and m.dim == 0:
+                outputs.setdefault(m.tensor, []).append((g, m))
     for g in plan.groups:
         if not g.pruned:
             continue
@@ -314,9 +321,8 @@ def _add_fold_biases(plan: PruningPlan) -> None:
             bias = f"{m.module}.bias"
             if m.fold and bias not in has and bias not in plan.new_biases:
                 plan.new_biases.append(bias)
-                out = producer.get(m.tensor)
-                if out is not None:
-                    out.members.append(Member(bias, 0, "out"))
+                for out, w in outputs.get(m.tensor, []):
+                    out.members.append(Member(bias, 0, "out", w.start))
                 has.add(bias)
 
 
@@ -329,15 +335,17 @@ def plan_pruning(
     max_prune: float = DEFAULT_MAX_PRUNE,
     round_to: int = DEFAULT_ROUND_TO,
     fold: bool = True,
+    score: ScoreFn = max_abs_gamma,
 ) -> PruningPlan:
-    """Trace ``model`` and choose the channels to keep; the model is not modified.
+    """Trace ``model``, score its groups with ``score`` and choose the channels to keep; the model is
+    not modified.
 
     ``ratio`` is the fraction of prunable channels below the global |gamma| threshold (the
     paper's percent), with the rails given here; or a whole ``Selection`` (then the rails come
     from it).
     """
     selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, Rails(min_channels, max_prune, round_to))
-    return select(trace_groups(model, example_input, fold=fold), selection)
+    return select(trace_groups(model, example_input, fold=fold, score=score), selection)
 
 
 def select_channels(

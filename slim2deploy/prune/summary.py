@@ -41,13 +41,22 @@ def summarize(plan: PruningPlan, model: nn.Module, example_input: torch.Tensor, 
     )
     if plan.new_biases:
         lines.append(f"removed channels' constant output folded into {len(plan.new_biases)} new bias(es)")
+    lines += coverage_lines(plan)
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def coverage_lines(plan: PruningPlan) -> list[str]:
+    """The share of BatchNorm-scored channels that are prunable, and each unprunable group with its reason."""
+    prunable, scored = plan.coverage()
+    share = f"{100.0 * prunable / scored:.1f}%" if scored else "n/a"
+    lines = [f"prunable: {prunable} of {scored} BatchNorm-scored channels ({share})"]
     unpr = plan.unprunable()
     if unpr:
         lines.append(f"unprunable groups ({len(unpr)}):")
         for g, why in unpr:
             lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {why}")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
+    return lines
 
 
 def _pct(a: int, b: int) -> str:
