@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_doc import render
 
 from slim2deploy.base.environment import tensorrt_version
 from slim2deploy.base.errors import SlimError
@@ -122,6 +123,14 @@ def source_path(args: argparse.Namespace, model: str) -> Path:
     return Path(args.work) / f"{model}-{args.image_size}px.pt"
 
 
+def fresh_compiler() -> None:
+    """torch.compile caches code per Python function, not per model, and falls back to eager after
+    ``recompile_limit`` recompilations of one function; every model here shares a few forward
+    functions (each batch size is one more), so each row starts with empty caches and more room."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def row_key(model: str, target: str, selection: str) -> str:
     return f"{model}|{target}|{selection}"
 
@@ -140,6 +149,13 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
     rails = Rails(round_to=args.round_to)
     setting = f"{args.precision}-b{args.profile_batch}-r{args.round_to}"
     table_path = work / f"{src.stem}-{target_name}-{setting}.table.json"
+    eager_table = work / f"{src.stem}-torch-cuda-{setting}.table.json"
+    # compiling every profiled layer would cost minutes: compiled selects on the CUDA-graph table
+    reuse = target_name == "torch-cuda-compiled" and eager_table.exists()
+    if reuse:
+        table_path = eager_table
+    if target.runner_options().get("mode") == "compiled":
+        fresh_compiler()
     kind, value = selection.split()
     row: dict[str, Any] = {"model": model, "target": target_name, "selection": selection}
     started = time.perf_counter()
@@ -151,19 +167,18 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
         if table_path.exists():
             counts = [len(g["keep"]) for g in plan.get("groups", [])]
             row["predicted_ms"] = LatencyTable.from_json(table_path.read_text()).predict(counts)
+            row["table"] = "torch-cuda" if reuse else target_name
         base_art = checkpoint_artifact(src, target, work, f"{src.stem}-{target_name}-{args.precision}")
         slim_art = checkpoint_artifact(slim, target, work, f"{slim.stem}-{target_name}-{args.precision}")
         row["baseline_ms"], row["measured_ms"] = target.latencies([base_art, slim_art])
     else:
         slim = work / f"{src.stem}-{target_name}-{setting}-speedup{value}.pt"
-        eager_table = work / f"{src.stem}-torch-cuda-{setting}.table.json"
-        reuse = target_name == "torch-cuda-compiled" and eager_table.exists()
         budget = Budget(
             speedup=float(value),
             target=target_name,
             batch=args.profile_batch,
             precision=args.precision,
-            table=str(eager_table) if reuse else None,
+            table=str(table_path) if reuse else None,
             cache=str(work / "cache"),
             tries=args.tries,
             rails=rails,
@@ -202,67 +217,6 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
         }
     row["total_s"] = time.perf_counter() - started
     return row
-
-
-def fmt(v: Any, spec: str = ".3g", suffix: str = "") -> str:
-    return "—" if v is None else f"{v:{spec}}{suffix}"
-
-
-def render(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    gpu = env.get("gpu") or {}
-    on_gpu = args.device == "cuda"
-    lines = [
-        "# GPU study: slim models against the unpruned baseline per deployment target",
-        "",
-        "Written by `python bench/gpu.py` (issue 10). torchvision models, random weights, BatchNorm gamma drawn",
-        "so that half of every layer's channels are near zero; pruned at the paper's global ratio and to a",
-        f"measured speed-up per target; precision {args.precision}, {args.image_size}x{args.image_size} inputs.",
-        "",
-    ]
-    if not on_gpu:
-        lines += [
-            "> **Not a GPU run.** These numbers are a CPU smoke run of the script "
-            f"(`--device cpu`, targets {', '.join(args.targets)}), not GPU measurements. On an H100 run:",
-            ">",
-            "> `python bench/gpu.py --out docs/gpu.md`",
-            "",
-        ]
-    lines += [
-        f"- GPU: {gpu.get('gpu_name', 'none')}, driver {gpu.get('driver', '—')}, "
-        f"compute capability {gpu.get('compute_capability', '—')}",
-        f"- CUDA (torch build): {env.get('torch_cuda') or '—'}; torch {env.get('torch')}, "
-        f"onnxruntime {env.get('onnxruntime') or '—'}, TensorRT {env.get('tensorrt') or '—'}",
-        f"- CPU: {env.get('cpu')} ({env.get('cpus_usable')} usable cores), Python {env.get('python')}",
-        f"- profiling and the closed loop at batch {args.profile_batch}; rails round_to={args.round_to}; "
-        f"benchmark {args.iterations} iterations in {args.rounds} interleaved rounds per batch",
-        "",
-        "Predicted: the latency table's prediction at the profiling batch (for the ratio rows, from the",
-        "table of the same target's speed-up rows). Measured: the target's interleaved measurement at that",
-        "batch. Speed-up per batch: baseline median / slim median, "
-        + ("GPU compute time (CUDA events)." if on_gpu else "end to end."),
-        "",
-    ]
-    batches = sorted({int(b) for r in rows for b in r.get("batches", {})})
-    for target in args.targets:
-        mine = [r for r in rows if r["target"] == target]
-        if not mine:
-            continue
-        head = "| model | selection | MACs ratio | predicted ms | measured ms | baseline ms |"
-        lines += [f"## {target}", "", head + "".join(f" b{b} |" for b in batches)]
-        lines.append("|---|---|---:|---:|---:|---:|" + "---:|" * len(batches))
-        for r in mine:
-            if "error" in r:
-                cells = [r["model"], r["selection"], r["error"]] + [""] * (3 + len(batches))
-                lines.append("| " + " | ".join(cells) + " |")
-                continue
-            cells = [fmt(r["batches"].get(str(b), {}).get("speedup"), ".2f", "x") for b in batches]
-            sel = r["selection"] + ("" if r.get("met", True) else " (MISSED)")
-            lines.append(
-                f"| {r['model']} | {sel} | {fmt(r['macs_ratio'], '.3f')} | {fmt(r.get('predicted_ms'))} | "
-                f"{fmt(r['measured_ms'])} | {fmt(r['baseline_ms'])} | " + " | ".join(cells) + " |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
