@@ -83,8 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
         p.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
-    args.batches = sorted({int(b) for b in args.batches.split(",")})
-    args.speedups = [float(s) for s in args.speedups.split(",") if s]
+    try:
+        args.batches = sorted({int(b) for b in args.batches.split(",")})
+        args.speedups = [float(s) for s in args.speedups.split(",") if s]
+    except ValueError as exc:
+        p.error(f"--batches takes integers and --speedups numbers, comma-separated ({exc})")
+    if args.batches[0] < 1 or any(s <= 1 for s in args.speedups):
+        p.error("batches must be positive and speed-ups above 1")
     args.precision = args.precision or ("fp16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("torch sees no CUDA GPU; for a CPU smoke run give --device cpu --targets ort-cpu,torch-cpu")
