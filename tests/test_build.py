@@ -2,6 +2,10 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +38,14 @@ def _snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def _build_demo(out: Path):
+def _demo_args(out: Path) -> list[str]:
     """The README's demo build (all precisions) into ``out``, with a short benchmark."""
-    return run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out),
-                   "--precision", "fp32,fp16,int8", "--calib", str(CALIB), *FAST)  # fmt: skip
+    return ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out),
+            "--precision", "fp32,fp16,int8", "--calib", str(CALIB), *FAST]  # fmt: skip
+
+
+def _build_demo(out: Path):
+    return run_cli(*_demo_args(out))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +94,56 @@ def test_rerun_skips_unchanged_stages_and_redoes_damaged_outputs(built):
 
 @needs_fashion_mnist
 @pytest.mark.slow
+def test_other_eval_data_redoes_the_precision_numbers(built, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    proc = run_cli(*_demo_args(out), "--eval-limit", "300")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prune     unchanged, skipped" in proc.stdout
+    assert "slim.onnx unchanged, skipped" in proc.stdout  # its parity inputs did not change
+    for name in ("baseline.fp16.onnx", "slim.int8.onnx"):
+        assert f"{name} unchanged, skipped" not in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert {v["n"] for v in report["precision"].values()} == {300}
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_a_malformed_build_json_entry_redoes_that_stage_only(built, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    state = json.loads((out / "build.json").read_text())
+    (out / "build.json").write_text(json.dumps({**state, "bench": []}))
+    proc = run_cli(*_demo_args(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ignoring malformed entries bench" in proc.stdout
+    assert "prune     unchanged, skipped" in proc.stdout and "bench     unchanged" not in proc.stdout
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_two_builds_into_one_out_never_mix(tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "slim2deploy", "build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out),
+         "--no-bench", "--eval-limit", "500"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    lock = out / ".lock"
+    while not (lock.exists() and lock.read_text() == str(first.pid)):  # the first build holds the folder
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    second = run_cli("build", "--model", str(DEMO), "--ratio", "0.3", "--out", str(out), "--no-bench")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2 and "another build is writing to" in second.stderr, second.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["selection"]["selector"] == {"kind": "ratio", "ratio": 0.5}
+    assert json.loads((out / "plan.json").read_text())["ratio"] == 0.5
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["ratio", "precision", "calib_shape", "int8_without_calib", "corrupt_model"])
 def test_bad_input_is_one_clear_error_and_leaves_artifacts_intact(built, tmp_path, case):
     out, _ = built
@@ -119,9 +177,6 @@ def test_bad_input_is_one_clear_error_and_leaves_artifacts_intact(built, tmp_pat
 
 def test_truncated_onnx_is_one_clear_error(tmp_path):
     """bench/latency.py (the tool users run on target machines) on a damaged ONNX file."""
-    import subprocess
-    import sys
-
     bad = tmp_path / "slim.onnx"
     bad.write_bytes(b"\x08\x07\x12\x04" + os.urandom(200))
     proc = subprocess.run(

@@ -20,10 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.engine import (
-    BuildOptions,
     EngineManifest,
-    build_engine,
+    EngineOptions,
     check_engine_file,
+    compile_engine,
     engine_available,
     manifest_mismatches,
     manifest_path,
@@ -49,7 +49,7 @@ def manifest(**overrides: object) -> EngineManifest:
         "onnx_sha256": "ab" * 32,
         "onnx_path": "slim.fp16.onnx",
         "engine_sha256": "cd" * 32,
-        "build_options": BuildOptions(max_batch=64).to_dict(),
+        "build_options": EngineOptions(max_batch=64).to_dict(),
         "build_time_s": 12.5,
         "built_at": "2025-01-01T00:00:00Z",
         "params": 1000,
@@ -164,13 +164,13 @@ def test_parser_errors_are_listed_per_node():
     assert "node 9 (NonZero): unsupported operator" in msg
 
 
-def test_build_options_profile():
-    assert BuildOptions.from_batches([8, 1, 64]).profile() == (1, 64, 64)
-    assert BuildOptions(min_batch=1, opt_batch=8, max_batch=32).profile() == (1, 8, 32)
-    assert BuildOptions.from_dict(BuildOptions(opt_level=5).to_dict()).opt_level == 5
+def test_engine_options_profile():
+    assert EngineOptions.from_batches([8, 1, 64]).profile() == (1, 64, 64)
+    assert EngineOptions(min_batch=1, opt_batch=8, max_batch=32).profile() == (1, 8, 32)
+    assert EngineOptions.from_dict(EngineOptions(opt_level=5).to_dict()).opt_level == 5
     for bad in ({"min_batch": 8, "max_batch": 4}, {"opt_level": 6}, {"workspace_mib": 0}):
         with pytest.raises(SlimError):
-            BuildOptions(**bad)  # type: ignore[arg-type]
+            EngineOptions(**bad)  # type: ignore[arg-type]
 
 
 needs_no_tensorrt = pytest.mark.skipif(engine_available()[0], reason="TensorRT and a GPU are present")
@@ -183,12 +183,12 @@ def test_engine_policy_without_tensorrt(tmp_path):
     build, message = resolve_engine_policy("auto")
     assert not build and message.startswith("TensorRT engines: skipped") and "\n" not in message
     assert resolve_engine_policy("off") == (False, "TensorRT engines: off (--engine off)")
-    with pytest.raises(SlimError, match="--engine require: cannot build TensorRT engines here"):
+    with pytest.raises(SlimError, match="--engine require: cannot compile TensorRT engines here"):
         resolve_engine_policy("require")
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"")
-    with pytest.raises(SlimError, match="cannot build m.engine"):
-        build_engine(onnx_file, tmp_path / "m.engine")
+    with pytest.raises(SlimError, match="cannot compile m.engine"):
+        compile_engine(onnx_file, tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
 
 

@@ -325,13 +325,13 @@ def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
 
 
 def test_engine_without_tensorrt_is_a_clean_error(tmp_path, monkeypatch):
-    from slim2deploy.deploy.engine import build_engine
+    from slim2deploy.deploy.engine import compile_engine
 
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"placeholder: the engine check comes first")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now raises ModuleNotFoundError
     with pytest.raises(SlimError, match="TensorRT is not installed"):
-        build_engine(onnx_file, tmp_path / "m.engine")
+        compile_engine(onnx_file, tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
     out = tmp_path / "docs" / "results.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout, not an installed copy
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "study.py"), "--smoke", "--threads", "1"]
         + ["--out", str(out), "--work", str(tmp_path / "work")],

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
+
+if TYPE_CHECKING:
+    from slim2deploy.pipeline.build import BuildConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -71,14 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import check_outputs
-    from slim2deploy.deploy.export import check_opset
-    from slim2deploy.pipeline.build import BuildConfig, build
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    """The ``BuildConfig`` the flags describe (checked by ``pipeline.build.validate``)."""
+    from slim2deploy.pipeline.build import BuildConfig
 
-    check_outputs({"--out": args.out}, folders=["--out"])
-    check_opset(args.opset)
-    cfg = BuildConfig(
+    return BuildConfig(
         model=args.model,
         selection=selection_from_args(args),
         out=args.out,
@@ -107,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         trust_pickle=args.trust_pickle,
     )
-    result = build(cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
+    from slim2deploy.deploy.export import check_opset
+    from slim2deploy.pipeline.build import build
+
+    check_outputs({"--out": args.out}, folders=["--out"])
+    check_opset(args.opset)
+    result = build(config_from_args(args))
     print(f"done: {result.out_dir}/report.md")
     return 0

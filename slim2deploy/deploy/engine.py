@@ -39,8 +39,8 @@ ENGINE_POLICIES = ("auto", "require", "off")
 
 
 @dataclass
-class BuildOptions:
-    """Engine build settings; the batch profile comes from ``--batch``."""
+class EngineOptions:
+    """How TensorRT compiles an engine; the batch profile comes from ``--batch``."""
 
     min_batch: int = 1
     opt_batch: int | None = None  # None: the largest batch, where throughput matters most
@@ -62,7 +62,7 @@ class BuildOptions:
             raise SlimError(f"workspace must be a positive number of MiB, got {self.workspace_mib}")
 
     @classmethod
-    def from_batches(cls, batches: list[int], **kwargs: Any) -> BuildOptions:
+    def from_batches(cls, batches: list[int], **kwargs: Any) -> EngineOptions:
         """A profile covering every batch size in ``batches`` (opt = the largest)."""
         if not batches:
             raise SlimError("give at least one batch size for the engine profile")
@@ -76,7 +76,7 @@ class BuildOptions:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BuildOptions:
+    def from_dict(cls, d: dict[str, Any]) -> EngineOptions:
         return cls(**d)
 
 
@@ -93,6 +93,8 @@ class EngineManifest:
     onnx_sha256: str
     onnx_path: str
     engine_sha256: str
+    # the field names are the .engine.json format (slim2deploy.engine/1): "build" is TensorRT's
+    # builder here, not the slim2deploy build pipeline
     build_options: dict[str, Any]
     build_time_s: float
     built_at: str
@@ -234,14 +236,14 @@ def resolve_engine_policy(policy: str, available: tuple[bool, str] | None = None
         return False, "TensorRT engines: off (--engine off)"
     ok, reason = available if available is not None else engine_available()
     if ok:
-        return True, f"TensorRT engines: building with {reason}"
+        return True, f"TensorRT engines: compiling with {reason}"
     if policy == "require":
-        raise SlimError(f"--engine require: cannot build TensorRT engines here: {reason}")
+        raise SlimError(f"--engine require: cannot compile TensorRT engines here: {reason}")
     return False, f"TensorRT engines: skipped, {reason} (--engine off silences this)"
 
 
 # ---------------------------------------------------------------------------------------------
-# build
+# compile
 # ---------------------------------------------------------------------------------------------
 def network_flags(tensorrt_version: str, strongly_typed_bit: int | None) -> int:
     """Network creation flags: STRONGLY_TYPED on TensorRT 10, nothing on 11+ (always strongly typed)."""
@@ -338,19 +340,19 @@ def _timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingC
     return cache
 
 
-def build_engine(
+def compile_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
-    options: BuildOptions | None = None,
+    options: EngineOptions | None = None,
 ) -> EngineManifest:
-    """Build ``engine_path`` (and its ``.engine.json``) from ``onnx_path``; both written atomically."""
-    options = options or BuildOptions()
+    """Compile ``onnx_path`` with TensorRT into ``engine_path`` and its ``.engine.json``, both written atomically."""
+    options = options or EngineOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.exists():
         raise SlimError(f"no such ONNX file: {onnx_path}")
     ok, reason = engine_available()
     if not ok:
-        raise SlimError(f"cannot build {engine_path.name}: {reason}")
+        raise SlimError(f"cannot compile {engine_path.name}: {reason}")
     import tensorrt as trt  # only now: without the package, engine_available() gave the clean error
 
     started = time.perf_counter()

@@ -2,59 +2,58 @@
 
 Stages, each a function of its inputs:
 
-1. prune     plan + surgery (rails as options)                       -> slim.pt, plan.json
-2. finetune  optional, on ``data``                                    -> slim.pt
+1. prune     plan + surgery (the selection: selector + rails)        -> slim.pt, plan.json
+2. finetune  optional, on ``data``                                    -> slim-finetuned.pt
 3. export    ONNX of baseline and slim, parity-gated against torch   -> baseline.onnx, slim.onnx
 4. precision fp16 graphs and calibrated int8 Q/DQ graphs             -> *.fp16.onnx, *.int8.onnx
 5. engines   TensorRT engines + manifests (when TensorRT and a GPU are present)
 6. bench     ONNX Runtime CPU latency, baseline vs slim, interleaved -> benchmark.{json,md,png}
 7. report    report.json and report.md
 
-Every stage records a key (a hash of its inputs: upstream file contents and its options) in
-``build.json``; a re-run skips a stage whose key and outputs are unchanged. Every file is
-written atomically, so a failing stage leaves the earlier artifacts intact and nothing half-written.
-All checks that can fail on user input (selection, precision list, calibration set) run before any work.
+Each stage runs through ``base.cache.StageCache`` (``build.json``): its key hashes everything that
+changes its result (upstream file contents, options, the data it measures on), and a re-run skips
+a stage whose key and outputs are unchanged. Every check on user input runs before any work; the
+output folder is locked for the whole run, so two builds never mix their files in one ``--out``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from slim2deploy.base.cache import StageCache, exclusive_dir, stage_key
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text, sha256_file
 from slim2deploy.deploy.calib import load_calib
-from slim2deploy.deploy.engine import ENGINE_POLICIES, BuildOptions, build_engine, resolve_engine_policy
-from slim2deploy.deploy.export import DEFAULT_OPSET, export_onnx
-from slim2deploy.deploy.precision import (
-    CALIB_METHODS,
-    INT8_FLAVOURS,
-    check_precision,
-    quantize_int8,
-    to_fp16,
-)
+from slim2deploy.deploy.engine import ENGINE_POLICIES, EngineOptions, compile_engine, resolve_engine_policy
+from slim2deploy.deploy.export import DEFAULT_OPSET
+from slim2deploy.deploy.precision import CALIB_METHODS, INT8_FLAVOURS, check_precision
 from slim2deploy.measure import benchmark
-from slim2deploy.measure.compare import check_agreement, check_parity
 from slim2deploy.measure.report import write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
-from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.model.folder import load_data, sample_arrays
+from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
+from slim2deploy.model.folder import AnyData, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import data_options, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection
 
-PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision checks run on
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
+PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision checks run on
 
 
 @dataclass
@@ -100,42 +99,8 @@ class BuildResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class _State:
-    """build.json: the key each stage was last built with, and what it produced."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / "build.json"
-        try:
-            self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except (OSError, json.JSONDecodeError):
-            self.data = {}
-
-    def fresh(self, stage: str, key: str, outputs: list[Path]) -> bool:
-        """Same inputs as last time, and the outputs are still exactly what that run wrote."""
-        entry = self.data.get(stage, {})
-        recorded = entry.get("outputs", {})
-        return entry.get("key") == key and all(p.exists() and recorded.get(p.name) == sha256_file(p) for p in outputs)
-
-    def done(self, stage: str, key: str, outputs: list[Path], info: dict[str, Any] | None = None) -> None:
-        self.data[stage] = {
-            "key": key,
-            "outputs": {p.name: sha256_file(p) for p in outputs},
-            "info": info or {},
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
-
-    def info(self, stage: str) -> dict[str, Any]:
-        return dict(self.data.get(stage, {}).get("info", {}))
-
-
-def validate(cfg: BuildConfig) -> None:
-    """Every check on user input, before any work is done."""
-
+def validate(cfg: BuildConfig) -> EngineOptions:
+    """Every check on the flags, before any work is done; returns the engine options they describe."""
     if not cfg.precisions:
         raise SlimError("--precision needs at least one of fp32, fp16, int8")
     for p in cfg.precisions:
@@ -155,42 +120,67 @@ def validate(cfg: BuildConfig) -> None:
         raise SlimError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
     if cfg.finetune_epochs and not cfg.data:
         raise SlimError("--finetune-epochs needs --data (the dataset to fine-tune on)")
-    if any(b < 1 for b in (*cfg.bench_batches, *cfg.engine_batches)):
-        raise SlimError("batch sizes must be positive integers")
+    if cfg.finetune_lr <= 0:
+        raise SlimError(f"--finetune-lr must be positive, got {cfg.finetune_lr}")
+    at_least_one = {
+        "--batch-size": cfg.batch_size,
+        "--limit-train": cfg.limit_train,
+        "--eval-limit": cfg.eval_limit,
+        "--bench-iterations": cfg.bench_iterations,
+        "--bench-rounds": cfg.bench_rounds,
+        "--threads": cfg.threads,
+    }
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise SlimError(f"{flag} must be at least 1, got {value}")
+    if not cfg.bench_batches or any(b < 1 for b in cfg.bench_batches):
+        raise SlimError(f"--bench-batch must be positive batch sizes, got {list(cfg.bench_batches)}")
+    if cfg.bench_warmup_s < 0:
+        raise SlimError(f"the benchmark warm-up must be >= 0 s, got {cfg.bench_warmup_s}")
+    if any(b < 1 for b in cfg.engine_batches):
+        raise SlimError(f"--batch must be positive batch sizes, got {list(cfg.engine_batches)}")
+    return EngineOptions.from_batches(
+        list(cfg.engine_batches), workspace_mib=cfg.workspace_mib, opt_level=cfg.builder_opt_level
+    )
 
 
-def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> Any:
-    """Held-out data (a ``data.Dataset``), from --data or the dataset the checkpoint was trained on."""
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or cannot be created or written; touches nothing."""
+    if out.exists() and not out.is_dir():
+        raise SlimError(f"--out {out} is an existing file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlimError(f"cannot create the output folder {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimError(f"cannot write to {parent}; choose another --out")
 
-    name = cfg.data or meta.get("dataset")
-    if not name:
-        return None
-    stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
-    opts = data_options(meta, None, None, None)
+
+def make_out(out: Path) -> None:
     try:
-        ds = load_data(name, "val", cfg.data_dir, opts.pop("image_size"), stats, **opts).subset(cfg.eval_limit)
-    except SlimError:
-        if cfg.data:
-            raise
-        return None  # the training data is not on this machine; the report says accuracy is unknown
-    return ds
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SlimError(f"cannot create the output folder {out}: {exc.strerror}") from None
 
 
-def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
-    """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
-    import torch
+@dataclass
+class Inputs:
+    """What every stage reads, loaded and checked before the first stage runs."""
+
+    ckpt: Checkpoint
+    baseline: torch.nn.Module
+    example: torch.Tensor
+    calib_x: np.ndarray | None
+    eval_ds: AnyData | None
+    check_x: np.ndarray  # parity inputs: random plus real images
+    eval_x: np.ndarray  # what precision agreement is measured on (held-out data, else check_x)
+    eval_y: np.ndarray | None
+    check_hash: str  # of check_x; with data_hash, in the keys: results measured on other data are not reused
+    data_hash: str  # of eval_x and eval_y
 
 
-    validate(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _State(out)
-    result = BuildResult(out)
-    n_stages = len(STAGES)
-
-    def stage(i: int, name: str, text: str) -> None:
-        log(f"[{i}/{n_stages}] {name:<9} {text}")
-
+def load_inputs(cfg: BuildConfig) -> Inputs:
     ckpt = load_checkpoint(cfg.model, trust_pickle=cfg.trust_pickle)
     if ckpt.module is not None:
         raise SlimError(
@@ -200,233 +190,247 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
-    example = torch.zeros(1, *ckpt.input_shape)
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
-    build_engines, engine_msg = resolve_engine_policy(cfg.engine)
-    ckpt_sha = sha256_file(cfg.model)
     eval_ds = _eval_data(cfg, ckpt.meta)
-    # a streamed folder is evaluated whole in torch, but the ONNX precision checks take a sample
-    eval_xy = None if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
+    # a streamed folder is evaluated whole in torch, but the ONNX checks take a sample
+    eval_x, eval_y = (None, None) if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
+    rng = np.random.default_rng(cfg.seed)
+    parts = [rng.standard_normal((8, *ckpt.input_shape)).astype(np.float32)]
+    parts += [np.asarray(real[:32], dtype=np.float32) for real in (calib_x, eval_x) if real is not None]
+    check_x = np.concatenate(parts)
+    measured_on = check_x if eval_x is None else eval_x
+    return Inputs(
+        ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
+        _digest(check_x), _digest(measured_on, eval_y),
+    )  # fmt: skip
 
-    # 1. prune
+
+def _digest(*arrays: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(b"none" if a is None else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _eval_data(cfg: BuildConfig, meta: dict[str, Any]) -> AnyData | None:
+    """Held-out data, from --data or the dataset the checkpoint was trained on."""
+    name = cfg.data or meta.get("dataset")
+    if not name:
+        return None
+    stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
+    opts = data_options(meta, None, None, None)
+    try:
+        return load_data(name, "val", cfg.data_dir, opts.pop("image_size"), stats, **opts).subset(cfg.eval_limit)
+    except SlimError:
+        if cfg.data:
+            raise
+        return None  # the training data is not on this machine; the report says accuracy is unknown
+
+
+@dataclass
+class Run:
+    """One build in progress: its config, inputs, stage cache and what it has produced so far."""
+
+    cfg: BuildConfig
+    out: Path
+    inputs: Inputs
+    cache: StageCache
+    log: Callable[[str], None]
+    result: BuildResult
+
+    def stage(self, i: int, name: str, text: str) -> None:
+        self.log(f"[{i}/{len(STAGES)}] {name:<9} {text}")
+
+    def cached(
+        self, i: int, stage: str, key: str, outputs: list[Path], work: Callable[[], dict[str, Any] | None], label: str
+    ) -> dict[str, Any]:
+        """Run ``work`` through the cache; when it is fresh, log ``label`` as stage ``i`` instead."""
+        info, ran = self.cache.run(stage, key, outputs, work)
+        if not ran:
+            self.stage(i, STAGES[i - 1], label)
+            self.result.skipped.append(stage)
+        return info
+
+
+def prune_stage(run: Run) -> Path:
+    cfg, out = run.cfg, run.out
     slim_path, plan_path = out / "slim.pt", out / "plan.json"
-    key = _key(ckpt_sha, cfg.selection.to_dict(), cfg.fold)
-    if state.fresh("prune", key, [slim_path, plan_path]):
-        stage(1, "prune", "unchanged, skipped")
-        result.skipped.append("prune")
-    else:
 
+    def work() -> dict[str, Any]:
         started = time.perf_counter()
         latency = None
         if isinstance(cfg.selection, Budget):
             pruned = prune_to_budget(
-                cfg.model,
-                slim_path,
-                cfg.selection,
-                fold=cfg.fold,
-                trust_code=cfg.trust_pickle,
-                table_out=out / "latency-table.json",
-                log=log,
-            )
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle,
+                table_out=out / "latency-table.json", log=run.log,
+            )  # fmt: skip
             plan, table = pruned.plan, pruned.summary
             latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
         else:
             plan, table = prune_checkpoint(
-                cfg.model,
-                slim_path,
-                cfg.selection,
-                fold=cfg.fold,
-                trust_code=cfg.trust_pickle,
-            )
-        log(table)
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle
+            )  # fmt: skip
+        run.log(table)
         atomic_write_text(plan_path, plan.to_json())
-        info = {"seconds": round(time.perf_counter() - started, 2), "latency": latency}
-        state.done("prune", key, [slim_path, plan_path], info)
-        stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({time.perf_counter() - started:.1f}s)")
-    result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
+        seconds = time.perf_counter() - started
+        run.stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")
+        return {"seconds": round(seconds, 2), "latency": latency}
 
-    # 2. finetune
-    ft_path = out / "slim-finetuned.pt"
-    if cfg.finetune_epochs:
-        key = _key(
-            sha256_file(slim_path),
-            cfg.data,
-            cfg.data_dir,
-            cfg.finetune_epochs,
-            cfg.finetune_lr,
-            cfg.batch_size,
-            cfg.limit_train,
-            cfg.seed,
-        )
-        if state.fresh("finetune", key, [ft_path]):
-            stage(2, "finetune", "unchanged, skipped")
-            result.skipped.append("finetune")
-        else:
+    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold)
+    run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped")
+    run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
+    return slim_path
 
-            assert cfg.data is not None  # validate() insists on it
-            finetune_checkpoint(
-                slim_path,
-                ft_path,
-                data=cfg.data,
-                data_dir=cfg.data_dir,
-                epochs=cfg.finetune_epochs,
-                lr=cfg.finetune_lr,
-                batch_size=cfg.batch_size,
-                limit_train=cfg.limit_train,
-                seed=cfg.seed,
-            )
-            state.done("finetune", key, [ft_path])
-            stage(2, "finetune", f"{cfg.finetune_epochs} epochs on {cfg.data}: {ft_path}")
-        final_slim = ft_path
-        result.artifacts["slim_finetuned"] = str(ft_path)
-    else:
-        stage(2, "finetune", "off (--finetune-epochs 0)")
-        final_slim = slim_path
-    slim_model = model_from_checkpoint(load_checkpoint(final_slim))
 
-    # 3. export + parity
+def finetune_stage(run: Run, slim_path: Path) -> Path:
+    cfg = run.cfg
+    if not cfg.finetune_epochs:
+        run.stage(2, "finetune", "off (--finetune-epochs 0)")
+        return slim_path
+    assert cfg.data is not None  # validate() insists on it
+    ft_path = run.out / "slim-finetuned.pt"
+    options = dict(
+        data=cfg.data, data_dir=cfg.data_dir, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+        batch_size=cfg.batch_size, limit_train=cfg.limit_train, seed=cfg.seed,
+    )  # fmt: skip
 
-    opset = cfg.opset or DEFAULT_OPSET
-    parity_x = _parity_inputs(ckpt.input_shape, calib_x, eval_xy, cfg.seed)
-    onnx_paths: dict[str, dict[str, Path]] = {"baseline": {}, "slim": {}}
-    exports: dict[str, Any] = {}
-    for name, model, src in (("baseline", baseline, Path(cfg.model)), ("slim", slim_model, final_slim)):
-        path = out / f"{name}.onnx"
-        key = _key(sha256_file(src), opset)
-        onnx_paths[name]["fp32"] = path
-        if state.fresh(f"export:{name}", key, [path]):
-            exports[name] = state.info(f"export:{name}")
-            stage(3, "export", f"{path.name} unchanged, skipped")
-            result.skipped.append(f"export:{name}")
-            continue
-        res = export_onnx(model, example, path, opset=opset)
-        parity = check_parity(model, path, parity_x)
-        parity.raise_if_failed()
-        exports[name] = {**res.to_dict(), "parity": parity.to_dict()}
-        state.done(f"export:{name}", key, [path], exports[name])
-        stage(3, "export", f"{path.name}: {res.bytes / 1e6:.2f} MB, {parity.summary()}")
+    def work() -> dict[str, Any]:
+        history = finetune_checkpoint(slim_path, ft_path, **options)  # type: ignore[arg-type]
+        run.stage(2, "finetune", f"{cfg.finetune_epochs} epochs on {cfg.data}: {ft_path}")
+        return {"val_acc": history[-1].val_acc}
 
-    # 4. precision
+    run.cached(2, "finetune", stage_key(sha256_file(slim_path), options), [ft_path], work, "unchanged, skipped")
+    run.result.artifacts["slim_finetuned"] = str(ft_path)
+    return ft_path
 
+
+def export_stage(run: Run, models: dict[str, tuple[torch.nn.Module, Path]]) -> dict[str, Any]:
+    """fp32 ONNX of each model (``name.onnx``), parity-gated; returns each export's info."""
+    opset = run.cfg.opset or DEFAULT_OPSET
+    exports = {}
+    for name, (model, src) in models.items():
+        path = run.out / f"{name}.onnx"
+
+        def work(model: torch.nn.Module = model, path: Path = path) -> dict[str, Any]:
+            info = export_checked(model, run.inputs.example, path, run.inputs.check_x, opset=opset)
+            run.stage(3, "export", f"{path.name}: {info['bytes'] / 1e6:.2f} MB, {info['summary']}")
+            return info
+
+        key = stage_key(sha256_file(src), opset, run.inputs.check_hash)
+        exports[name] = run.cached(3, f"export:{name}", key, [path], work, f"{path.name} unchanged, skipped")
+    return exports
+
+
+def precision_stage(run: Run, names: list[str]) -> dict[str, Any]:
+    """fp16/int8 graphs from each fp32 graph, with their agreement on the held-out data."""
+    cfg, inputs = run.cfg, run.inputs
     agreement: dict[str, Any] = {}
-    for prec in cfg.precisions:
-        if prec == "fp32":
-            continue
-        for name in ("baseline", "slim"):
-            src = onnx_paths[name]["fp32"]
-            dst = out / f"{name}.{prec}.onnx"
-            onnx_paths[name][prec] = dst
-            extra = (cfg.calib_method, cfg.int8_flavour, sha256_file(cfg.calib)) if prec == "int8" and cfg.calib else ()
-            key = _key(sha256_file(src), prec, *extra)
-            if state.fresh(f"{prec}:{name}", key, [dst]):
-                agreement[f"{name}.{prec}"] = state.info(f"{prec}:{name}")
-                stage(4, "precision", f"{dst.name} unchanged, skipped")
-                result.skipped.append(f"{prec}:{name}")
-                continue
-            if prec == "fp16":
-                to_fp16(src, dst)
-            else:
-                assert calib_x is not None
-                quantize_int8(src, dst, calib_x, method=cfg.calib_method, flavour=cfg.int8_flavour)
-            x, y = eval_xy if eval_xy is not None else (parity_x, None)
-            rep = check_agreement(dst, src, x, y)
-            agreement[f"{name}.{prec}"] = rep.to_dict()
-            state.done(f"{prec}:{name}", key, [dst], rep.to_dict())
-            stage(4, "precision", rep.summary())
+    for prec in (p for p in cfg.precisions if p != "fp32"):
+        calib = (cfg.calib_method, cfg.int8_flavour, sha256_file(cfg.calib)) if prec == "int8" and cfg.calib else ()
+        for name in names:
+            src = run.out / f"{name}.onnx"
+            dst = variant_path(src, prec)
+
+            def work(src: Path = src, prec: str = prec) -> dict[str, Any]:
+                info = make_precision(
+                    src, prec, inputs.eval_x, inputs.eval_y,
+                    calib_x=inputs.calib_x, calib_method=cfg.calib_method, flavour=cfg.int8_flavour,
+                )  # fmt: skip
+                run.stage(4, "precision", info["summary"])
+                return info
+
+            key = stage_key(sha256_file(src), prec, calib, inputs.data_hash)
+            skipped = f"{dst.name} unchanged, skipped"
+            agreement[f"{name}.{prec}"] = run.cached(4, f"{prec}:{name}", key, [dst], work, skipped)
     if set(cfg.precisions) == {"fp32"}:
-        stage(4, "precision", "fp32 only (--precision fp32,fp16,int8 adds more)")
+        run.stage(4, "precision", "fp32 only (--precision fp32,fp16,int8 adds more)")
+    return agreement
 
-    # 5. engines
-    engines: dict[str, Any] = {}
-    if build_engines:
 
-        options = BuildOptions.from_batches(
-            list(cfg.engine_batches),
-            workspace_mib=cfg.workspace_mib,
-            opt_level=cfg.builder_opt_level,
-            timing_cache=str(out / "timing.cache"),
-        )
-        for paths in onnx_paths.values():
-            for src in paths.values():
-                dst = src.with_suffix(".engine")
-                key = _key(sha256_file(src), options.to_dict())
-                if state.fresh(f"engine:{dst.name}", key, [dst]):
-                    engines[dst.name] = state.info(f"engine:{dst.name}")
-                    stage(5, "engines", f"{dst.name} unchanged, skipped")
-                    continue
-                manifest = build_engine(src, dst, options)
-                engines[dst.name] = manifest.to_dict()
-                state.done(f"engine:{dst.name}", key, [dst], manifest.to_dict())
-                stage(5, "engines", f"{dst.name} built")
-    else:
-        stage(5, "engines", engine_msg)
+def engines_stage(run: Run, onnx_files: list[Path], options: EngineOptions) -> dict[str, Any] | str:
+    wanted, message = resolve_engine_policy(run.cfg.engine)
+    if not wanted:
+        run.stage(5, "engines", message)
+        return message
+    options = replace(options, timing_cache=str(run.out / "timing.cache"))
+    engines = {}
+    for src in onnx_files:
+        dst = src.with_suffix(".engine")
 
-    # 6. bench
-    bench: dict[str, Any] | None = None
-    if cfg.bench:
+        def work(src: Path = src, dst: Path = dst) -> dict[str, Any]:
+            manifest = compile_engine(src, dst, options)
+            run.stage(5, "engines", f"{dst.name} compiled")
+            return manifest.to_dict()
 
-        bench_files = [out / f"benchmark.{ext}" for ext in ("json", "md", "png")]
-        settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
-        key = _key(*(sha256_file(onnx_paths[n]["fp32"]) for n in ("baseline", "slim")), settings)
-        if state.fresh("bench", key, bench_files):
-            comparison = Comparison.from_dict(json.loads(bench_files[0].read_text()))
-            stage(6, "bench", "unchanged, skipped (the numbers below are from the previous run)")
-            result.skipped.append("bench")
-        else:
-            stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
-            comparison = benchmark.compare(
-                onnx_paths["baseline"]["fp32"],
-                onnx_paths["slim"]["fp32"],
-                batches=cfg.bench_batches,
-                iterations=cfg.bench_iterations,
-                rounds=cfg.bench_rounds,
-                warmup_s=cfg.bench_warmup_s,
-                threads=cfg.threads,
-                device="cpu",
-            )
-            write_reports(comparison, out, stem="benchmark")
-            state.done("bench", key, bench_files)
-        log(format_table(comparison))
-        bench = comparison.to_dict()
-        result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in bench_files})
-    else:
-        stage(6, "bench", "off (--no-bench)")
+        key = stage_key(sha256_file(src), options.to_dict())
+        engines[dst.name] = run.cached(5, f"engine:{dst.name}", key, [dst], work, f"{dst.name} unchanged, skipped")
+    return engines
 
-    # 7. report
+
+def bench_stage(run: Run, baseline: Path, slim: Path) -> dict[str, Any] | None:
+    cfg, out = run.cfg, run.out
+    if not cfg.bench:
+        run.stage(6, "bench", "off (--no-bench)")
+        return None
+    files = [out / f"benchmark.{ext}" for ext in ("json", "md", "png")]
+
+    def work() -> None:
+        run.stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
+        comparison = benchmark.compare(
+            baseline, slim, batches=cfg.bench_batches, iterations=cfg.bench_iterations, rounds=cfg.bench_rounds,
+            warmup_s=cfg.bench_warmup_s, threads=cfg.threads, device="cpu",
+        )  # fmt: skip
+        write_reports(comparison, out, stem="benchmark")
+
+    settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
+    key = stage_key(sha256_file(baseline), sha256_file(slim), settings)
+    run.cached(6, "bench", key, files, work, "unchanged, skipped (the numbers below are from the previous run)")
+    comparison = Comparison.from_dict(json.loads(files[0].read_text()))
+    run.log(format_table(comparison))
+    run.result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in files})
+    return comparison.to_dict()
+
+
+def report_stage(run: Run, slim_model: torch.nn.Module, parts: dict[str, Any]) -> None:
+    """report.json/.md from every stage's results; always rewritten (it is cheap and shows this run)."""
+    cfg, inputs = run.cfg, run.inputs
+    models = {"baseline": inputs.baseline, "slim": slim_model}
     accuracy = None
-    if eval_ds is not None:
-
-        accuracy = {name: evaluate(m, eval_ds)[1] for name, m in (("baseline", baseline), ("slim", slim_model))}
+    if inputs.eval_ds is not None:
+        accuracy = {name: evaluate(m, inputs.eval_ds)[1] for name, m in models.items()}
     report = {
         "model": cfg.model,
         "config": cfg.to_dict(),
         "selection": cfg.selection.describe(),
-        "latency_target": state.info("prune").get("latency"),
-        "baseline": {"params": count_params(baseline), "macs": count_macs(baseline, example)},
-        "slim": {"params": count_params(slim_model), "macs": count_macs(slim_model, example)},
+        "latency_target": run.cache.info("prune").get("latency"),
+        **{n: {"params": count_params(m), "macs": count_macs(m, inputs.example)} for n, m in models.items()},
         "accuracy": accuracy,
-        "exports": exports,
-        "precision": agreement,
-        "engines": engines or engine_msg,
-        "benchmark": bench,
-        "artifacts": {n: {p: str(v) for p, v in d.items()} for n, d in onnx_paths.items()},
+        **parts,
     }
-
-    written = write_build_report(report, out)
-    state.done("report", _key(report), written)
-    stage(7, "report", ", ".join(str(p) for p in written))
-    result.report = report
-    result.artifacts.update({f"report_{p.suffix[1:]}": str(p) for p in written})
-    return result
+    written = write_build_report(report, run.out)
+    run.cache.done("report", stage_key(report), written)
+    run.stage(7, "report", ", ".join(str(p) for p in written))
+    run.result.report = report
+    run.result.artifacts.update({f"report_{p.suffix[1:]}": str(p) for p in written})
 
 
-def _parity_inputs(shape: tuple[int, int, int], calib_x: Any, eval_xy: Any, seed: int) -> Any:
-    """Random inputs plus real ones (calibration or held-out images) for the export parity gate."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    parts = [rng.standard_normal((8, *shape)).astype(np.float32)]
-    for real in (calib_x, None if eval_xy is None else eval_xy[0]):
-        if real is not None:
-            parts.append(np.asarray(real[:32], dtype=np.float32))
-    return np.concatenate(parts)
+def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
+    """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
+    engine_options = validate(cfg)
+    out = Path(cfg.out)
+    check_out(out)
+    inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before --out is touched
+    make_out(out)
+    with exclusive_dir(out, "build"):
+        run = Run(cfg, out, inputs, StageCache(out / "build.json", log), log, BuildResult(out))
+        slim_path = finetune_stage(run, prune_stage(run))
+        slim_model = model_from_checkpoint(load_checkpoint(slim_path))
+        exports = export_stage(run, {"baseline": (inputs.baseline, Path(cfg.model)), "slim": (slim_model, slim_path)})
+        precision = precision_stage(run, list(exports))
+        precisions = ["fp32", *(p for p in cfg.precisions if p != "fp32")]
+        onnx = {n: {p: str(variant_path(out / f"{n}.onnx", p)) for p in precisions} for n in exports}
+        engines = engines_stage(run, [Path(p) for files in onnx.values() for p in files.values()], engine_options)
+        bench = bench_stage(run, out / "baseline.onnx", out / "slim.onnx")
+        parts = {"exports": exports, "precision": precision, "engines": engines, "benchmark": bench, "artifacts": onnx}
+        report_stage(run, slim_model, parts)
+    return run.result

@@ -2,14 +2,21 @@
 
 The orchestration of the ``export`` command (and of ``build`` and the study): the graph work is
 in ``deploy`` (export, precision), the checks run two runners and compare (``measure.compare``).
+
+``export_precision`` makes one gated file at one precision (the ``export`` command).
+``export_checked`` writes an fp32 graph behind the torch-parity gate and ``make_precision`` turns
+it into an fp16 or int8 graph with its agreement (and accuracy, given labels) against fp32: the
+``build`` stages call these two separately, each cached; ``export_variants`` is both at once, for
+callers that want every precision of a model in one call (``bench/study.py``).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +34,9 @@ from slim2deploy.deploy.export import (
 )
 from slim2deploy.deploy.precision import check_precision, quantize_int8, to_fp16
 from slim2deploy.measure.compare import check_agreement, check_parity
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -112,3 +122,70 @@ def export_precision(
         save_onnx(load_onnx(final), out)
     report.export.update(path=str(out), bytes=out.stat().st_size, sha256=sha256_file(out))
     return report
+
+
+def variant_path(fp32: Path, precision: str) -> Path:
+    """``slim.onnx`` -> ``slim.fp16.onnx``; fp32 is the file itself."""
+    return fp32 if precision == "fp32" else fp32.with_suffix(f".{precision}.onnx")
+
+
+def export_checked(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, parity_x: np.ndarray, *, opset: int | None = None
+) -> dict[str, Any]:
+    """Export fp32 ONNX to ``path``; raise SlimError unless ONNX Runtime matches torch on ``parity_x``."""
+    res = export_onnx(model, example, path, opset=check_opset(opset))
+    parity = check_parity(model, path, parity_x)
+    parity.raise_if_failed()
+    return {**res.to_dict(), "parity": parity.to_dict(), "summary": parity.summary()}
+
+
+def make_precision(
+    src: Path,
+    precision: str,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray | None = None,
+    *,
+    calib_x: np.ndarray | None = None,
+    calib_method: str = "minmax",
+    flavour: str = "tensorrt",
+) -> dict[str, Any]:
+    """Write ``variant_path(src, precision)`` from the fp32 graph ``src``; its agreement with ``src`` on ``eval_x``."""
+    dst = variant_path(src, precision)
+    if precision == "fp16":
+        to_fp16(src, dst)
+    elif precision == "int8":
+        if calib_x is None:
+            raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
+        quantize_int8(src, dst, calib_x, method=calib_method, flavour=flavour)
+    else:
+        raise SlimError(f"make_precision converts fp32 graphs to fp16 or int8, not {precision!r}")
+    rep = check_agreement(dst, src, eval_x, eval_y)
+    return {**rep.to_dict(), "summary": rep.summary()}
+
+
+def export_variants(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    fp32_path: Path,
+    precisions: Sequence[str],
+    eval_x: np.ndarray,
+    eval_y: np.ndarray | None = None,
+    *,
+    calib_x: np.ndarray | None = None,
+    calib_method: str = "minmax",
+    flavour: str = "tensorrt",
+    opset: int | None = None,
+) -> dict[str, Any]:
+    """fp32 export (parity-gated on the first 64 of ``eval_x``) and every other precision from it.
+
+    Returns ``{"fp32": export info, "fp16": agreement info, ...}``; files are named by ``variant_path``.
+    """
+    for p in precisions:
+        check_precision(p)
+    out = {"fp32": export_checked(model.cpu().eval(), example, fp32_path, eval_x[:64], opset=opset)}
+    for p in precisions:
+        if p != "fp32":
+            out[p] = make_precision(
+                fp32_path, p, eval_x, eval_y, calib_x=calib_x, calib_method=calib_method, flavour=flavour
+            )
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,8 @@ from torch import nn
 from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
-from slim2deploy.model.folder import describe, load_data, preprocess_meta
+from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
+from slim2deploy.model.folder import AnyData, describe, load_data, preprocess_meta
 from slim2deploy.model.loop import (
     DistInfo,
     EpochResult,
@@ -21,10 +23,67 @@ from slim2deploy.model.loop import (
     pick_device,
     shutdown_distributed,
 )
+from slim2deploy.model.sparsity import Masks
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import pretrained_stats, split_name
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.trace import prunable_masks
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpoint written by ``train_to_checkpoint`` stopped: epochs done, optimizer, history."""
+
+    epoch: int
+    optimizer: dict[str, Any] | None
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, path: str | Path) -> ResumePoint:
+        if not ckpt.train_state:
+            raise SlimError(f"{path} has no training state to resume from (was it pruned or exported?)")
+        state = ckpt.train_state
+        return cls(int(state["epoch"]), state.get("optimizer"), list(state.get("history", [])))
+
+
+def train_to_checkpoint(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    train_ds: AnyData,
+    val_ds: AnyData | None,
+    cfg: TrainConfig,
+    meta: dict[str, Any],
+    plan: dict[str, Any] | None = None,
+    dist_info: DistInfo | None = None,
+    resume: ResumePoint | None = None,
+    masks: Masks = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """``fit`` that writes ``out`` after every epoch with what ``ResumePoint.of`` needs to go on.
+
+    ``plan`` (a pruned model's) travels with the weights; ``resume`` continues an earlier run.
+    """
+    done = list(resume.history) if resume else []
+
+    def save(result: EpochResult, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        done.append(result.to_dict())
+        facts = {**meta, "epochs": result.epoch, "val_acc": result.val_acc, "small_gamma_share": result.small_gamma}
+        ckpt = checkpoint_for(net, arch, arch_kwargs, train_ds.input_shape, train_ds.num_classes, facts, plan)
+        ckpt.train_state = {"epoch": result.epoch, "optimizer": optimizer.state_dict(), "history": list(done)}
+        save_checkpoint(ckpt, out)
+        if on_epoch is not None:
+            on_epoch(result)
+
+    return fit(
+        model, train_ds, val_ds, cfg, dist_info=dist_info, start_epoch=resume.epoch if resume else 0,
+        optimizer_state=resume.optimizer if resume else None, on_epoch_end=save, masks=masks,
+        progress=progress, desc=desc,
+    )  # fmt: skip
 
 
 def train_command(
@@ -58,21 +117,17 @@ def train_command(
     cfg.validate()
     info = init_distributed(device)
     data_kw: dict[str, Any] = {"stream": stream, "crop": crop, "seed": cfg.seed, "workers": workers}
-    start_epoch, optimizer_state, previous, report = 0, None, [], None
+    resume_point, report = None, None
     arch_kwargs: dict[str, Any]
     if resume:
         ckpt = load_checkpoint(resume, trust_pickle=trust_code)
-        if not ckpt.train_state:
-            raise SlimError(f"{resume} has no training state to resume from (was it pruned or exported?)")
+        resume_point = ResumePoint.of(ckpt, resume)
         model = model_from_checkpoint(ckpt, trust_code=trust_code)
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
-        start_epoch = int(ckpt.train_state["epoch"])
-        optimizer_state = ckpt.train_state.get("optimizer")
-        previous = list(ckpt.train_state.get("history", []))
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
-        if start_epoch >= cfg.epochs:
-            raise SlimError(f"{resume} already finished {start_epoch} epochs; pass a larger --epochs to go on")
+        if resume_point.epoch >= cfg.epochs:
+            raise SlimError(f"{resume} already finished {resume_point.epoch} epochs; pass a larger --epochs to go on")
     else:
         if pretrained and stats is None:
             stats = pretrained_stats(arch)
@@ -105,35 +160,13 @@ def train_command(
         "world_size": info.world,
         **({"weights": report.to_dict()} if report is not None else {}),
     }
-
-    def save(result: EpochResult, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        done = [*previous, result.to_dict()]
-        ckpt = checkpoint_for(
-            net,
-            arch,
-            arch_kwargs,
-            train_ds.input_shape,
-            train_ds.num_classes,
-            meta={**meta, "epochs": result.epoch, "val_acc": result.val_acc, "small_gamma_share": result.small_gamma},
-        )
-        ckpt.train_state = {"epoch": result.epoch, "optimizer": optimizer.state_dict(), "history": done}
-        previous.append(result.to_dict())
-        save_checkpoint(ckpt, out)
-
     masks = None
     if cfg.sparsity > 0 and cfg.sparsity_scope == "prunable":
         masks = prunable_masks(model, torch.zeros(1, *train_ds.input_shape))
-    history = fit(
-        model,
-        train_ds,
-        val_ds,
-        cfg,
-        dist_info=info,
-        start_epoch=start_epoch,
-        optimizer_state=optimizer_state,
-        on_epoch_end=save,
-        masks=masks,
-    )
+    history = train_to_checkpoint(
+        model, out, arch=arch, arch_kwargs=arch_kwargs, train_ds=train_ds, val_ds=val_ds, cfg=cfg, meta=meta,
+        dist_info=info, resume=resume_point, masks=masks,
+    )  # fmt: skip
     if info.is_main:
         tqdm.write(f"wrote {out}")
     if info.world > 1:

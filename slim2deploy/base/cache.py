@@ -1,0 +1,123 @@
+"""Cached stages: skip work whose inputs are unchanged and whose outputs are still intact.
+
+A stage has a *key* (a hash of everything that changes its result: upstream file contents,
+options, the data it is measured on) and *outputs* (files it writes). ``StageCache`` keeps, in
+one JSON file, the key each stage last ran with, the sha256 of each output as that run wrote it,
+and a small ``info`` dict (numbers the stage measured). A stage is fresh when its key is the
+same and every output still hashes to what was recorded; a missing or damaged output redoes it.
+
+The state file is only a cache: one that is unreadable or of the wrong shape (hand-edited,
+``null``, a list) is ignored with a message, and every stage runs again. A lock
+(``exclusive_dir``) keeps two processes from writing one folder at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import atomic_write_text, sha256_file
+
+
+def stage_key(*parts: Any) -> str:
+    """A short, stable hash of ``parts`` (anything JSON can encode; other objects by ``str``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("key"), str)
+        and isinstance(entry.get("outputs"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in entry["outputs"].items())
+        and isinstance(entry.get("info", {}), dict)
+    )
+
+
+class StageCache:
+    """The state file of one output folder: per stage, its key, output hashes and info."""
+
+    def __init__(self, path: str | os.PathLike[str], log: Callable[[str], None] = print):
+        self.path = Path(path)
+        self.data: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log(f"note: {self.path} is unreadable ({exc}); ignoring it, every stage runs again")
+            return
+        if not isinstance(raw, dict):
+            log(f"note: {self.path} holds a JSON {type(raw).__name__}, not a stage record; every stage runs again")
+            return
+        bad = sorted(name for name, entry in raw.items() if not _valid_entry(entry))
+        if bad:
+            log(f"note: {self.path}: ignoring malformed entries {', '.join(bad)}; those stages run again")
+        self.data = {name: entry for name, entry in raw.items() if name not in bad}
+
+    def fresh(self, stage: str, key: str, outputs: Sequence[Path]) -> bool:
+        """Same key as last time, and every output is still exactly what that run wrote."""
+        entry = self.data.get(stage)
+        if entry is None or entry["key"] != key:
+            return False
+        recorded = entry["outputs"]
+        return all(p.is_file() and recorded.get(p.name) == sha256_file(p) for p in outputs)
+
+    def done(self, stage: str, key: str, outputs: Sequence[Path], info: dict[str, Any] | None = None) -> None:
+        """Record a finished stage (written at once, so a later crash keeps it)."""
+        self.data[stage] = {
+            "key": key,
+            "outputs": {p.name: sha256_file(p) for p in outputs},
+            "info": info or {},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
+
+    def info(self, stage: str) -> dict[str, Any]:
+        return dict(self.data.get(stage, {}).get("info", {}))
+
+    def run(
+        self, stage: str, key: str, outputs: Sequence[Path], work: Callable[[], dict[str, Any] | None]
+    ) -> tuple[dict[str, Any], bool]:
+        """``work()`` unless the stage is fresh; returns its info (recorded or new) and whether it ran."""
+        if self.fresh(stage, key, outputs):
+            return self.info(stage), False
+        info = work() or {}
+        self.done(stage, key, outputs, info)
+        return info, True
+
+
+@contextlib.contextmanager
+def exclusive_dir(folder: str | os.PathLike[str], what: str = "build") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock``) for the block, or raise SlimError.
+
+    ``flock`` locks belong to the open file: the kernel drops them when the process exits, however
+    it exits, so a lock left by a killed process never blocks the next run.
+    """
+    path = Path(folder) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise SlimError(f"cannot create {path}: {exc.strerror}; choose an --out folder you can write to") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise SlimError(
+                f"another {what} is writing to {folder}{f' (pid {pid})' if pid else ''}; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

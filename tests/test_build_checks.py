@@ -1,0 +1,91 @@
+"""`slim2deploy build` refuses bad flags, bad --out folders and a busy --out before doing any work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+from test_cache import _hold_lock
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.cli import build as build_cli
+from slim2deploy.pipeline.build import validate
+
+DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
+BAD_FLAGS = {
+    "bench_iterations": (["--bench-iterations", "0"], "--bench-iterations must be at least 1"),
+    "bench_rounds": (["--bench-rounds", "-1"], "--bench-rounds must be at least 1"),
+    "bench_batch": (["--bench-batch", "8,0"], "--bench-batch must be positive"),
+    "engine_batch": (["--batch", "0,64"], "--batch must be positive"),
+    "workspace": (["--workspace-mib", "0"], "workspace must be a positive"),
+    "opt_level": (["--builder-opt-level", "9"], "optimisation level must be 0..5"),
+    "eval_limit": (["--eval-limit", "0"], "--eval-limit must be at least 1"),
+    "limit_train": (["--limit-train", "0"], "--limit-train must be at least 1"),
+    "threads": (["--threads", "0"], "--threads must be at least 1"),
+    "finetune_lr": (["--finetune-lr", "0"], "--finetune-lr must be positive"),
+}
+
+
+def _one_error(proc, needle: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "[1/7]" not in proc.stdout  # no stage started
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_validate_refuses_each_bad_flag(case: str) -> None:
+    flags, needle = BAD_FLAGS[case]
+    args = build_cli.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
+        ["--model", str(DEMO), "--ratio", "0.5", *flags]
+    )
+    with pytest.raises(SlimError, match=re.escape(needle)):
+        validate(build_cli.config_from_args(args))
+
+
+@pytest.mark.parametrize("case", ["bench_iterations", "eval_limit"])
+def test_bad_flags_are_refused_before_the_output_folder_is_touched(tmp_path: Path, case: str) -> None:
+    flags, needle = BAD_FLAGS[case]
+    out = tmp_path / "out"
+    _one_error(run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), *flags), needle)
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_or_under_a_file_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "report.md"
+    afile.write_text("keep me")
+    for out, needle in ((afile, "is a file"), (afile / "sub", str(afile))):
+        _one_error(run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), needle)
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_out_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        _one_error(run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), "cannot")
+    finally:
+        out.chmod(stat.S_IRWXU)
+
+
+def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slim.onnx").write_bytes(b"from the first build")
+    holder = _hold_lock(out)  # a second real process, as a running build would hold it
+    try:
+        proc = run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--no-bench")
+        _one_error(proc, f"another build is writing to {out} (pid {holder.pid})")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "slim.onnx"]
+    assert (out / "slim.onnx").read_bytes() == b"from the first build"
