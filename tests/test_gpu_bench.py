@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.sparsity import bn_layers, draw_sparse_gammas
+from slim2deploy.model.zoo import create_model
 
 ROUND_TO = 64
 
@@ -27,6 +30,21 @@ def run_study(tmp_path, *extra: str) -> subprocess.CompletedProcess:
         timeout=900,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_gammas_put_the_share_near_zero_in_every_layer(seed):
+    gen = torch.Generator().manual_seed(seed)
+    share = float(torch.rand(1, generator=gen)) * 0.9
+    model = draw_sparse_gammas(create_model("resnet20", in_channels=1, width=0.5), share, seed)
+    for name, bn in bn_layers(model):
+        g = bn.weight.detach()
+        small = int((g < 1e-3).sum())
+        assert small == int(g.numel() * share), name
+        assert bool(((g >= 0.2) & (g <= 1.0)).sum() == g.numel() - small), name
+    again = draw_sparse_gammas(create_model("resnet20", in_channels=1, width=0.5), share, seed)
+    pairs = zip(bn_layers(model), bn_layers(again), strict=True)
+    assert all(torch.equal(a.weight, b.weight) for (_, a), (_, b) in pairs)
 
 
 @pytest.mark.slow
