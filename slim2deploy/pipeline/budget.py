@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
+from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.pipeline.profile import model_artifact, profile, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable
@@ -79,6 +81,32 @@ class BudgetResult:
     met: bool = False
 
 
+def _latency_table(
+    budget: Budget,
+    model: nn.Module,
+    traced: PruningPlan,
+    ckpt: Checkpoint,
+    src: str | Path,
+    target: Target,
+    log: Callable[[str], None] | None,
+) -> LatencyTable:
+    """The table the budget names (``--table``), or one profiled now on ``target`` and refined once."""
+    if budget.table:
+        try:
+            table = LatencyTable.from_json(Path(budget.table).read_text())
+        except OSError as exc:
+            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
+        table.check_model([g.size for g in traced.groups])
+        if log and table.meta.get("target") != target.name:
+            log(f"note: the table was profiled on {table.describe()}; the slim model is verified on {target.name}")
+        return table
+    cache = CellCache(target, budget.cache)
+    table = profile(model, traced, ckpt, src, target, budget.rails, cache=cache, log=log)
+    first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails)
+    refine(table, traced, first, target, cache=cache, log=log)
+    return table
+
+
 def prune_to_budget(
     src: str | Path,
     dst: str | Path,
@@ -96,20 +124,8 @@ def prune_to_budget(
     ckpt, model = load_for_pruning(src, trust_code)
     x = torch.zeros(1, *ckpt.input_shape)
     traced = trace_groups(model, x, fold=fold)
-    cache = CellCache(target, budget.cache)
     goal_ms = budget.latency_ms
-    if budget.table:
-        try:
-            table = LatencyTable.from_json(Path(budget.table).read_text())
-        except OSError as exc:
-            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
-        table.check_model([g.size for g in traced.groups])
-        if log and table.meta.get("target") != target.name:
-            log(f"note: the table was profiled on {table.describe()}; the slim model is verified on {target.name}")
-    else:
-        table = profile(model, traced, ckpt, src, target, rails, cache=cache, log=log)
-        first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), rails)
-        refine(table, traced, first, target, cache=cache, log=log)
+    table = _latency_table(budget, model, traced, ckpt, src, target, log)
     if table_out:
         atomic_write_text(table_out, table.to_json())
     budget_ms = budget.latency_ms or table.full_ms / float(budget.speedup or 1)
