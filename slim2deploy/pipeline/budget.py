@@ -92,6 +92,7 @@ def prune_to_budget(
     *,
     fold: bool = True,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
     target: Target | None = None,
     table_out: str | Path | None = None,
     log: Callable[[str], None] | None = print,
@@ -99,7 +100,7 @@ def prune_to_budget(
     """What ``slim2deploy prune --speedup/--latency-ms`` does; ``target`` overrides ``budget.target``."""
     rails = budget.rails
     target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
-    ckpt, model = load_for_pruning(src, trust_code)
+    ckpt, model = load_for_pruning(src, trust_code, input_shape)
     x = torch.zeros(1, *ckpt.input_shape)
     traced = trace_groups(model, x, fold=fold)
     cache = CellCache(target, budget.cache)
