@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.measure.targets import CellCache, Target
+from slim2deploy.measure.targets import CellCache, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
@@ -200,6 +200,14 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
 def test_a_goal_that_means_nothing_is_refused_before_profiling(goal, needle):
     with pytest.raises(SlimError, match=needle):
         Budget(**goal)
+
+
+def test_trt_target_is_refused_with_advice_that_leads_somewhere():
+    trt = make_target("trt")
+    for attempt in (lambda: trt.layer_ms([]), lambda: trt.open("m.engine")):
+        with pytest.raises(SlimError, match="only in 'slim2deploy build'.*ort-cpu") as refused:
+            attempt()
+        assert "--table" not in str(refused.value)  # a table from elsewhere would still be verified on trt
 
 
 def test_cli_budget_flags(tmp_path):
