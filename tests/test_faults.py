@@ -195,6 +195,10 @@ FLAG_CASES = {
         ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--opset", "99"],
         "13..20",
     ),
+    "build --save-table, which it would not write": (
+        ["build", "--model", "{ckpt}", "--speedup", "1.5", "--out", "{root}/b", "--save-table", "{root}/t.json"],
+        "latency-table.json",
+    ),
     "unknown device": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--device", "tpu"], "tpu"),
     "sparsity nan": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "nan"], "--sparsity"),
     "sparsity inf": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "inf"], "--sparsity"),
