@@ -204,12 +204,13 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     return Dataset(xt, torch.from_numpy(y), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}")
 
 
-def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
-
-    base = root / split if (root / "train").is_dir() else root
-    if split == "val" and not (root / "val").is_dir() and (root / "train").is_dir():
-        raise SlimError(f"{root} has train/ but no val/ folder")
+def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``."""
+    base = root / "train" if (root / "train").is_dir() else root
+    if split != "train" and (root / "train").is_dir():
+        if not (root / "val").is_dir():
+            raise SlimError(f"{root} has train/ but no val/ folder")
+        base = root / "val"
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
@@ -223,8 +224,16 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
         raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
     if base == root:
         files = [files[i] for i in _split_90_10(len(files), split)]
+    return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
+
+
+def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    files, labels, classes = scan_folder(root, split)
+    base = files[0].parent.parent
     arrays = []
-    for path, _ in files:
+    for path in files:
         try:
             with Image.open(path) as opened:
                 rgb = opened.convert("RGB")
@@ -237,7 +246,7 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
     if len(shapes) > 1:
         raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
     images = np.stack(arrays)
-    y = check_arrays(images, np.array([i for _, i in files], dtype=np.int64), str(base), len(classes))
+    y = check_arrays(images, labels, str(base), len(classes))
     x, mean, std = _normalise(images, *(stats or (None, None)))
     return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}")
 

@@ -30,34 +30,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, _split_90_10, load_dataset
+from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, load_dataset, scan_folder
 
 STREAM_ABOVE_BYTES = 1 << 30
 STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
-
-
-def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``."""
-    base = root / "train" if (root / "train").is_dir() else root
-    if split != "train" and (root / "train").is_dir():
-        if not (root / "val").is_dir():
-            raise SlimError(f"{root} has train/ but no val/ folder")
-        base = root / "val"
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    if not classes:
-        raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
-    files = [
-        (p, i)
-        for i, c in enumerate(classes)
-        for p in sorted((base / c).iterdir())
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
-    if not files:
-        raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
-    if base == root:
-        files = [files[i] for i in _split_90_10(len(files), split)]
-    return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
 
 
 def _open_rgb(path: Path) -> Any:
