@@ -22,11 +22,12 @@ from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
-from slim2deploy.model.checkpoint import Checkpoint
+from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -107,6 +108,14 @@ def model_artifact(model: nn.Module, ckpt: Checkpoint, src: Path, target: Target
     if target.precision == "fp16":
         to_fp16(path, path)
     return path
+
+
+def checkpoint_artifact(path: str | Path, target: Target, workdir: Path, stem: str) -> Path:
+    """The checkpoint at ``path`` as the file ``target`` runs."""
+    if target.artifact == "checkpoint":
+        return Path(path)
+    ckpt = load_checkpoint(path)
+    return model_artifact(model_from_checkpoint(ckpt), ckpt, Path(path), target, workdir, stem)
 
 
 def profile(
