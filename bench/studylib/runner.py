@@ -31,10 +31,11 @@ from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model, init_weights
 from slim2deploy.pipeline.export import export_variants, variant_path
 from slim2deploy.pipeline.train import ResumePoint, train_to_checkpoint
-from slim2deploy.prune.plan import PruningPlan, trace_groups
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import Selection, WidthsSelector, by_ratio, select
 from slim2deploy.prune.surgery import apply_plan
+from slim2deploy.prune.trace import trace_groups
 from studylib.config import EXACT_WIDTHS, RAILS, ModelSetup, Row, StudyConfig
 
 ROOT = Path(__file__).resolve().parents[2]

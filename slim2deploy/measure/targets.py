@@ -222,11 +222,17 @@ class TrtTarget(Target):
     name = "trt"
     artifact = "engine"
 
+    REFUSAL = (
+        "target trt measures TensorRT engines, which this version builds only in 'slim2deploy build'; "
+        "prune to a latency target on ort-cpu or torch-cuda"
+    )
+
     def runner_options(self) -> dict[str, Any]:
-        raise SlimError(
-            "target trt measures TensorRT engines, which this version builds only in 'slim2deploy build'; "
-            "profile on ort-cpu or torch-cuda"
-        )
+        raise SlimError(self.REFUSAL)
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        # the generic advice (profile elsewhere, pass --table) would end at open() all the same
+        raise SlimError(self.REFUSAL)
 
 
 TARGETS: dict[str, type[Target]] = {

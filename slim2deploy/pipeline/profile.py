@@ -194,12 +194,13 @@ def profile_checkpoint(
     cache: str | None = str(DEFAULT_CACHE),
     speedup: float | None = None,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
     log: Log | None = print,
 ) -> LatencyTable:
     """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
-    ckpt, model = load_for_pruning(src, trust_code)
+    ckpt, model = load_for_pruning(src, trust_code, input_shape)
     traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape))
     cells = CellCache(tgt, cache)
     table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
