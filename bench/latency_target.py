@@ -22,36 +22,21 @@ from pathlib import Path
 
 import torch
 
-from slim2deploy.deploy.export import export_onnx
 from slim2deploy.measure.benchmark import compare
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.measure.targets import make_target
+from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs
-from slim2deploy.model.zoo import create_model
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.import_model import sparse_like_checkpoint
+from slim2deploy.pipeline.profile import checkpoint_artifact
 from slim2deploy.prune.rebuild import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def sparse_resnet56(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("resnet56", in_channels=1, num_classes=10, width=1.0).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.weight.numel()
-                gamma = torch.rand(n) * 0.8 + 0.2
-                gamma[torch.randperm(n)[: n // 2]] = torch.rand(n // 2) * 1e-3
-                m.weight.copy_(gamma)
     meta = {"dataset": "fashion-mnist"}
-    save_checkpoint(checkpoint_for(model, "resnet56", {"in_channels": 1, "width": 1.0}, (1, 28, 28), 10, meta), path)
-    return path
-
-
-def onnx_of(ckpt_path: Path, out: Path) -> Path:
-    ckpt = load_checkpoint(ckpt_path)
-    export_onnx(model_from_checkpoint(ckpt), torch.zeros(1, *ckpt.input_shape), out)
-    return out
+    return sparse_like_checkpoint("resnet56", path, (1, 28, 28), seed=seed, meta=meta, in_channels=1, num_classes=10)
 
 
 def main() -> None:
@@ -79,7 +64,9 @@ def main() -> None:
             slim = work / f"{name}-slim.pt"
             result = prune_to_budget(src, slim, budget, log=lambda s, n=name: print(f"  [{n}] {s}", flush=True))
             seconds = time.perf_counter() - started
-            base_onnx, slim_onnx = onnx_of(src, work / f"{name}.onnx"), onnx_of(slim, work / f"{name}-slim.onnx")
+            ort = make_target("ort-cpu")
+            base_onnx = checkpoint_artifact(src, ort, work, name)
+            slim_onnx = checkpoint_artifact(slim, ort, work, f"{name}-slim")
             comp = compare(
                 base_onnx,
                 slim_onnx,

@@ -195,6 +195,10 @@ FLAG_CASES = {
         ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--opset", "99"],
         "13..20",
     ),
+    "build --save-table, which it would not write": (
+        ["build", "--model", "{ckpt}", "--speedup", "1.5", "--out", "{root}/b", "--save-table", "{root}/t.json"],
+        "latency-table.json",
+    ),
     "unknown device": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--device", "tpu"], "tpu"),
     "sparsity nan": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "nan"], "--sparsity"),
     "sparsity inf": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--sparsity", "inf"], "--sparsity"),
@@ -277,6 +281,9 @@ def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
     with pytest.warns(UserWarning):
         reloaded = load_checkpoint(slim, trust_pickle=True)
     assert reloaded.input_shape == (1, 8, 8) and reloaded.num_classes == 3 and reloaded.is_pruned
+    table = tmp_path / "t.json"
+    status, out, err = cli("profile", "--model", pickled, *trust, "--batch", "2", "--no-cache", "--out", table)
+    assert status == 0 and "latency steps up" in out, err
     status, out, err = cli("export", "--model", slim, "--trust-pickle", "--out", tmp_path / "slim.onnx")
     assert status == 0 and "parity" in out, err
     status, out, err = cli(

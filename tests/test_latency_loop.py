@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.measure.targets import CellCache, Target
+from slim2deploy.measure.targets import CellCache, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
@@ -172,12 +172,42 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
     prune_to_budget(
         DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
+    with pytest.raises(SlimError, match="profiled on width-test batch 64 fp32.*width-test batch 32 fp32"):
+        prune_to_budget(  # milliseconds measured at batch 64 are no budget at batch 32
+            DEMO, tmp_path / "b.pt", Budget(latency_ms=1.0, table=str(table_path)), target=WidthTarget(32), log=None
+        )
+    assert not (tmp_path / "b.pt").exists()
     table = LatencyTable.from_json(table_path.read_text())
     table.sizes[1] += 8
     table_path.write_text(table.to_json())
     with pytest.raises(SlimError, match="profiled for"):
         prune_to_budget(DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None)
     assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "goal,needle",
+    [
+        ({"speedup": 1.0}, "--speedup"),
+        ({"speedup": 0.5}, "--speedup"),
+        ({"speedup": math.inf}, "--speedup"),
+        ({"speedup": math.nan}, "--speedup"),
+        ({"latency_ms": 0.0}, "--latency-ms"),
+        ({"latency_ms": -2.0}, "--latency-ms"),
+        ({"latency_ms": math.nan}, "--latency-ms"),
+    ],
+)
+def test_a_goal_that_means_nothing_is_refused_before_profiling(goal, needle):
+    with pytest.raises(SlimError, match=needle):
+        Budget(**goal)
+
+
+def test_trt_target_is_refused_with_advice_that_leads_somewhere():
+    trt = make_target("trt")
+    for attempt in (lambda: trt.layer_ms([]), lambda: trt.open("m.engine")):
+        with pytest.raises(SlimError, match="only in 'slim2deploy build'.*ort-cpu") as refused:
+            attempt()
+        assert "--table" not in str(refused.value)  # a table from elsewhere would still be verified on trt
 
 
 def test_cli_budget_flags(tmp_path):

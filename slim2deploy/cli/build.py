@@ -111,10 +111,13 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.errors import SlimError
     from slim2deploy.base.files import check_outputs
     from slim2deploy.deploy.export import check_opset
     from slim2deploy.pipeline.build import build
 
+    if args.save_table:
+        raise SlimError("build writes the latency table it uses to OUT/latency-table.json; --save-table is for 'prune'")
     check_outputs({"--out": args.out}, folders=["--out"])
     check_opset(args.opset)
     result = build(config_from_args(args))

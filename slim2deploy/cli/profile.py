@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         cache=cache_from_args(args),
         speedup=args.speedup,
         trust_code=args.trust_pickle,
+        input_shape=args.input_shape,
     )
     print("kept counts where latency steps up (ms in the model at full width):")
     for g, steps in table.staircases().items():

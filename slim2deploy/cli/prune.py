@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             selection,
             fold=not args.no_fold,
             trust_code=args.trust_pickle,
+            input_shape=args.input_shape,
             table_out=args.save_table,
         )
         plan, table = result.plan, result.summary

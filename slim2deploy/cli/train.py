@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "remove (e.g. not a pre-activation ResNet's residual stream)",
     )
     g.add_argument("--history", default=None, metavar="JSON", help="also write per-epoch results here")
-    add_trust_arg(p)
+    add_trust_arg(p, input_shape=False)  # a run resumes from a checkpoint this command wrote: it has its shape
     return p
 
 

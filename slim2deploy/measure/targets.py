@@ -55,9 +55,13 @@ class Target(abc.ABC):
         self.precision = precision
         self.threads = threads
 
-    @abc.abstractmethod
+    def runner_options(self) -> dict[str, Any]:
+        """``open_runner``'s keyword arguments for this target's artifacts (what a benchmark passes on)."""
+        raise SlimError(f"target {self.name} has no runner in this version")
+
     def open(self, path: str | os.PathLike[str]) -> Runner:
         """A runner for one model artifact on this target."""
+        return open_runner(path, **self.runner_options())
 
     def device(self) -> str:
         return cpu_model()
@@ -115,8 +119,8 @@ class OrtCpuTarget(Target):
     name = "ort-cpu"
     artifact = "onnx"
 
-    def open(self, path: str | os.PathLike[str]) -> Runner:
-        return open_runner(path, backend="onnx", device="cpu", threads=self.threads)
+    def runner_options(self) -> dict[str, Any]:
+        return {"backend": "onnx", "device": "cpu", "threads": self.threads}
 
     def versions(self) -> dict[str, str | None]:
         return {"onnxruntime": package_version("onnxruntime"), "onnx": package_version("onnx")}
@@ -141,17 +145,16 @@ class TorchTarget(Target):
     mode: ClassVar[str] = "folded"
     cuda_graph: ClassVar[bool] = False
 
-    def open(self, path: str | os.PathLike[str]) -> Runner:
-        return open_runner(
-            path,
-            backend="torch",
-            device=self.torch_device,
-            precision=self.precision,
-            mode=self.mode,
-            channels_last=self.torch_device == "cuda",
-            cuda_graph=self.cuda_graph,
-            threads=self.threads,
-        )
+    def runner_options(self) -> dict[str, Any]:
+        return {
+            "backend": "torch",
+            "device": self.torch_device,
+            "precision": self.precision,
+            "mode": self.mode,
+            "channels_last": self.torch_device == "cuda",
+            "cuda_graph": self.cuda_graph,
+            "threads": self.threads,
+        }
 
     def versions(self) -> dict[str, str | None]:
         return {"torch": package_version("torch")}
@@ -219,11 +222,17 @@ class TrtTarget(Target):
     name = "trt"
     artifact = "engine"
 
-    def open(self, path: str | os.PathLike[str]) -> Runner:
-        raise SlimError(
-            "target trt measures TensorRT engines, which this version builds only in 'slim2deploy build'; "
-            "profile on ort-cpu or torch-cuda"
-        )
+    REFUSAL = (
+        "target trt measures TensorRT engines, which this version builds only in 'slim2deploy build'; "
+        "prune to a latency target on ort-cpu or torch-cuda"
+    )
+
+    def runner_options(self) -> dict[str, Any]:
+        raise SlimError(self.REFUSAL)
+
+    def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
+        # the generic advice (profile elsewhere, pass --table) would end at open() all the same
+        raise SlimError(self.REFUSAL)
 
 
 TARGETS: dict[str, type[Target]] = {

@@ -268,6 +268,86 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def train_one_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_ds: AnyData,
+    cfg: TrainConfig,
+    info: DistInfo,
+    epoch: int,
+    masks: sparsity.Masks,
+    progress: bool,
+    desc: str,
+) -> tuple[float, float, float]:
+    """One epoch of SGD with the sparsity penalty; returns (train loss, train accuracy, last lr).
+
+    ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalty acts on ``model``.
+    """
+    net.train()
+    amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
+    steps_per_epoch = len(train_ds) // (cfg.batch_size * info.world)
+    seen, loss_sum, correct, lr = 0, 0.0, 0, cfg.lr
+    bar = tqdm(
+        iterate(
+            train_ds,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            epoch=epoch,
+            do_augment=cfg.augment,
+            rank=info.rank,
+            world=info.world,
+        ),
+        total=steps_per_epoch,
+        desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        disable=not (progress and info.is_main),
+        leave=True,
+        dynamic_ncols=True,
+    )
+    for step, (x, y) in enumerate(bar):
+        at = epoch + step / steps_per_epoch
+        lr = lr_at(cfg, at)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        lam = sparsity.warmed_up(cfg.sparsity, at, cfg.sparsity_warmup)
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        with torch.autocast(info.device.type, dtype=amp_dtype, enabled=cfg.amp):
+            out = net(x)
+            loss = F.cross_entropy(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.sparsity_mode == "subgradient":
+            scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
+            sparsity.add_l1_subgradient(model, lam, masks)
+        scaler.step(optimizer)
+        scaler.update()
+        if cfg.sparsity_mode == "proximal":
+            # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
+            # the same effective step here gives lambda the same pull as in subgradient mode.
+            sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
+        step_loss = loss.item()
+        if not math.isfinite(step_loss):
+            raise SlimError(
+                f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}; nothing "
+                "was saved for this epoch. Lower --lr or --sparsity, or check the data for extreme values"
+            )
+        seen += len(y)
+        loss_sum += step_loss * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        if step % 20 == 0 or step == steps_per_epoch - 1:
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                g_small=f"{sparsity.small_gamma_share(model):.1%}",
+                lr=f"{lr:.3g}",
+            )
+    bar.close()
+    return loss_sum / max(seen, 1), correct / max(seen, 1), lr
+
+
 def fit(
     model: nn.Module,
     train_ds: AnyData,
@@ -306,72 +386,14 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    use_scaler = cfg.amp and info.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
-    steps_per_epoch = len(train_ds) // (cfg.batch_size * info.world)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and info.device.type == "cuda")
     history: list[EpochResult] = []
 
     for epoch in range(start_epoch, cfg.epochs):
-        net.train()
         started = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(
-            iterate(
-                train_ds,
-                cfg.batch_size,
-                shuffle=True,
-                seed=cfg.seed,
-                epoch=epoch,
-                do_augment=cfg.augment,
-                rank=info.rank,
-                world=info.world,
-            ),
-            total=steps_per_epoch,
-            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not (progress and info.is_main),
-            leave=True,
-            dynamic_ncols=True,
+        train_loss, train_acc, lr = train_one_epoch(
+            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc
         )
-        for step, (x, y) in enumerate(bar):
-            at = epoch + step / steps_per_epoch
-            lr = lr_at(cfg, at)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            lam = sparsity.warmed_up(cfg.sparsity, at, cfg.sparsity_warmup)
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with torch.autocast(info.device.type, dtype=amp_dtype, enabled=cfg.amp):
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.sparsity_mode == "subgradient":
-                scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
-                sparsity.add_l1_subgradient(model, lam, masks)
-            scaler.step(optimizer)
-            scaler.update()
-            if cfg.sparsity_mode == "proximal":
-                # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
-                # the same effective step here gives lambda the same pull as in subgradient mode.
-                sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
-            step_loss = loss.item()
-            if not math.isfinite(step_loss):
-                raise SlimError(
-                    f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}; nothing "
-                    "was saved for this epoch. Lower --lr or --sparsity, or check the data for extreme values"
-                )
-            seen += len(y)
-            loss_sum += step_loss * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            if step % 20 == 0 or step == steps_per_epoch - 1:
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
-                    g_small=f"{sparsity.small_gamma_share(model):.1%}",
-                    lr=f"{lr:.3g}",
-                )
-        bar.close()
         bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             raise SlimError(
@@ -384,8 +406,8 @@ def fit(
         result = EpochResult(
             epoch=epoch + 1,
             lr=lr,
-            train_loss=loss_sum / max(seen, 1),
-            train_acc=correct / max(seen, 1),
+            train_loss=train_loss,
+            train_acc=train_acc,
             val_loss=val_loss,
             val_acc=val_acc,
             small_gamma=sparsity.small_gamma_share(model),
@@ -401,11 +423,11 @@ def fit(
         if on_epoch_end is not None and info.is_main:
             on_epoch_end(result, model, optimizer)
     if info.world > 1:
-        # DDP's reducer and the last step's autograd graph (the all-reduces of CpuSyncBatchNorm) hold
-        # the process group and gloo work objects with tensors. Left to the garbage collector at exit,
-        # freeing them takes the GIL while Python is being torn down, which now and then aborts the
-        # process ("terminate called without an active exception", exit -6). Free them while alive.
+        # DDP's reducer (and the last step's autograd graph, freed with train_one_epoch's locals: the
+        # all-reduces of CpuSyncBatchNorm) hold the process group and gloo work objects with tensors.
+        # Left to the garbage collector at exit, freeing them takes the GIL while Python is being torn
+        # down, which now and then aborts the process ("terminate called without an active
+        # exception", exit -6). Free them while alive.
         net = model
-        out = loss = torch.empty(0)
         gc.collect()
     return history

@@ -127,3 +127,22 @@ def gamma_stats(model: nn.Module) -> list[GammaStats]:
             )
         )
     return rows
+
+
+def draw_sparse_gammas(
+    model: nn.Module, near_zero: float = 0.5, seed: int = 0, low: float = 0.2, high: float = 1.0
+) -> nn.Module:
+    """Overwrite every BatchNorm gamma as sparse training leaves it: ``near_zero`` of each layer's
+    channels in [0, 1e-3), the rest uniform in [low, high]. Stands in for a sparse-trained model
+    where only the network's shape matters (latency studies on random weights)."""
+    if not 0.0 <= near_zero < 1.0:
+        raise ValueError(f"near_zero must be in [0, 1), got {near_zero}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in bn_layers(model):
+            n = bn.weight.numel()
+            gamma = torch.rand(n, generator=gen) * (high - low) + low
+            small = torch.randperm(n, generator=gen)[: int(n * near_zero)]
+            gamma[small] = torch.rand(len(small), generator=gen) * 1e-3
+            bn.weight.copy_(gamma)
+    return model

@@ -9,6 +9,7 @@ divided by S, so load on the machine hits both sides alike.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
+from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.pipeline.profile import model_artifact, profile, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable
@@ -52,6 +55,11 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
             raise SlimError("give exactly one latency budget: --speedup S or --latency-ms T")
+        # checked here, before the minutes of profiling a bad value would otherwise cost
+        if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
+            raise SlimError(f"--speedup must be a number above 1 (unpruned latency / goal), got {self.speedup}")
+        if self.latency_ms is not None and not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
+            raise SlimError(f"--latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
         if not (isinstance(self.tries, int) and self.tries >= 1):
             raise SlimError(f"--tries must be a positive integer, got {self.tries!r}")
 
@@ -79,6 +87,44 @@ class BudgetResult:
     met: bool = False
 
 
+def _latency_table(
+    budget: Budget,
+    model: nn.Module,
+    traced: PruningPlan,
+    ckpt: Checkpoint,
+    src: str | Path,
+    target: Target,
+    log: Callable[[str], None] | None,
+) -> LatencyTable:
+    """The table the budget names (``--table``), or one profiled now on ``target`` and refined once."""
+    if budget.table:
+        try:
+            table = LatencyTable.from_json(Path(budget.table).read_text())
+        except OSError as exc:
+            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
+        table.check_model([g.size for g in traced.groups])
+        made = (table.meta.get("target"), table.meta.get("batch"), table.meta.get("precision"))
+        if made != (target.name, target.batch, target.precision):
+            # a speed-up is a ratio and carries over to another target or batch; milliseconds do not
+            if budget.latency_ms is not None:
+                raise SlimError(
+                    f"--latency-ms is a budget in the table's milliseconds, but {budget.table} was profiled on "
+                    f"{table.describe()} and the slim model would be measured on {target.describe()}: pass the "
+                    "table's --target, --profile-batch and --profile-precision, or profile again"
+                )
+            if log:
+                log(
+                    f"note: the table was profiled on {table.describe()}; "
+                    f"the slim model is verified on {target.describe()}"
+                )
+        return table
+    cache = CellCache(target, budget.cache)
+    table = profile(model, traced, ckpt, src, target, budget.rails, cache=cache, log=log)
+    first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails)
+    refine(table, traced, first, target, cache=cache, log=log)
+    return table
+
+
 def prune_to_budget(
     src: str | Path,
     dst: str | Path,
@@ -86,6 +132,7 @@ def prune_to_budget(
     *,
     fold: bool = True,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
     target: Target | None = None,
     table_out: str | Path | None = None,
     log: Callable[[str], None] | None = print,
@@ -93,23 +140,11 @@ def prune_to_budget(
     """What ``slim2deploy prune --speedup/--latency-ms`` does; ``target`` overrides ``budget.target``."""
     rails = budget.rails
     target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
-    ckpt, model = load_for_pruning(src, trust_code)
+    ckpt, model = load_for_pruning(src, trust_code, input_shape)
     x = torch.zeros(1, *ckpt.input_shape)
     traced = trace_groups(model, x, fold=fold)
-    cache = CellCache(target, budget.cache)
     goal_ms = budget.latency_ms
-    if budget.table:
-        try:
-            table = LatencyTable.from_json(Path(budget.table).read_text())
-        except OSError as exc:
-            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
-        table.check_model([g.size for g in traced.groups])
-        if log and table.meta.get("target") != target.name:
-            log(f"note: the table was profiled on {table.describe()}; the slim model is verified on {target.name}")
-    else:
-        table = profile(model, traced, ckpt, src, target, rails, cache=cache, log=log)
-        first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), rails)
-        refine(table, traced, first, target, cache=cache, log=log)
+    table = _latency_table(budget, model, traced, ckpt, src, target, log)
     if table_out:
         atomic_write_text(table_out, table.to_json())
     budget_ms = budget.latency_ms or table.full_ms / float(budget.speedup or 1)

@@ -14,8 +14,9 @@ import torch
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import checkpoint_for, first_line, save_checkpoint
+from slim2deploy.model.sparsity import draw_sparse_gammas
 from slim2deploy.model.weights import WeightsReport, build_with_weights
-from slim2deploy.model.zoo import is_user_factory, pretrained_stats, split_name
+from slim2deploy.model.zoo import create_model, is_user_factory, pretrained_stats, split_name
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -74,3 +75,22 @@ def import_model(
     }
     ckpt = checkpoint_for(model, arch, kwargs, input_shape, int(logits.shape[1]), meta)
     return save_checkpoint(ckpt, out), report
+
+
+def sparse_like_checkpoint(
+    arch: str,
+    out: str | Path,
+    input_shape: tuple[int, int, int],
+    *,
+    near_zero: float = 0.5,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    **arch_kwargs: Any,
+) -> Path:
+    """A checkpoint of ``arch`` with random weights and BatchNorm gamma drawn as sparse training
+    leaves it (``draw_sparse_gammas``): for latency studies, where only the network's shape matters."""
+    torch.manual_seed(seed)
+    model = draw_sparse_gammas(create_model(arch, **arch_kwargs).eval(), near_zero, seed)
+    with torch.no_grad():
+        classes = int(model(torch.zeros(1, *input_shape)).shape[1])
+    return save_checkpoint(checkpoint_for(model, arch, arch_kwargs, input_shape, classes, meta or {}), out)

@@ -22,11 +22,12 @@ from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
-from slim2deploy.model.checkpoint import Checkpoint
+from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
+from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -109,6 +110,14 @@ def model_artifact(model: nn.Module, ckpt: Checkpoint, src: Path, target: Target
     return path
 
 
+def checkpoint_artifact(path: str | Path, target: Target, workdir: Path, stem: str) -> Path:
+    """The checkpoint at ``path`` as the file ``target`` runs."""
+    if target.artifact == "checkpoint":
+        return Path(path)
+    ckpt = load_checkpoint(path)
+    return model_artifact(model_from_checkpoint(ckpt), ckpt, Path(path), target, workdir, stem)
+
+
 def profile(
     model: nn.Module,
     traced: PruningPlan,
@@ -185,12 +194,13 @@ def profile_checkpoint(
     cache: str | None = str(DEFAULT_CACHE),
     speedup: float | None = None,
     trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
     log: Log | None = print,
 ) -> LatencyTable:
     """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
-    ckpt, model = load_for_pruning(src, trust_code)
+    ckpt, model = load_for_pruning(src, trust_code, input_shape)
     traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape))
     cells = CellCache(tgt, cache)
     table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
