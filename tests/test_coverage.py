@@ -109,7 +109,7 @@ def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path) ->
 
 # Genuinely unprunable structures (README, "What the planner cannot prune"), as the lowest share
 # of BatchNorm-scored channels each family reaches; every other classifier with BatchNorm: >= 90%.
-MIN_SHARE = {"shufflenet": 0.5}  # channel shuffle: a reshape that spreads channels over two dimensions (52%)
+MIN_SHARE = {"shufflenet": 0.45}  # channel shuffle: a reshape that spreads channels over two dimensions (49-62%)
 NO_BATCHNORM = ("alexnet", "convnext", "squeezenet", "swin", "vit", "vgg11", "vgg13", "vgg16", "vgg19")
 # 145M-644M parameters: random initialisation alone takes minutes and gigabytes on two cores
 HUGE = {"regnet_y_32gf", "regnet_y_128gf", "vit_l_16", "vit_l_32", "vit_h_14"}
