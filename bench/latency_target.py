@@ -1,6 +1,6 @@
 """Pruning to a latency target on ONNX Runtime CPU: predicted against measured, and the speed-up.
 
-    python bench/latency_target.py [--speedup 2] [--batch 64] [--models demo,resnet56] [--cache DIR]
+    python bench/latency_target.py [--speedup 2] [--batch 64] [--models demo,resnet56] [--cache DIR] [--approximate]
 
 For each model: ``prune_to_budget`` (profile on ort-cpu, select, cut, closed loop), then the
 unpruned and the slim ONNX graphs measured interleaved with ``measure.benchmark.compare`` (the
@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="layer cell cache (default: a fresh temporary one)")
     p.add_argument("--iterations", type=int, default=200, help="benchmark iterations per model")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also prune groups read raw by another layer (resnet56's stage 1-2 residual streams)",
+    )
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="latency-target-") as tmp:
@@ -62,7 +67,9 @@ def main() -> None:
             )
             started = time.perf_counter()
             slim = work / f"{name}-slim.pt"
-            result = prune_to_budget(src, slim, budget, log=lambda s, n=name: print(f"  [{n}] {s}", flush=True))
+            result = prune_to_budget(
+                src, slim, budget, exact=not args.approximate, log=lambda s, n=name: print(f"  [{n}] {s}", flush=True)
+            )
             seconds = time.perf_counter() - started
             ort = make_target("ort-cpu")
             base_onnx = checkpoint_artifact(src, ort, work, name)
@@ -91,7 +98,8 @@ def main() -> None:
                 f"{c['baseline_ms'] / c['measured_ms']:.2f}x | {base_ms:.3f} | {slim_ms:.3f} | {speed.speedup:.2f}x |"
             )
             print(rows[-1], flush=True)
-    print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}, threads {args.threads or 'default'}")
+    approx = ", --approximate" if args.approximate else ""
+    print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}{approx}, threads {args.threads or 'default'}")
     print(
         "| model | MACs ratio | tries | prune s | predicted ms | loop measured ms | predicted speed-up | "
         "loop speed-up | bench baseline ms | bench slim ms | bench speed-up |"

@@ -115,12 +115,45 @@ NO_BATCHNORM = ("alexnet", "convnext", "squeezenet", "swin", "vit", "vgg11", "vg
 HUGE = {"regnet_y_32gf", "regnet_y_128gf", "vit_l_16", "vit_l_32", "vit_h_14"}
 
 
+# One model per family runs by default (the smallest, and ShuffleNet's lowest share); the other
+# sizes repeat the same structures and add minutes: SLIM2DEPLOY_ALL_CLASSIFIERS=1 runs all of them.
+FAMILIES = {
+    "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+    "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+    "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x1_5", "squeezenet1_0", "swin_t",
+    "swin_v2_t", "vgg11", "vgg11_bn", "vit_b_32", "wide_resnet50_2",
+}  # fmt: skip
+
+
 def _classifiers() -> list:
     names = torchvision.models.list_models(module=torchvision.models)
     skip_huge = pytest.mark.skipif(
         not os.environ.get("SLIM2DEPLOY_HUGE_MODELS"), reason="set SLIM2DEPLOY_HUGE_MODELS=1 to include it"
     )
-    return [pytest.param(n, marks=[pytest.mark.slow, *([skip_huge] if n in HUGE else [])]) for n in names]
+    skip_size = pytest.mark.skipif(
+        not os.environ.get("SLIM2DEPLOY_ALL_CLASSIFIERS"),
+        reason="another size of a family tested here; set SLIM2DEPLOY_ALL_CLASSIFIERS=1 to include it",
+    )
+    params = []
+    for n in names:
+        marks = [pytest.mark.slow]
+        marks += [skip_huge] if n in HUGE else [] if n in FAMILIES else [skip_size]
+        params.append(pytest.param(n, marks=marks))
+    return params
+
+
+def test_every_family_has_a_representative() -> None:
+    """A family new in torchvision (or a renamed model) is not left out of the default run."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert FAMILIES <= set(names), sorted(FAMILIES - set(names))
+
+    def family(n: str) -> str:
+        return (
+            n.split("_")[0].rstrip("0123456789") + ("_v2" if "_v2" in n else "") + ("_bn" if n.endswith("_bn") else "")
+        )
+
+    missing = {family(n) for n in names} - {family(n) for n in FAMILIES}
+    assert not missing, f"no representative for {sorted(missing)}: add one to FAMILIES"
 
 
 @pytest.mark.parametrize("name", _classifiers())

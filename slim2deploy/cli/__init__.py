@@ -12,6 +12,7 @@ import importlib.util
 import sys
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.cli.common import HelpFormatter
 
 # Order is the order shown in --help: the pipeline, first to last.
 COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _available_commands():
         module = importlib.import_module(_module(name))
         p = module.add_parser(sub)
+        p.formatter_class = HelpFormatter
         p.set_defaults(_run=module.run)
     return parser
 

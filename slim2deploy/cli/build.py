@@ -29,7 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Turn a sparse-trained checkpoint into deployable artifacts in --out: slim.pt, plan.json, "
         "baseline/slim ONNX per precision, TensorRT engines (when TensorRT and a GPU are present), "
         "benchmark.{json,md,png} and report.{json,md}. Re-running skips stages whose inputs are unchanged.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
     p.add_argument("--out", default="build", help="output directory")
@@ -38,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="fine-tuning images per step")
     g.add_argument("--data", default=None, help="dataset for fine-tuning and accuracy (default: the checkpoint's)")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     g.add_argument("--limit-train", type=int, default=None, metavar="N", help="fine-tune on the first N images")
@@ -46,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("export and precision")
     g.add_argument("--precision", type=_names, default=("fp32",), help="comma-separated: fp32, fp16, int8")
     g.add_argument("--calib", default=None, help="calibration set (.npz) for int8, e.g. calib/fashion-mnist-512.npz")
-    g.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    g.add_argument(
+        "--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"], help="int8 range calibration"
+    )
     g.add_argument(
         "--int8-flavour",
         default="tensorrt",
@@ -62,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="auto: build when TensorRT and a GPU are present; require: fail otherwise",
     )
     g.add_argument("--batch", type=_ints, default=(1, 64), help="engine profile batches (min..max, opt = max)")
-    g.add_argument("--workspace-mib", type=int, default=1024)
+    g.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace (MiB)")
     g.add_argument("--builder-opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5")
     g = p.add_argument_group("benchmark (ONNX Runtime CPU)")
     g.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
@@ -70,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-iterations", type=int, default=200, help="timed iterations per batch and round")
     g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the images picked for evaluation")
     add_trust_arg(p, input_shape=False)
     return p
 
@@ -84,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         selection=selection_from_args(args),
         out=args.out,
         fold=not args.no_fold,
+        exact=not args.approximate,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         batch_size=args.batch_size,

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="fashion-mnist",
-        help="'fashion-mnist', a folder of class sub-folders, or a .npz file (default: %(default)s)",
+        help="'fashion-mnist', a folder of class sub-folders, or a .npz file",
     )
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument(
@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it",
     )
     add_stream_args(p)
-    p.add_argument("--n", type=int, default=512, help="number of images (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="which images are picked (default: %(default)s)")
+    p.add_argument("--n", type=int, default=512, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="which images are picked")
     p.add_argument(
         "--model",
         default=None,

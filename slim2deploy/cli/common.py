@@ -12,6 +12,29 @@ if TYPE_CHECKING:
     from slim2deploy.pipeline.budget import Budget
     from slim2deploy.prune.select import Selection
 
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every subcommand's --help: a flag's default shown once, and only where it says something.
+
+    Not for a positional, a switch, a default of None, or a help text that already speaks of its
+    default; a tuple default is shown as the comma-separated value the flag takes.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or isinstance(default, bool)
+            or default == argparse.SUPPRESS
+            or "default" in text.lower()
+        ):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 TARGETS = ("ort-cpu", "torch-cpu", "torch-cuda", "torch-cuda-compiled", "trt")  # measure.targets.TARGETS
 
 
@@ -21,8 +44,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--data",
         default=None if required else "fashion-mnist",
         required=required,
-        help="'fashion-mnist', a folder of class sub-folders (or with train/ and val/), "
-        "or a .npz file (default: %(default)s)",
+        help="'fashion-mnist', a folder of class sub-folders (or with train/ and val/), or a .npz file",
     )
     g.add_argument(
         "--data-dir",
@@ -107,27 +129,27 @@ def stats_from_args(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[
 
 def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g = p.add_argument_group("optimisation (SGD with momentum, as the official recipe)")
-    g.add_argument("--epochs", type=int, default=epochs, help="epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=lr, help="initial learning rate (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
+    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay on every parameter")
     g.add_argument(
         "--schedule",
         choices=["step", "cosine"],
         default="step",
-        help="step: lr x0.1 at 50%% and 75%% of the epochs; cosine: per step (default: %(default)s)",
+        help="step: lr x0.1 at 50%% and 75%% of the epochs; cosine: per step",
     )
     g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
-    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU")
     g.add_argument(
         "--deterministic",
         action="store_true",
         help="with --seed, repeatable on CUDA too: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS "
         "workspace (slower)",
     )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int]:
@@ -210,11 +232,22 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not fold removed channels' constant output into the next layer's bias",
     )
+    add_approximate_arg(g)
 
     g = p.add_argument_group("latency budget (with --speedup or --latency-ms)")
     g.add_argument("--table", default=None, metavar="TABLE.json", help="reuse a 'slim2deploy profile' table")
     g.add_argument("--save-table", default=None, metavar="FILE", help="write the latency table used")
     g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
+
+
+def add_approximate_arg(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also prune channel groups that some layer reads raw, not through a BatchNorm of the group "
+        "(e.g. a pre-activation ResNet's residual stream, read by the next stage's shortcut convolution): "
+        "gamma still ranks them, but cutting them changes the outputs, so fine-tune after",
+    )
 
 
 def rails_from_args(args: argparse.Namespace) -> Rails:

@@ -18,27 +18,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="a slim2deploy checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--precision", default="fp32", help="fp32, fp16 or int8 (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16 or int8")
     p.add_argument("--fp16-io", action="store_true", help="fp16 graph inputs and outputs (default: fp32 I/O)")
     p.add_argument("--calib", default=None, metavar="NPZ", help="calibration set for int8 (see calib/README.md)")
     p.add_argument(
         "--calib-method",
         default="minmax",
         choices=["minmax", "entropy", "percentile"],
-        help="how activation ranges are chosen (default: %(default)s)",
+        help="how activation ranges are chosen",
     )
     p.add_argument(
         "--int8-flavour",
         default="tensorrt",
         choices=["tensorrt", "cpu"],
-        help="tensorrt: symmetric S8S8 Q/DQ for TensorRT; cpu: U8S8 reduce_range for ONNX Runtime on CPUs "
-        "(default: %(default)s)",
+        help="tensorrt: symmetric S8S8 Q/DQ for TensorRT; cpu: U8S8 reduce_range for ONNX Runtime on CPUs ",
     )
     p.add_argument("--static-batch", type=int, default=None, metavar="N", help="fixed batch size (default: dynamic)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--eval-data", default=None, help="dataset for int8 agreement (its test split), e.g. fashion-mnist")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--eval-n", type=int, default=1000, help="held-out images for int8 agreement (default: %(default)s)")
+    p.add_argument("--eval-n", type=int, default=1000, help="held-out images for int8 agreement")
     p.add_argument("--json", default=None, metavar="FILE", help="also write what was measured as JSON")
     add_trust_arg(p)
     return p

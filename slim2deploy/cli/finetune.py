@@ -13,15 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="fine-tune a pruned checkpoint; the plan travels with the weights",
         description="Fine-tune a (pruned) checkpoint with plain SGD, without the sparsity penalty, "
         "and save it with the same architecture + plan.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="SLIM.pt", help="checkpoint written by 'slim2deploy prune'")
     p.add_argument("--out", required=True, metavar="FT.pt", help="fine-tuned checkpoint to write")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training data")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--schedule", choices=["step", "cosine"], default="cosine")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--schedule", choices=["step", "cosine"], default="cosine", help="learning-rate schedule")
+    p.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (CUDA: add --deterministic)")
     p.add_argument("--deterministic", action="store_true", help="repeatable on CUDA too (see train --help)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_data_args(p, required=True)

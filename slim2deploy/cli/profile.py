@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_target_args, add_trust_arg, cache_from_args, rails_from_args
+from slim2deploy.cli.common import add_approximate_arg, add_target_args, add_trust_arg, cache_from_args, rails_from_args
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
 
 
@@ -16,15 +16,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "real shapes, at every kept count the rails allow, on the target; measure the unpruned model whole "
         "to calibrate the rest. Writes a latency table for 'prune --speedup/--latency-ms --table'. "
         "Measurements are cached per target, device, library versions, batch and precision.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="TABLE.json", help="latency table to write")
     add_target_args(p, batch_flag="--batch")
     g = p.add_argument_group("kept counts to profile (the rails 'prune' will use)")
-    g.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS)
-    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE)
+    g.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="fewest channels a group may keep")
+    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
     g.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="1 profiles every count (slow)")
+    add_approximate_arg(g)
     p.add_argument(
         "--speedup",
         type=float,
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         speedup=args.speedup,
         trust_code=args.trust_pickle,
         input_shape=args.input_shape,
+        exact=not args.approximate,
     )
     print("kept counts where latency steps up (ms in the model at full width):")
     for g, steps in table.staircases().items():

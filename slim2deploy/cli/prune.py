@@ -17,7 +17,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "With --speedup or --latency-ms instead of --ratio: profile the layers on --target (or reuse "
         "--table), keep the most |gamma| whose predicted latency fits, then measure the slim model on the "
         "target against the unpruned one and tighten until it fits (--tries).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="SLIM.pt", help="pruned checkpoint to write")
@@ -43,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             selection,
             fold=not args.no_fold,
+            exact=not args.approximate,
             trust_code=args.trust_pickle,
             input_shape=args.input_shape,
             table_out=args.save_table,
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             selection,
             fold=not args.no_fold,
+            exact=not args.approximate,
             trust_code=args.trust_pickle,
             input_shape=args.input_shape,
         )

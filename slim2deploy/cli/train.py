@@ -15,7 +15,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Sparse training as in Network Slimming: the L1 penalty lambda*sum|gamma| on every "
         "BatchNorm scale. Runs under torchrun for data parallelism "
         "(torchrun --nproc_per_node=N -m slim2deploy train ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--arch",

@@ -137,7 +137,6 @@ def quantize_int8(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-
     if method not in CALIB_METHODS:
         raise SlimError(f"unknown calibration method {method!r}; use one of {', '.join(CALIB_METHODS)}")
     if flavour not in INT8_FLAVOURS:

@@ -102,7 +102,7 @@ def _latency_table(
             table = LatencyTable.from_json(Path(budget.table).read_text())
         except OSError as exc:
             raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
-        table.check_model([g.size for g in traced.groups])
+        table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
         made = (table.meta.get("target"), table.meta.get("batch"), table.meta.get("precision"))
         if made != (target.name, target.batch, target.precision):
             # a speed-up is a ratio and carries over to another target or batch; milliseconds do not
@@ -131,6 +131,7 @@ def prune_to_budget(
     budget: Budget,
     *,
     fold: bool = True,
+    exact: bool = True,
     trust_code: bool = False,
     input_shape: tuple[int, int, int] | None = None,
     target: Target | None = None,
@@ -142,7 +143,7 @@ def prune_to_budget(
     target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
     ckpt, model = load_for_pruning(src, trust_code, input_shape)
     x = torch.zeros(1, *ckpt.input_shape)
-    traced = trace_groups(model, x, fold=fold)
+    traced = trace_groups(model, x, fold=fold, exact=exact)
     goal_ms = budget.latency_ms
     table = _latency_table(budget, model, traced, ckpt, src, target, log)
     if table_out:

@@ -62,6 +62,7 @@ class BuildConfig:
     selection: Selection | Budget  # a ratio (or widths), or a latency budget measured on a target
     out: str = "build"
     fold: bool = True
+    exact: bool = True  # False: --approximate
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
     batch_size: int = 64
@@ -261,14 +262,15 @@ def prune_stage(run: Run) -> Path:
         latency = None
         if isinstance(cfg.selection, Budget):
             pruned = prune_to_budget(
-                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle,
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, exact=cfg.exact, trust_code=cfg.trust_pickle,
                 table_out=out / "latency-table.json", log=run.log,
             )  # fmt: skip
             plan, table = pruned.plan, pruned.summary
             latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
         else:
             plan, table = prune_checkpoint(
-                cfg.model, slim_path, cfg.selection, fold=cfg.fold, trust_code=cfg.trust_pickle
+                cfg.model, slim_path, cfg.selection, fold=cfg.fold, exact=cfg.exact,
+                trust_code=cfg.trust_pickle,
             )  # fmt: skip
         run.log(table)
         atomic_write_text(plan_path, plan.to_json())
@@ -276,7 +278,7 @@ def prune_stage(run: Run) -> Path:
         run.stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")
         return {"seconds": round(seconds, 2), "latency": latency}
 
-    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold)
+    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *([] if cfg.exact else ["approximate"]))
     run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped")
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
     return slim_path

@@ -98,9 +98,7 @@ def export_precision(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
-        result = export_onnx(
-            model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None
-        )
+        result = export_onnx(model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None)
         parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)
         parity.raise_if_failed()
         report = PrecisionExport(precision, result.to_dict(), parity.to_dict())

@@ -101,9 +101,7 @@ def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {
         "prunable_channels": prunable,
         "scored_channels": scored,
-        "unprunable": [
-            {"channels": g.size, "modules": g.modules(), "reason": why} for g, why in traced.unprunable()
-        ],
+        "unprunable": [{"channels": g.size, "modules": g.modules(), "reason": why} for g, why in traced.unprunable()],
         "lines": coverage_lines(traced),
     }
 
@@ -114,7 +112,6 @@ def plot_gammas(ckpt: Checkpoint, out: str | Path, *, trust_code: bool = False) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
     layers = bn_layers(model)

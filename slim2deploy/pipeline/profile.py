@@ -133,7 +133,13 @@ def profile(
     x = torch.zeros(1, *ckpt.input_shape)
     sizes = [g.size for g in traced.groups]
     steps = [rails.allowed(g.size) if g.prunable else [] for g in traced.groups]
-    meta = {**target.key(), "model": str(src), "arch": ckpt.arch, "input_shape": list(ckpt.input_shape)}
+    meta = {
+        **target.key(),
+        "model": str(src),
+        "arch": ckpt.arch,
+        "input_shape": list(ckpt.input_shape),
+        "approximate": not traced.exact,
+    }
     table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0)
     cache = cache or CellCache(target)
     cache.measure(target, table.lines_around(sizes), log)
@@ -195,13 +201,14 @@ def profile_checkpoint(
     speedup: float | None = None,
     trust_code: bool = False,
     input_shape: tuple[int, int, int] | None = None,
+    exact: bool = True,
     log: Log | None = print,
 ) -> LatencyTable:
     """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
     ckpt, model = load_for_pruning(src, trust_code, input_shape)
-    traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape))
+    traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), exact=exact)
     cells = CellCache(tgt, cache)
     table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
     if speedup is not None:

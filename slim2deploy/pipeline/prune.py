@@ -23,6 +23,7 @@ def prune_checkpoint(
     selection: Selection,
     *,
     fold: bool = True,
+    exact: bool = True,
     trust_code: bool = False,
     input_shape: tuple[int, int, int] | None = None,
 ) -> tuple[PruningPlan, str]:
@@ -33,7 +34,7 @@ def prune_checkpoint(
     """
     ckpt, model = load_for_pruning(src, trust_code, input_shape)
     x = torch.zeros(1, *ckpt.input_shape)
-    plan = select(trace_groups(model, x, fold=fold), selection)
+    plan = select(trace_groups(model, x, fold=fold, exact=exact), selection)
     slim = apply_plan(model, plan)
     table = summarize(plan, model, x, slim)
     save_pruned(ckpt, src, slim, plan, selection, dst)

@@ -179,12 +179,21 @@ class LatencyTable:
             todo += [(layer, ci, co) for ci, co in sorted(wanted) if (ci, co) not in seen]
         return todo
 
-    def check_model(self, sizes: Sequence[int]) -> None:
+    def check_model(self, sizes: Sequence[int], prunable: Sequence[bool] | None = None) -> None:
+        """The table is for a model with these groups; each group to be pruned has measured counts."""
         if list(sizes) != self.sizes:
             what = self.meta.get("model", "another model")
             raise SlimError(
                 f"the latency table was profiled for {what} (group sizes {self.sizes[:6]}...), "
                 f"not this model ({list(sizes)[:6]}...); run 'slim2deploy profile' on this checkpoint"
+            )
+        bare = [i for i, p in enumerate(prunable or []) if p and not self.steps[i]]
+        if bare:
+            approx = "with" if self.meta.get("approximate") else "without"
+            raise SlimError(
+                f"the latency table has no kept counts for {len(bare)} group(s) this pruning may cut "
+                f"(first: group {bare[0]}, {self.sizes[bare[0]]} channels): it was profiled {approx} "
+                "--approximate; profile again with the options you prune with"
             )
 
     def describe(self) -> str:

@@ -65,6 +65,8 @@ class Group:
     keep: list[int]
     scores: list[float] | None = None
     reasons: list[str] = field(default_factory=list)
+    # traced with exact=False: layers that read these channels raw, so cutting them changes the outputs
+    approximate: list[str] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -105,6 +107,7 @@ class PruningPlan:
     max_prune: float = DEFAULT_MAX_PRUNE
     round_to: int = DEFAULT_ROUND_TO
     fold: bool = True
+    exact: bool = True  # False: groups read raw by some layer were made prunable (see Group.approximate)
     new_biases: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
@@ -218,6 +221,7 @@ _PLAN_TYPES = {
     "max_prune": (_is_number, "a number"),
     "round_to": (_is_int, "an integer"),
     "fold": (lambda v: isinstance(v, bool), "true or false"),
+    "exact": (lambda v: isinstance(v, bool), "true or false"),
     "new_biases": (_list_of(lambda s: isinstance(s, str)), "a list of strings"),
     "notes": (_list_of(lambda s: isinstance(s, str)), "a list of strings"),
     "version": (_is_int, "an integer"),
@@ -229,6 +233,7 @@ _GROUP_TYPES = {
     "keep": (_list_of(_is_int), "a list of integers"),
     "scores": (_optional(_list_of(_is_number)), "a list of numbers or null"),
     "reasons": (_list_of(lambda s: isinstance(s, str)), "a list of strings"),
+    "approximate": (_list_of(lambda s: isinstance(s, str)), "a list of strings"),
 }
 _MEMBER_TYPES = {
     "tensor": (lambda v: isinstance(v, str) and v != "", "a tensor name"),
@@ -288,5 +293,10 @@ def _check_group(plan: PruningPlan, i: int, g: Group) -> None:
 
 def copy_group(g: Group, **changes: Any) -> Group:
     """A group that can be changed without touching ``g`` (members are never modified in place)."""
-    fresh: dict[str, Any] = {"members": list(g.members), "keep": list(g.keep), "reasons": list(g.reasons)}
+    fresh: dict[str, Any] = {
+        "members": list(g.members),
+        "keep": list(g.keep),
+        "reasons": list(g.reasons),
+        "approximate": list(g.approximate),
+    }
     return replace(g, **{**fresh, **changes})

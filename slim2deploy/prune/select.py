@@ -154,7 +154,7 @@ class LatencySelector(Selector):
 
     def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
         table = LatencyTable.from_dict(self.table)
-        table.check_model([g.size for g in groups])
+        table.check_model([g.size for g in groups], [g.prunable for g in groups])
         budget = self.budget_ms(table)
         options: dict[int, list[int]] = {}
         gains: dict[int, list[float]] = {}
@@ -335,6 +335,7 @@ def plan_pruning(
     max_prune: float = DEFAULT_MAX_PRUNE,
     round_to: int = DEFAULT_ROUND_TO,
     fold: bool = True,
+    exact: bool = True,
     score: ScoreFn = max_abs_gamma,
 ) -> PruningPlan:
     """Trace ``model``, score its groups with ``score`` and choose the channels to keep; the model is
@@ -345,7 +346,7 @@ def plan_pruning(
     from it).
     """
     selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, Rails(min_channels, max_prune, round_to))
-    return select(trace_groups(model, example_input, fold=fold, score=score), selection)
+    return select(trace_groups(model, example_input, fold=fold, exact=exact, score=score), selection)
 
 
 def select_channels(

@@ -56,6 +56,15 @@ def coverage_lines(plan: PruningPlan) -> list[str]:
         lines.append(f"unprunable groups ({len(unpr)}):")
         for g, why in unpr:
             lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {why}")
+    approx = [g for g in plan.groups if g.prunable and g.approximate]
+    if approx:
+        cut = [g for g in approx if g.pruned]
+        lines.append(
+            f"approximate (--approximate): {len(approx)} group(s) read raw by another layer, {len(cut)} of them cut; "
+            "the outputs change, so fine-tune:"
+        )
+        for g in approx:
+            lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {g.approximate[0]}")
     return lines
 
 

@@ -21,6 +21,7 @@ from slim2deploy.runtime.base import Runner
 TORCH_MODES = ("eager", "folded", "compiled")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+
 @dataclass(frozen=True)
 class Runtime:
     kind: str

@@ -31,17 +31,25 @@ _OPS = (ops_elementwise, ops_layers, ops_shape, ops_spatial)  # imported for the
 
 
 def trace_groups(
-    model: nn.Module, example_input: torch.Tensor, *, fold: bool = True, score: ScoreFn = max_abs_gamma
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    fold: bool = True,
+    exact: bool = True,
+    score: ScoreFn = max_abs_gamma,
 ) -> PruningPlan:
     """Trace ``model`` and return its coupled groups, scored by ``score``; nothing is pruned yet.
 
     ``fold=False`` gives up folding removed channels' constant output into the next layer's
-    bias; groups that need it to be exact then become unprunable.
+    bias; groups that need it to be exact then become unprunable. ``exact=False`` also prunes
+    groups that some layer reads raw (e.g. a pre-activation ResNet's residual stream, read by the
+    next stage's shortcut convolution): their BatchNorms' gamma still ranks them, but cutting
+    them changes the outputs, so fine-tuning has to recover it (``Group.approximate`` says where).
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise SlimError("example_input must be a batched tensor, e.g. torch.zeros(1, 3, 32, 32)")
     ep = export(model, example_input)
-    state = TraceState(model, ep, fold)
+    state = TraceState(model, ep, fold, exact)
     walk(state)
     groups = state.groups()
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -64,7 +72,12 @@ def trace_groups(
             + "; the slim model is valid in eval mode only if they read pruned channels"
         )
     traced = PruningPlan(
-        groups=groups, input_shape=list(example_input.shape[1:]), tensor_shapes=shapes, fold=fold, notes=notes
+        groups=groups,
+        input_shape=list(example_input.shape[1:]),
+        tensor_shapes=shapes,
+        fold=fold,
+        exact=exact,
+        notes=notes,
     )
     return rescore(traced, model, score=score)
 

@@ -21,14 +21,16 @@ _PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class TraceState:
-    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram, fold: bool):
+    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram, fold: bool, exact: bool = True):
         self.model = model
         self.fold = fold
+        self.exact = exact
         self.ep = ep
         self.parent: list[int] = []
         self.size: list[int] = []
         self.members: dict[int, list[Member]] = {}
         self.reasons: dict[int, list[str]] = {}
+        self.approx: dict[int, list[str]] = {}  # exact=False: why cutting the group changes the outputs
         self.pieces: dict[int, tuple[int, int, int]] = {}  # a cut group -> (first piece, its length, second)
         self.env: dict[fx.Node, Any] = {}
         self.fqn: dict[str, str] = {}  # placeholder name -> parameter/buffer FQN
@@ -47,6 +49,7 @@ class TraceState:
         self.size.append(size)
         self.members[g] = []
         self.reasons[g] = [reason] if reason else []
+        self.approx[g] = []
         return g
 
     def find(self, g: int) -> int:
@@ -64,6 +67,7 @@ class TraceState:
         # both sides may hold the same count (a slice and a split that use one attribute)
         self.members[ra] += [m for m in self.members.pop(rb) if m not in self.members[ra]]
         self.reasons[ra] += [r for r in self.reasons.pop(rb) if r not in self.reasons[ra]]
+        self.approx[ra] += [r for r in self.approx.pop(rb) if r not in self.approx[ra]]
 
     def add(self, gid: int, member: Member) -> None:
         group = self.members[self.find(gid)]
@@ -78,7 +82,8 @@ class TraceState:
             self.members[a].append(m)
             self.members[b].append(m if m.role == "size" else replace(m, start=m.start + k * m.block))
         self.reasons[a], self.reasons[b] = list(self.reasons[r]), list(self.reasons[r])
-        self.members[r], self.reasons[r] = [], []
+        self.approx[a], self.approx[b] = list(self.approx[r]), list(self.approx[r])
+        self.members[r], self.reasons[r], self.approx[r] = [], [], []
         self.pieces[r] = (a, k, b)
 
     def resolve(self, x: Any) -> Any:
@@ -193,12 +198,18 @@ class TraceState:
 
     # -- layers reading and making channels
     def consume(self, lay: Layout, wname: str, dim: int, foldable: bool, where: str) -> None:
+        """A layer reads ``lay``. Channels it reads raw (not zeroed by a BatchNorm of their group, nor
+        foldable) make the group unprunable; with ``exact=False`` they only make cutting it approximate."""
         for s, off in lay.offsets():
             fold = foldable and s.const
             if not (s.zero or fold):
-                self.stop(
-                    Layout(lay.dim, (s,)), f"{where} reads these channels without a BatchNorm of the group in between"
-                )
+                raw = f"{where} reads these channels without a BatchNorm of the group in between"
+                if self.exact:
+                    self.stop(Layout(lay.dim, (s,)), f"{raw} (--approximate prunes them anyway)")
+                else:
+                    notes = self.approx[self.find(s.gid)]
+                    if raw not in notes:
+                        notes.append(raw)
             self.add(s.gid, Member(wname, dim, "in", off * lay.per_channel, lay.per_channel, fold))
 
     def produce(self, node: fx.Node, wname: str, bname: str | None, dim: int) -> Layout:
@@ -221,6 +232,7 @@ class TraceState:
                     members=self.members[g],
                     keep=list(range(self.size[g])),
                     reasons=list(self.reasons[g]),
+                    approximate=list(self.approx[g]),
                 )
             )
         return out

@@ -1,0 +1,48 @@
+"""Every subcommand's --help: each flag explained, its default shown once and as the user types it."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+
+from slim2deploy.cli import COMMANDS, build_parser
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_command_is_there() -> None:
+    assert sorted(_subparsers()) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_has_help(command: str) -> None:
+    sp = _subparsers()[command]
+    bare = [a.option_strings[0] for a in sp._actions if a.option_strings and not (a.help or "").strip()]
+    assert not bare, f"{command}: flags without help text: {bare}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_defaults_shown_once_and_plainly(command: str) -> None:
+    text = _subparsers()[command].format_help()
+    # one entry per flag: from its option line to the next one
+    entries = re.split(r"\n(?=  -)", text)
+    for entry in entries:
+        flat = " ".join(entry.split())
+        assert flat.lower().count("default") <= 1 or "default:" not in flat, f"{command}: {flat}"
+        assert "(default: None)" not in flat and "(default: False)" not in flat, f"{command}: {flat}"
+        assert "('" not in flat and "['" not in flat, f"{command}: a Python repr in --help: {flat}"
+
+
+def test_help_runs_as_a_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "slim2deploy", "build", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "(default: fp32)" in " ".join(out.split())
