@@ -29,6 +29,7 @@ from slim2deploy.model.stats import count_macs
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.import_model import sparse_like_checkpoint
 from slim2deploy.pipeline.profile import checkpoint_artifact
+from slim2deploy.prune.rails import DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,8 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="layer cell cache (default: a fresh temporary one)")
     p.add_argument("--iterations", type=int, default=200, help="benchmark iterations per model")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="rails: fewest channels kept")
+    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="rails: kept counts a multiple of this")
     p.add_argument(
         "--approximate",
         action="store_true",
@@ -64,6 +67,7 @@ def main() -> None:
                 batch=args.batch,
                 threads=args.threads,
                 cache=args.cache or str(work / "cache"),
+                rails=Rails(min_channels=args.min_channels, round_to=args.round_to),
             )
             started = time.perf_counter()
             slim = work / f"{name}-slim.pt"
@@ -94,11 +98,11 @@ def main() -> None:
             c = result.chosen
             rows.append(
                 f"| {name} | {macs:.3f} | {len(result.tries)} | {seconds:.0f} | {c['predicted_ms']:.3f} | "
-                f"{c['measured_ms']:.3f} | {result.table.full_ms / c['predicted_ms']:.2f}x | "
+                f"{c['measured_ms']:.3f} | {c['predicted_speedup']:.2f}x | "
                 f"{c['baseline_ms'] / c['measured_ms']:.2f}x | {base_ms:.3f} | {slim_ms:.3f} | {speed.speedup:.2f}x |"
             )
             print(rows[-1], flush=True)
-    approx = ", --approximate" if args.approximate else ""
+    approx = (", --approximate" if args.approximate else "") + f", rails {args.min_channels}/{args.round_to}"
     print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}{approx}, threads {args.threads or 'default'}")
     print(
         "| model | MACs ratio | tries | prune s | predicted ms | loop measured ms | predicted speed-up | "

@@ -46,9 +46,7 @@ def _own_imports(path: Path) -> list[tuple[str, int, bool]]:
     def visit(node: ast.AST, in_function: bool, type_checking: bool) -> None:
         for child in ast.iter_child_nodes(node):
             inner = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
-            checking = type_checking or (
-                isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
-            )
+            checking = type_checking or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
             names: list[str] = []
             if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
                 names = [child.module] + [f"{child.module}.{a.name}" for a in child.names]
@@ -71,9 +69,7 @@ GRAPH = {m: _own_imports(p) for m, p in MODULES.items()}
 def test_imports_point_down_the_layers(module):
     here = LAYERS.index(_layer(module))
     upward = [
-        f"line {line}: {name}"
-        for name, line, _ in GRAPH[module]
-        if _layer(name) and LAYERS.index(_layer(name)) > here
+        f"line {line}: {name}" for name, line, _ in GRAPH[module] if _layer(name) and LAYERS.index(_layer(name)) > here
     ]
     assert not upward, f"{module} ({LAYERS[here]}) imports a later layer: {upward}"
 

@@ -187,12 +187,12 @@ def add_target_args(p: argparse.ArgumentParser, batch_flag: str = "--profile-bat
     g.add_argument(
         "--profile-precision", default="fp32", choices=["fp32", "fp16"], help="precision the latency is measured at"
     )
-    g.add_argument("--profile-threads", type=int, default=None, help="runtime threads (None: the runtime's choice)")
+    g.add_argument("--profile-threads", type=int, default=None, help="runtime threads (default: the runtime's choice)")
     g.add_argument(
         "--cache",
         default=None,
         metavar="DIR",
-        help="where measured layer latencies are kept (None: ~/.cache/slim2deploy/latency)",
+        help="where measured layer latencies are kept (default: ~/.cache/slim2deploy/latency)",
     )
     g.add_argument("--no-cache", action="store_true", help="measure every layer again and keep nothing")
 

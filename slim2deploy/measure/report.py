@@ -25,6 +25,7 @@ def build_markdown(report: dict[str, Any]) -> str:
         "# slim2deploy build report",
         "",
         f"Model `{report['model']}`, pruned by {report['selection']}"
+        + ("; --approximate: groups read raw by another layer could be cut" if cfg.get("exact") is False else "")
         + (f", fine-tuned {cfg['finetune_epochs']} epochs on {cfg['data']}" if cfg.get("finetune_epochs") else "")
         + ".",
         "",

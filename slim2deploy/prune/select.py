@@ -48,7 +48,8 @@ class Selector(abc.ABC):
         return {"kind": self.kind, **self.params()}
 
     def describe(self) -> str:
-        return self.kind + " " + " ".join(f"{k}={v}" for k, v in self.params().items() if not isinstance(v, list))
+        shown = " ".join(f"{k}={v}" for k, v in self.params().items() if not isinstance(v, list))
+        return shown if list(self.params()) == [self.kind] else f"{self.kind} {shown}".rstrip()
 
 
 SELECTORS: dict[str, type[Selector]] = {}
