@@ -132,3 +132,31 @@ def test_prune_cli_approximate(resnet, tmp_path: Path) -> None:
     r, out = prune()
     assert r.returncode == 0, r.stderr
     assert model_from_checkpoint(load_checkpoint(out)).conv1.out_channels == s.size  # exact: left whole
+
+
+def test_the_hint_is_given_only_where_the_flag_helps() -> None:
+    """A group without a BatchNorm stays unprunable with --approximate: no hint for it."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Conv2d(8, 8, 3, padding=1),  # its outputs have no BatchNorm
+        torch.nn.Conv2d(8, 4, 3, padding=1),
+    ).eval()
+    x = torch.randn(1, 1, 8, 8)
+    exact, approx = trace_groups(model, x), trace_groups(model, x, exact=False)
+    bare = next(g for g in exact.groups if any(m.tensor == "2.weight" and m.role == "out" for m in g.members))
+    assert bare.reasons and not any("--approximate" in r for r in bare.reasons)
+    assert not next(g for g in approx.groups if g.members == bare.members).prunable
+
+
+def test_plans_write_the_new_fields_only_when_they_say_something(resnet) -> None:
+    """An exact plan has neither field, so it still loads in a slim2deploy older than --approximate."""
+    model, x = resnet
+    exact = trace_groups(model, x).to_dict()
+    assert "exact" not in exact and not any("approximate" in g for g in exact["groups"])
+    approx = trace_groups(model, x, exact=False)
+    d = approx.to_dict()
+    assert d["exact"] is False and sum("approximate" in g and not g["reasons"] for g in d["groups"]) == 2
+    assert PruningPlan.from_dict(d) == approx
+    lines = "\n".join(coverage_lines(approx))  # nothing cut yet: no claim that the outputs change
+    assert "0 of them cut:" in lines and "outputs change" not in lines

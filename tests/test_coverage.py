@@ -137,7 +137,7 @@ def _classifiers() -> list:
     params = []
     for n in names:
         marks = [pytest.mark.slow]
-        marks += [skip_huge] if n in HUGE else [] if n in FAMILIES else [skip_size]
+        marks += ([skip_huge] if n in HUGE else []) + ([] if n in FAMILIES else [skip_size])
         params.append(pytest.param(n, marks=marks))
     return params
 

@@ -240,14 +240,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
 
 
-def add_approximate_arg(g: argparse._ActionsContainer) -> None:
-    g.add_argument(
-        "--approximate",
-        action="store_true",
-        help="also prune channel groups that some layer reads raw, not through a BatchNorm of the group "
-        "(e.g. a pre-activation ResNet's residual stream, read by the next stage's shortcut convolution): "
-        "gamma still ranks them, but cutting them changes the outputs, so fine-tune after",
-    )
+APPROXIMATE_HELP = (
+    "also prune channel groups that some layer reads raw, not through a BatchNorm of the group "
+    "(e.g. a pre-activation ResNet's residual stream, read by the next stage's shortcut convolution): "
+    "gamma still ranks them, but cutting them changes the outputs, so fine-tune after"
+)
+
+
+def add_approximate_arg(g: argparse._ActionsContainer, help: str = APPROXIMATE_HELP) -> None:
+    g.add_argument("--approximate", action="store_true", help=help)
 
 
 def rails_from_args(args: argparse.Namespace) -> Rails:

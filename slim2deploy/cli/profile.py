@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="fewest channels a group may keep")
     g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
     g.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="1 profiles every count (slow)")
-    add_approximate_arg(g)
+    add_approximate_arg(g, help="also profile the groups 'prune --approximate' may cut (read raw by another layer)")
     p.add_argument(
         "--speedup",
         type=float,

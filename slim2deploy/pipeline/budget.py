@@ -183,11 +183,12 @@ def prune_to_budget(
             base_ms, slim_ms = target.latencies([base, art])
             goal = goal_ms if goal_ms is not None else base_ms / float(budget.speedup or 1)
             counts = [len(g.keep) for g in plan.groups]
-            ratio = table.predict(counts) / table.full_ms  # the table's slim/unpruned
+            ratio = table.predict(counts) / table.full_ms  # the table's slim/unpruned (full_ms > 0: checked)
+            to_measured = factor * base_ms / table.full_ms  # table ms -> ms of this run's baseline
             row = {
-                "budget_ms": budget_ms,
+                "budget_ms": budget_ms * to_measured,
                 "predicted_ms": ratio * factor * base_ms,
-                "predicted_speedup": 1.0 / (ratio * factor),
+                "predicted_speedup": 1.0 / (ratio * factor) if ratio > 0 else math.nan,
                 "measured_ms": slim_ms,
                 "baseline_ms": base_ms,
                 "goal_ms": goal,
@@ -203,8 +204,11 @@ def prune_to_budget(
                 best = (miss, plan, slim, selection, row)
             if miss <= 1 + MISS_TOLERANCE or at_floor:
                 break
-            factor = (slim_ms / base_ms) / ratio
-            budget_ms = table.full_ms * (goal / base_ms) / factor
+            if ratio > 0:
+                factor = (slim_ms / base_ms) / ratio
+                budget_ms = table.full_ms * (goal / base_ms) / factor
+            else:  # a table that predicts nothing here: tighten by the miss
+                budget_ms *= goal / slim_ms
     assert best is not None
     miss, plan, slim, selection, chosen = best
     met = miss <= 1 + MISS_TOLERANCE

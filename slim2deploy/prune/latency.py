@@ -212,6 +212,8 @@ class LatencyTable:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise SlimError(f"not a slim2deploy latency table (version {got!r}, expected {TABLE_VERSION})")
         try:
+            if not float(d["full_ms"]) > 0:
+                raise ValueError(f"full_ms {d['full_ms']!r} is not a positive latency")
             layers = [LayerSpec(**layer) for layer in d["layers"]]
             return cls(
                 meta=dict(d["meta"]),

@@ -114,7 +114,15 @@ class PruningPlan:
     selection: dict[str, Any] | None = None  # prune.select.Selection.to_dict(); None in plans before it existed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # fields newer than the plan format are written only when they say something, so that a plan
+        # without them still loads in an older slim2deploy
+        if d["exact"]:
+            del d["exact"]
+        for g in d["groups"]:
+            if not g["approximate"]:
+                del g["approximate"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> PruningPlan:

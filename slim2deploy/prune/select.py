@@ -49,7 +49,7 @@ class Selector(abc.ABC):
 
     def describe(self) -> str:
         shown = " ".join(f"{k}={v}" for k, v in self.params().items() if not isinstance(v, list))
-        return shown if list(self.params()) == [self.kind] else f"{self.kind} {shown}".rstrip()
+        return shown if shown and list(self.params()) == [self.kind] else f"{self.kind} {shown}".rstrip()
 
 
 SELECTORS: dict[str, type[Selector]] = {}

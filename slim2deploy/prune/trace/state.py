@@ -18,6 +18,7 @@ from slim2deploy.prune.plan import Group, Member
 from slim2deploy.prune.trace.layout import OPAQUE, Layout, Seg, op_name, val
 
 _PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+RAW_READ = "reads these channels without a BatchNorm of the group in between"
 
 
 class TraceState:
@@ -203,9 +204,9 @@ class TraceState:
         for s, off in lay.offsets():
             fold = foldable and s.const
             if not (s.zero or fold):
-                raw = f"{where} reads these channels without a BatchNorm of the group in between"
+                raw = f"{where} {RAW_READ}"
                 if self.exact:
-                    self.stop(Layout(lay.dim, (s,)), f"{raw} (--approximate prunes them anyway)")
+                    self.stop(Layout(lay.dim, (s,)), raw)
                 else:
                     notes = self.approx[self.find(s.gid)]
                     if raw not in notes:
@@ -226,15 +227,17 @@ class TraceState:
         for g in sorted(self.members):
             if self.find(g) != g or not self.members[g]:
                 continue
-            out.append(
-                Group(
-                    size=self.size[g],
-                    members=self.members[g],
-                    keep=list(range(self.size[g])),
-                    reasons=list(self.reasons[g]),
-                    approximate=list(self.approx[g]),
-                )
+            group = Group(
+                size=self.size[g],
+                members=self.members[g],
+                keep=list(range(self.size[g])),
+                reasons=list(self.reasons[g]),
+                approximate=list(self.approx[g]),
             )
+            if group.reasons and group.scored and all(r.endswith(RAW_READ) for r in group.reasons):
+                # raw reads are all that stops a group BatchNorm can score: say how to prune it anyway
+                group.reasons[0] += " (--approximate prunes them anyway)"
+            out.append(group)
         return out
 
 
