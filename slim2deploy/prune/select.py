@@ -156,7 +156,7 @@ class LatencySelector(Selector):
     def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
         table = LatencyTable.from_dict(self.table)
         table.check_model([g.size for g in groups], [g.prunable for g in groups])
-        budget = self.budget_ms(table)
+        budget = self.budget_ms(table) * (1 + 1e-9)  # float noise: a model predicted at the budget fits it
         options: dict[int, list[int]] = {}
         gains: dict[int, list[float]] = {}
         for i, g in enumerate(groups):
