@@ -130,7 +130,7 @@ def test_torchrun_two_processes_train_what_one_does_on_a_streamed_folder(tmp_pat
     assert single.returncode == 0, single.stderr[-3000:]
     assert "data: streaming" in single.stderr + single.stdout
     dist = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          "-m", "slim2deploy", *common, "--batch-size", "8", "--out", str(two)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
