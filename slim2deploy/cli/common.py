@@ -209,24 +209,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
         help="keep the most |gamma| whose measured latency on --target is the unpruned model's / S",
     )
     how.add_argument("--latency-ms", type=float, metavar="T", help="like --speedup, with a latency budget in ms")
-    g.add_argument(
-        "--min-channels",
-        type=int,
-        default=DEFAULT_MIN_CHANNELS,
-        help="keep at least this many channels per group",
-    )
-    g.add_argument(
-        "--max-prune",
-        type=float,
-        default=DEFAULT_MAX_PRUNE,
-        help="remove at most this fraction of a group",
-    )
-    g.add_argument(
-        "--round-to",
-        type=int,
-        default=DEFAULT_ROUND_TO,
-        help="round kept channel counts up to a multiple of this; GPU and CPU kernels want 8 (TensorRT int8: 32)",
-    )
+    add_rails_args(g)
     g.add_argument(
         "--no-fold",
         action="store_true",
@@ -238,6 +221,19 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--table", default=None, metavar="TABLE.json", help="reuse a 'slim2deploy profile' table")
     g.add_argument("--save-table", default=None, metavar="FILE", help="write the latency table used")
     g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
+
+
+def add_rails_args(
+    g: argparse._ActionsContainer,
+    round_to_help: str = "round kept channel counts up to a multiple of this; GPU and CPU kernels want 8 "
+    "(TensorRT int8: 32)",
+) -> None:
+    """--min-channels, --max-prune, --round-to: what ``rails_from_args`` reads (prune, build, profile)."""
+    g.add_argument(
+        "--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="keep at least this many channels per group"
+    )
+    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
+    g.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help=round_to_help)
 
 
 APPROXIMATE_HELP = (

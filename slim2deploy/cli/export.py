@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--int8-flavour",
         default="tensorrt",
         choices=["tensorrt", "cpu"],
-        help="tensorrt: symmetric S8S8 Q/DQ for TensorRT; cpu: U8S8 reduce_range for ONNX Runtime on CPUs ",
+        help="tensorrt: symmetric S8S8 Q/DQ for TensorRT; cpu: U8S8 reduce_range for ONNX Runtime on CPUs",
     )
     p.add_argument("--static-batch", type=int, default=None, metavar="N", help="fixed batch size (default: dynamic)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_approximate_arg, add_target_args, add_trust_arg, cache_from_args, rails_from_args
-from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
+from slim2deploy.cli.common import (
+    add_approximate_arg,
+    add_rails_args,
+    add_target_args,
+    add_trust_arg,
+    cache_from_args,
+    rails_from_args,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -21,9 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="TABLE.json", help="latency table to write")
     add_target_args(p, batch_flag="--batch")
     g = p.add_argument_group("kept counts to profile (the rails 'prune' will use)")
-    g.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="fewest channels a group may keep")
-    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
-    g.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="1 profiles every count (slow)")
+    add_rails_args(g, round_to_help="1 profiles every count (slow)")
     add_approximate_arg(g, help="also profile the groups 'prune --approximate' may cut (read raw by another layer)")
     p.add_argument(
         "--speedup",
