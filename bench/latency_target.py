@@ -29,6 +29,7 @@ from slim2deploy.model.stats import count_macs
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.import_model import sparse_like_checkpoint
 from slim2deploy.pipeline.profile import checkpoint_artifact
+from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.rails import DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
 
@@ -51,6 +52,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="rails: fewest channels kept")
     p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="rails: kept counts a multiple of this")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="aim this fraction under the goal")
     p.add_argument(
         "--approximate",
         action="store_true",
@@ -68,6 +70,7 @@ def main() -> None:
                 threads=args.threads,
                 cache=args.cache or str(work / "cache"),
                 rails=Rails(min_channels=args.min_channels, round_to=args.round_to),
+                margin=args.margin,
             )
             started = time.perf_counter()
             slim = work / f"{name}-slim.pt"
@@ -103,6 +106,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     approx = (", --approximate" if args.approximate else "") + f", rails {args.min_channels}/{args.round_to}"
+    approx += f", margin {args.margin:g}"
     print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}{approx}, threads {args.threads or 'default'}")
     print(
         "| model | MACs ratio | tries | prune s | predicted ms | loop measured ms | predicted speed-up | "

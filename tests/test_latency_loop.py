@@ -294,3 +294,51 @@ def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
     report = (out / "report.md").read_text()
     assert "Latency budget: speed-up 1.3x" in report and "predicted ms" in report
     assert (out / "latency-table.json").exists()
+
+
+def test_the_goal_is_aimed_under_by_the_margin(tmp_path):
+    """An exact table (nothing changes after profiling): the margin is what the slim model has to spare."""
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    at = prune_to_budget(
+        DEMO, tmp_path / "a.pt", Budget(speedup=1.5, margin=0.0, cache=None), target=target, table_out=table_path
+    )
+    under = prune_to_budget(
+        DEMO, tmp_path / "b.pt", Budget(speedup=1.5, margin=0.2, table=str(table_path)), target=target, log=None
+    )
+    goal = under.chosen["goal_ms"]
+    assert at.met and under.met and len(under.tries) == 1
+    assert under.chosen["measured_ms"] <= goal * 0.8 * (1 + 1e-9) < at.chosen["measured_ms"] <= goal
+
+
+def test_a_goal_only_the_margin_puts_out_of_reach_gets_the_smallest_model(tmp_path):
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    prune_to_budget(
+        DEMO, tmp_path / "a.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+    )
+    table = LatencyTable.from_json(table_path.read_text())
+    ckpt = load_checkpoint(DEMO)
+    traced = trace_groups(model_from_checkpoint(ckpt), torch.zeros(1, *ckpt.input_shape))
+    rails = Rails()
+    floor = [
+        min(set(rails.allowed(g.size)) & set(steps)) if g.prunable else g.size
+        for steps, g in zip(table.steps, traced.groups, strict=True)
+    ]
+    floor_ms = table.predict(floor)
+    budget = Budget(latency_ms=floor_ms, margin=0.1, table=str(table_path), rails=rails)
+    result = prune_to_budget(DEMO, tmp_path / "s.pt", budget, target=target, log=None)
+    assert result.met and len(result.tries) == 1  # no retry: the rails' smallest model was the aim
+    assert result.chosen["measured_ms"] == pytest.approx(floor_ms, rel=1e-6)
+    with pytest.raises(SlimError, match=f"a latency of {floor_ms * 0.99:.4g} ms .* out of reach"):
+        prune_to_budget(  # the goal itself, not the margin, is what the message names
+            DEMO, tmp_path / "t.pt", Budget(latency_ms=floor_ms * 0.99, margin=0.1, table=str(table_path)),
+            target=target, log=None,
+        )  # fmt: skip
+    assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize("margin", [-0.01, 0.5, math.nan, "0.1"])
+def test_a_margin_that_is_no_fraction_is_refused(margin):
+    with pytest.raises(SlimError, match="--margin"):
+        Budget(speedup=2.0, margin=margin)

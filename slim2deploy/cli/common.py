@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 
 if TYPE_CHECKING:
@@ -221,6 +222,13 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--table", default=None, metavar="TABLE.json", help="reuse a 'slim2deploy profile' table")
     g.add_argument("--save-table", default=None, metavar="FILE", help="write the latency table used")
     g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        metavar="FRACTION",
+        help="aim this fraction under the goal, so that timing noise lands on the goal's side",
+    )
 
 
 def add_rails_args(
@@ -269,6 +277,7 @@ def selection_from_args(args: argparse.Namespace) -> Selection | Budget:
         cache=cache_from_args(args),
         tries=args.tries,
         rails=rails_from_args(args),
+        margin=args.margin,
     )
 
 

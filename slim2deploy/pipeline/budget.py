@@ -9,6 +9,11 @@ one becomes a correction factor (what layer-by-layer profiling misses near this 
 fusions, layout changes -- taken from the model itself, as NetAdapt does), the budget handed to
 the selector is divided by it, and the selection repeated (at most ``Budget.tries`` times). The
 goal for ``--speedup S`` is the interleaved baseline measurement divided by S.
+
+Every selection aims ``Budget.margin`` under the goal: a model predicted exactly at the goal is
+measured on either side of it (timing noise of a few percent), so one aimed at it would meet
+"at least S times faster" about half the time. Where only the margin stands between the goal
+and the rails, the smallest model the rails allow is the aim.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_t
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.pipeline.profile import model_artifact, profile, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
-from slim2deploy.prune.latency import LatencyTable
+from slim2deploy.prune.latency import DEFAULT_MARGIN, LatencyTable
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.select import LatencySelector, Selection, select
@@ -55,6 +60,7 @@ class Budget:
     cache: str | None = str(DEFAULT_CACHE)
     tries: int = 4
     rails: Rails = field(default_factory=Rails)
+    margin: float = DEFAULT_MARGIN  # aim this fraction under the goal
 
     def __post_init__(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
@@ -66,6 +72,8 @@ class Budget:
             raise SlimError(f"--latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
         if not (isinstance(self.tries, int) and self.tries >= 1):
             raise SlimError(f"--tries must be a positive integer, got {self.tries!r}")
+        if not (isinstance(self.margin, int | float) and 0 <= self.margin < 0.5):
+            raise SlimError(f"--margin must be a fraction in [0, 0.5) of the goal to aim under, got {self.margin!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +84,8 @@ class Budget:
     def describe(self) -> str:
         r = self.rails
         return (
-            f"latency {self.goal()} on {self.target} batch {self.batch} {self.precision}; rails: "
+            f"latency {self.goal()} on {self.target} batch {self.batch} {self.precision}, aimed {self.margin:.0%} "
+            "under; rails: "
             f"min_channels={r.min_channels} max_prune={r.max_prune} round_to={r.round_to}"
         )
 
@@ -152,7 +161,8 @@ def prune_to_budget(
     table = _latency_table(budget, model, traced, ckpt, src, target, log)
     if table_out:
         atomic_write_text(table_out, table.to_json())
-    budget_ms = budget.latency_ms or table.full_ms / float(budget.speedup or 1)
+    aim = 1.0 - budget.margin
+    budget_ms = (budget.latency_ms or table.full_ms / float(budget.speedup or 1)) * aim
     tries: list[dict[str, float]] = []
     best: tuple[float, PruningPlan, Any, Selection, dict[str, float]] | None = None
     with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
@@ -169,9 +179,14 @@ def prune_to_budget(
             try:
                 plan = select(traced, selection)
             except SlimError:
-                if best is None or at_floor:
+                # tightened past what the rails allow (or only the margin is out of reach): the smallest
+                # model they allow is the last try
+                if at_floor:
                     raise
-                # tightened past what the rails allow: the last try is the smallest model they allow
+                if best is None and table.predict(floor) > budget_ms / aim * (1 + 1e-9):
+                    # the goal itself is out of reach: say so in its own terms, not the margin's
+                    select(traced, Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms / aim), rails))
+                    raise
                 budget_ms, at_floor = table.predict(floor), True
                 selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
                 plan = select(traced, selection)
@@ -206,7 +221,7 @@ def prune_to_budget(
                 break
             if ratio > 0:
                 factor = (slim_ms / base_ms) / ratio
-                budget_ms = table.full_ms * (goal / base_ms) / factor
+                budget_ms = table.full_ms * (goal / base_ms) / factor * aim
             else:  # a table that predicts nothing here: tighten by the miss
                 budget_ms *= goal / slim_ms
     assert best is not None

@@ -30,6 +30,10 @@ from typing import Any
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.knapsack import staircase
 
+# a latency goal is aimed this fraction under: a model predicted exactly at the goal measures on
+# either side of it (timing noise of a few percent); see pipeline.budget
+DEFAULT_MARGIN = 0.03
+
 TABLE_VERSION = 1
 
 
