@@ -51,10 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-scope",
-        choices=["all", "prunable"],
+        choices=["all", "prunable", "approximate"],
         default="all",
         help="all: every BatchNorm gamma (the paper); prunable: only gammas of channels the surgery can "
-        "remove (e.g. not a pre-activation ResNet's residual stream)",
+        "remove (e.g. not a pre-activation ResNet's residual stream); approximate: of channels "
+        "'prune --approximate' can remove",
     )
     g.add_argument("--history", default=None, metavar="JSON", help="also write per-epoch results here")
     add_trust_arg(p, input_shape=False)  # a run resumes from a checkpoint this command wrote: it has its shape

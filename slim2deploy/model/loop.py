@@ -43,7 +43,7 @@ class TrainConfig:
     sparsity: float = 0.0  # lambda of the L1 penalty on BatchNorm gammas; 0 trains the baseline
     sparsity_mode: str = "subgradient"  # or "proximal"
     sparsity_warmup: float = 0.0  # epochs over which lambda ramps from 0
-    sparsity_scope: str = "all"  # or "prunable": only gammas of channels the surgery can remove
+    sparsity_scope: str = "all"  # or "prunable"/"approximate": only gammas of channels prune can remove
     amp: bool = False
     augment: bool = True
     seed: int = 0

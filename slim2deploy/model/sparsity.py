@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 MODES = ("subgradient", "proximal")
-SCOPES = ("all", "prunable")
+SCOPES = ("all", "prunable", "approximate")
 Masks = dict[str, torch.Tensor] | None  # BatchNorm weight name -> bool per channel: penalise it
 
 

@@ -161,8 +161,8 @@ def train_command(
         **({"weights": report.to_dict()} if report is not None else {}),
     }
     masks = None
-    if cfg.sparsity > 0 and cfg.sparsity_scope == "prunable":
-        masks = prunable_masks(model, torch.zeros(1, *train_ds.input_shape))
+    if cfg.sparsity > 0 and cfg.sparsity_scope != "all":
+        masks = prunable_masks(model, torch.zeros(1, *train_ds.input_shape), exact=cfg.sparsity_scope == "prunable")
     history = train_to_checkpoint(
         model, out, arch=arch, arch_kwargs=arch_kwargs, train_ds=train_ds, val_ds=val_ds, cfg=cfg, meta=meta,
         dist_info=info, resume=resume_point, masks=masks,

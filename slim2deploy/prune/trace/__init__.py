@@ -87,9 +87,10 @@ def rescore(traced: PruningPlan, model: nn.Module, *, score: ScoreFn = max_abs_g
     return replace(traced, groups=[copy_group(g, scores=score(model, g)) for g in traced.groups])
 
 
-def prunable_masks(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For each BatchNorm weight, which of its channels lie in a prunable group of the pruning plan."""
-    traced = trace_groups(model, example_input)
+def prunable_masks(model: nn.Module, example_input: torch.Tensor, exact: bool = True) -> dict[str, torch.Tensor]:
+    """For each BatchNorm weight, which of its channels lie in a prunable group of the pruning plan
+    (``exact=False``: of the plan ``prune --approximate`` makes)."""
+    traced = trace_groups(model, example_input, exact=exact)
     masks = {f"{name}.weight": torch.zeros(bn.num_features, dtype=torch.bool) for name, bn in bn_layers(model)}
     for group in traced.groups:
         if not group.prunable:
