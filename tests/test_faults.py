@@ -384,3 +384,95 @@ def test_real_command_prints_one_line_and_no_traceback(args, files):
     before = _snapshot(files["root"])
     proc = run_cli(*_args(args, files))
     assert_refused((proc.returncode, proc.stdout, proc.stderr), "", before, files["root"])
+
+
+@pytest.fixture(scope="module")
+def misfit(files) -> dict[str, Path]:
+    """Data that is fine on its own but not for the model (3 classes, 1 x 8 x 8), and inputs placed where outputs go."""
+    d, rng = files["root"], np.random.default_rng(2)
+    x = rng.integers(0, 255, (32, 1, 8, 8)).astype(np.uint8)
+    np.savez(d / "ten_classes.npz", x=x, y=np.arange(32) % 10)
+    np.savez(d / "rgb.npz", x=x.repeat(3, 1), y=np.arange(32) % 3)
+    np.savez(d / "huge_label.npz", x=x, y=np.where(np.arange(32) == 0, 2**40, np.arange(32) % 3))
+    calib = rng.standard_normal((8, 1, 8, 8)).astype(np.float32)
+    np.savez(d / "calib_ok.npz", x=calib)
+    (d / "inbuild").mkdir()
+    (d / "inbuild" / "m.pt").write_bytes(files["ckpt"].read_bytes())
+    torch.save(load_checkpoint(files["ckpt"]).state_dict, d / "sd.pt")
+    return {**files, "calib": d / "calib_ok.npz"}
+
+
+INT8 = ["export", "--model", "{ckpt}", "--out", "{root}/q.onnx", "--precision", "int8", "--calib", "{calib}"]
+MISFIT_CASES = {
+    "finetune on data with more classes than the model": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/ten_classes.npz", "--out", "{root}/f.pt", "--epochs", "1"],
+        "10 classes",
+    ),
+    "finetune on 3-channel data": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/rgb.npz", "--out", "{root}/f.pt", "--epochs", "1"],
+        "(3, 8, 8) images",
+    ),
+    "build evaluating on data with more classes": (
+        ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--data", "{root}/ten_classes.npz"],
+        "10 classes",
+    ),
+    "build on 3-channel data": (
+        ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--data", "{root}/rgb.npz"],
+        "(3, 8, 8) images",
+    ),
+    "export int8 evaluated on 3-channel data": ([*INT8, "--eval-data", "{root}/rgb.npz"], "(3, 8, 8) images"),
+    "export int8 evaluated on other classes": ([*INT8, "--eval-data", "{root}/ten_classes.npz"], "10 classes"),
+    "calib for a model from 3-channel data": (
+        ["calib", "--model", "{ckpt}", "--data", "{root}/rgb.npz", "--n", "8", "--out", "{root}/c.npz"],
+        "(3, 8, 8)",
+    ),
+    "a label that is no class index": (
+        [*TRAIN, "--data", "{root}/huge_label.npz", "--out", "{root}/t.pt"],
+        "at most 100,000 classes",
+    ),
+    "build --model inside --out": (
+        ["build", "--model", "{root}/inbuild/m.pt", "--ratio", "0.5", "--out", "{root}/inbuild"],
+        "inside the output folder",
+    ),
+    "import --out is the weights": (
+        [
+            "import",
+            "--arch",
+            "vgg11",
+            "--width",
+            "0.125",
+            "--num-classes",
+            "3",
+            "--input-shape",
+            "1,8,8",
+            "--weights",
+            "{root}/sd.pt",
+            "--out",
+            "{root}/sd.pt",
+        ],
+        "is also an input",
+    ),  # fmt: skip
+    "profile --cache is a file": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--cache", "{file}"],
+        "--cache",
+    ),
+    "prune --save-table with --ratio": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/s.pt", "--save-table", "{root}/t.json"],
+        "--save-table",
+    ),
+    "negative seed": (
+        ["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{root}/c.npz", "--seed", "-1"],
+        "seed",
+    ),
+    "zero runtime threads": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--profile-threads", "0"],
+        "--profile-threads",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISFIT_CASES))
+def test_data_and_paths_that_do_not_fit_the_model_are_one_error(case, misfit, cli):
+    template, needle = MISFIT_CASES[case]
+    before = _snapshot(misfit["root"])
+    assert_refused(cli(*_args(template, misfit)), needle, before, misfit["root"])

@@ -26,6 +26,7 @@ from slim2deploy.pipeline.profile import layer_specs
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.select import OutOfReach
 from slim2deploy.prune.trace import trace_groups
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
@@ -342,3 +343,19 @@ def test_a_goal_only_the_margin_puts_out_of_reach_gets_the_smallest_model(tmp_pa
 def test_a_margin_that_is_no_fraction_is_refused(margin):
     with pytest.raises(SlimError, match="--margin"):
         Budget(speedup=2.0, margin=margin)
+
+
+def test_or_smallest_prunes_to_the_rails_floor_when_the_goal_is_out_of_reach(tmp_path):
+    """What the study uses: a goal the (noisy) table puts out of reach is a missed goal, not a stop."""
+    target = WidthTarget()
+    with pytest.raises(OutOfReach):
+        prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=50.0, cache=None), target=target, log=None)
+    assert not (tmp_path / "a.pt").exists()
+    result = prune_to_budget(
+        DEMO, tmp_path / "b.pt", Budget(speedup=50.0, cache=None, or_smallest=True), target=target, log=None
+    )
+    assert not result.met and any("MISSED" in n for n in result.plan.notes)
+    smallest = prune_to_budget(  # the smallest model the rails allow is the fastest one they allow
+        DEMO, tmp_path / "c.pt", Budget(speedup=1.01, cache=None, margin=0.0), target=target, log=None
+    )
+    assert result.chosen["measured_ms"] < smallest.chosen["measured_ms"]

@@ -96,7 +96,9 @@ class LatencyStudy:
         lat_ckpt, table_path = self.dir / "latency.pt", self.dir / "latency-table.json"
 
         def budget_prune() -> dict[str, Any]:
-            budget = Budget(speedup=self.speedup, batch=BATCH, threads=cfg.threads, cache=str(self.dir / "cells"))
+            budget = Budget(
+                speedup=self.speedup, batch=BATCH, threads=cfg.threads, cache=str(self.dir / "cells"), or_smallest=True
+            )
             res = prune_to_budget(sparse_ckpt, lat_ckpt, budget, table_out=table_path, log=s.log)
             return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
 

@@ -31,6 +31,14 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def check_output(
     path: PathLike, what: str = "--out", *, inputs: Iterable[PathLike | None] = (), folder: bool = False
 ) -> Path:
@@ -54,8 +62,15 @@ def check_output(
     if not os.access(base, os.W_OK | os.X_OK):
         raise SlimError(f"{what} {out}: the folder {base} is not writable; choose another location")
     for src in inputs:
-        if src is not None and not folder and _same_file(out, Path(src)):
+        if src is None:
+            continue
+        if not folder and _same_file(out, Path(src)):
             raise SlimError(f"{what} {out} is also an input; writing it would replace the input, choose another name")
+        if folder and Path(src).exists() and out.exists() and _inside(Path(src), out):
+            raise SlimError(
+                f"the input {src} lies inside the output folder {what} {out}, whose files are written over; "
+                "move the input out of it or choose another folder"
+            )
     return out
 
 

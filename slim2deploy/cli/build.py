@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, seed_value, selection_from_args
 
 if TYPE_CHECKING:
     from slim2deploy.pipeline.build import BuildConfig
@@ -71,7 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-iterations", type=int, default=200, help="timed iterations per batch and round")
     g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and of the images picked for evaluation")
+    p.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of fine-tuning and of the images picked for evaluation"
+    )
     add_trust_arg(p, input_shape=False)
     return p
 
@@ -120,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.save_table:
         raise SlimError("build writes the latency table it uses to OUT/latency-table.json; --save-table is for 'prune'")
-    check_outputs({"--out": args.out}, folders=["--out"])
+    check_outputs(
+        {"--out": args.out, "--cache": args.cache},
+        folders=["--out", "--cache"],
+        inputs=[args.model, args.data, args.calib, args.table],
+    )
     check_opset(args.opset)
     result = build(config_from_args(args))
     print(f"done: {result.out_dir}/report.md")

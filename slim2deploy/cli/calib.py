@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_stream_args
+from slim2deploy.cli.common import add_stream_args, seed_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_stream_args(p)
     p.add_argument("--n", type=int, default=512, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="which images are picked")
+    p.add_argument("--seed", type=seed_value, default=0, help="which images are picked")
     p.add_argument(
         "--model",
         default=None,
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from slim2deploy.pipeline.train import data_options
 
     check_outputs({"--out": args.out}, inputs=[args.data])
-    meta = load_checkpoint(args.model).meta if args.model else {}
+    ckpt = load_checkpoint(args.model) if args.model else None
+    meta = ckpt.meta if ckpt else {}
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None
     opts = data_options(meta, args.image_size, args.stream, args.crop)
     out = make_calib_set(
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         stats=stats,
         stream=opts["stream"],
         crop=opts["crop"],
+        input_shape=ckpt.input_shape if ckpt else None,
     )
     x = load_calib(out)
     print(f"wrote {out}: {len(x)} images of {tuple(x.shape[1:])}, values in [{x.min():.3f}, {x.max():.3f}]")

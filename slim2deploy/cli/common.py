@@ -143,7 +143,7 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     )
     g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--no-augment", action="store_true", help="no pad-and-crop / flip augmentation")
-    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU")
+    g.add_argument("--seed", type=seed_value, default=0, help="makes a run repeatable on the CPU")
     g.add_argument(
         "--deterministic",
         action="store_true",
@@ -151,6 +151,27 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
         "workspace (slower)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def seed_value(text: str) -> int:
+    """A --seed: what numpy and torch accept (0 .. 2**32 - 1), refused by argparse otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number in 0..{2**32 - 1}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int]:
@@ -188,7 +209,9 @@ def add_target_args(p: argparse.ArgumentParser, batch_flag: str = "--profile-bat
     g.add_argument(
         "--profile-precision", default="fp32", choices=["fp32", "fp16"], help="precision the latency is measured at"
     )
-    g.add_argument("--profile-threads", type=int, default=None, help="runtime threads (default: the runtime's choice)")
+    g.add_argument(
+        "--profile-threads", type=positive_int, default=None, help="runtime threads (default: the runtime's choice)"
+    )
     g.add_argument(
         "--cache",
         default=None,

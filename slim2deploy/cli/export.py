@@ -61,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
     eval_x = eval_y = None
     if args.eval_data and args.precision == "int8":
         from slim2deploy.model.data import load_dataset
+        from slim2deploy.model.folder import check_fits
 
-        held_out = load_dataset(args.eval_data, "test", args.data_dir).subset(args.eval_n)
+        stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
+        held_out = load_dataset(args.eval_data, "test", args.data_dir, stats=stats).subset(args.eval_n)
+        check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data)
         eval_x, eval_y = held_out.x.numpy(), held_out.y.numpy()
     report = export_precision(
         model,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_data_args, add_trust_arg
+from slim2deploy.cli.common import add_data_args, add_trust_arg, seed_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--schedule", choices=["step", "cosine"], default="cosine", help="learning-rate schedule")
-    p.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the CPU (CUDA: add --deterministic)")
+    p.add_argument(
+        "--seed", type=seed_value, default=0, help="makes a run repeatable on the CPU (CUDA: add --deterministic)"
+    )
     p.add_argument("--deterministic", action="store_true", help="repeatable on CUDA too (see train --help)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_data_args(p, required=True)

@@ -44,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.files import check_outputs
     from slim2deploy.pipeline.import_model import import_model
+
+    check_outputs({"--out": args.out}, inputs=[args.weights])
 
     out, report = import_model(
         args.arch,

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from slim2deploy.base.files import check_outputs
     from slim2deploy.pipeline.profile import profile_checkpoint
 
-    check_outputs({"--out": args.out}, inputs=[args.model])
+    check_outputs({"--out": args.out, "--cache": args.cache}, inputs=[args.model], folders=["--cache"])
     table = profile_checkpoint(
         args.model,
         args.out,

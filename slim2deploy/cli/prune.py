@@ -28,14 +28,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slim2deploy.base.errors import SlimError
     from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.pipeline.budget import Budget, prune_to_budget
     from slim2deploy.pipeline.prune import prune_checkpoint
 
     check_outputs(
-        {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table}, inputs=[args.model]
+        {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table, "--cache": args.cache},
+        inputs=[args.model],
+        folders=["--cache"],
     )
     selection = selection_from_args(args)
+    if not isinstance(selection, Budget) and (args.save_table or args.table):
+        raise SlimError("--table and --save-table go with a latency budget (--speedup or --latency-ms), not --ratio")
     if isinstance(selection, Budget):
         result = prune_to_budget(
             args.model,

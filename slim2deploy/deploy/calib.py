@@ -47,6 +47,7 @@ def make_calib_set(
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     stream: bool | None = None,
     crop: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Path:
     """Write ``n`` training images of ``dataset_name`` (stratified by label, seeded) to ``out``.
 
@@ -72,6 +73,7 @@ def make_calib_set(
         "mean": np.asarray(ds.mean, dtype=np.float32),
         "std": np.asarray(ds.std, dtype=np.float32),
     }
+    check_calib(arrays["x"], input_shape, dataset_name)  # before writing: no unusable set on disk
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)

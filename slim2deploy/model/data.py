@@ -80,6 +80,9 @@ class Dataset:
 Stats = tuple[tuple[float, ...], tuple[float, ...]] | None
 
 
+MAX_CLASSES = 100_000  # a label is a class index: 2**40 would be a classifier of 2**40 outputs
+
+
 def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | None = None) -> np.ndarray:
     """Validate images and labels of any source before use; returns the labels as int64.
 
@@ -106,6 +109,10 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
     low, high = int(y.min()), int(y.max())
     if low < 0:
         raise SlimError(f"{source}: labels must be class indices >= 0, found {low}")
+    if high >= MAX_CLASSES:
+        raise SlimError(
+            f"{source}: label {high}; labels are class indices 0..K-1 (at most {MAX_CLASSES:,} classes): renumber them"
+        )
     if num_classes is not None and high >= num_classes:
         raise SlimError(f"{source}: label {high} but only {num_classes} classes (indices 0..{num_classes - 1})")
     return y.astype(np.int64)

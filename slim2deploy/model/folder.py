@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,22 @@ def load_data(
             raise SlimError("--crop needs the streaming loader (--stream); the in-memory one resizes whole images")
         return load_dataset(name, split, data_dir, image_size, stats)
     return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
+
+
+def check_fits(ds: AnyData, input_shape: Sequence[int], num_classes: int | None, source: str) -> AnyData:
+    """Data for a model that exists: its images must be the model's input and its labels the model's
+    classes (a label past the last output is an IndexError deep in training, or 0% accuracy)."""
+    if tuple(ds.input_shape) != tuple(input_shape):
+        raise SlimError(
+            f"{source} has {tuple(ds.input_shape)} images (C, H, W) but the model takes {tuple(input_shape)}; "
+            "give data of the model's own kind (for a folder, --image-size)"
+        )
+    if num_classes is not None and ds.num_classes > num_classes:
+        raise SlimError(
+            f"{source} has {ds.num_classes} classes (labels up to {ds.num_classes - 1}) but the model has "
+            f"{num_classes} outputs; give data labelled with the model's classes 0..{num_classes - 1}"
+        )
+    return ds
 
 
 def describe(ds: AnyData) -> str:

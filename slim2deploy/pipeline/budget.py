@@ -37,7 +37,7 @@ from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import DEFAULT_MARGIN, LatencyTable
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
-from slim2deploy.prune.select import LatencySelector, Selection, select
+from slim2deploy.prune.select import LatencySelector, OutOfReach, Selection, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -61,6 +61,9 @@ class Budget:
     tries: int = 4
     rails: Rails = field(default_factory=Rails)
     margin: float = DEFAULT_MARGIN  # aim this fraction under the goal
+    # a goal out of reach: False is one error; True prunes to the smallest model the rails allow and
+    # reports the goal missed (a study comparing at equal latency must not stop on a noisy table)
+    or_smallest: bool = False
 
     def __post_init__(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
@@ -134,7 +137,11 @@ def _latency_table(
     cache = CellCache(target, budget.cache)
     table = profile(model, traced, ckpt, src, target, budget.rails, cache=cache, log=log)
     first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails)
-    refine(table, traced, first, target, cache=cache, log=log)
+    try:
+        refine(table, traced, first, target, cache=cache, log=log)
+    except OutOfReach:
+        if not budget.or_smallest:
+            raise
     return table
 
 
@@ -178,15 +185,17 @@ def prune_to_budget(
             selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
             try:
                 plan = select(traced, selection)
-            except SlimError:
+            except OutOfReach:
                 # tightened past what the rails allow (or only the margin is out of reach): the smallest
                 # model they allow is the last try
                 if at_floor:
                     raise
                 if best is None and table.predict(floor) > budget_ms / aim * (1 + 1e-9):
-                    # the goal itself is out of reach: say so in its own terms, not the margin's
-                    select(traced, Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms / aim), rails))
-                    raise
+                    if not budget.or_smallest:  # the goal itself is out of reach: say so in its terms, not the margin's
+                        select(traced, Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms / aim), rails))
+                        raise
+                    if log:
+                        log(f"note: {budget.goal()} is out of reach; trying the smallest model the rails allow")
                 budget_ms, at_floor = table.predict(floor), True
                 selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
                 plan = select(traced, selection)

@@ -42,7 +42,7 @@ from slim2deploy.measure.report import write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
-from slim2deploy.model.folder import AnyData, load_data, sample_arrays
+from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
@@ -193,6 +193,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
+    if eval_ds is not None:
+        check_fits(eval_ds, ckpt.input_shape, ckpt.num_classes, cfg.data or str(ckpt.meta.get("dataset")))
     # a streamed folder is evaluated whole in torch, but the ONNX checks take a sample
     eval_x, eval_y = (None, None) if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
     rng = np.random.default_rng(cfg.seed)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
-from slim2deploy.model.folder import AnyData, describe, load_data, preprocess_meta
+from slim2deploy.model.folder import AnyData, check_fits, describe, load_data, preprocess_meta
 from slim2deploy.model.loop import (
     DistInfo,
     EpochResult,
@@ -126,6 +126,7 @@ def train_command(
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
+        check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, data)
         if resume_point.epoch >= cfg.epochs:
             raise SlimError(f"{resume} already finished {resume_point.epoch} epochs; pass a larger --epochs to go on")
     else:
@@ -228,8 +229,8 @@ def finetune_checkpoint(
     size = data_kw.pop("image_size")
     train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
-    if train_ds.input_shape != tuple(ckpt.input_shape):
-        raise SlimError(f"{data} has {train_ds.input_shape} images but the model takes {tuple(ckpt.input_shape)}")
+    for ds in (train_ds, val_ds):
+        check_fits(ds, ckpt.input_shape, ckpt.num_classes, data)
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
     )

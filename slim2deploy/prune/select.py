@@ -105,6 +105,10 @@ class WidthsSelector(Selector):
         return [rails.fit(g.size, w) if g.prunable else g.size for g, w in zip(groups, self.widths, strict=True)], {}
 
 
+class OutOfReach(SlimError):
+    """A latency budget that even the smallest model the rails allow is predicted to miss."""
+
+
 @register_selector
 @dataclass(frozen=True)
 class LatencySelector(Selector):
@@ -170,7 +174,7 @@ class LatencySelector(Selector):
         smallest = [options[i][0] if i in options else g.size for i, g in enumerate(groups)]
         floor_ms = table.predict(smallest)
         if floor_ms > budget:
-            raise SlimError(
+            raise OutOfReach(
                 f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the smallest model the rails "
                 f"allow is predicted at {floor_ms:.4g} ms, a speed-up of {table.full_ms / floor_ms:.2f}x over "
                 f"{table.full_ms:.4g} ms; ask for at most that, or loosen --min-channels / --max-prune"
