@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -200,3 +201,86 @@ def test_latency_selector_on_a_chain_stays_within_budget_and_near_brute_force(ca
     counts, _ = selector.kept_counts(groups, Rails(min_channels=1))
     assert table.predict(counts) <= budget + 1e-9
     assert value(counts) >= 0.9 * max(feasible) - 1e-9
+
+
+def _valid_table() -> LatencyTable:
+    table = _additive_table([16, 24], [[8, 16], [8, 16, 24]], [[1.0, 2.0], [0.5, 0.6, 0.9]])
+    table.layers[0].kernel, table.layers[0].stride, table.layers[0].padding = [3, 3], [1, 1], [1, 1]
+    table.layers[0].dilation, table.layers[0].in_hw = [1, 1], [8, 8]
+    table.layers.append(LayerSpec("fc", "linear", 0, [[0, 4], [1, 4]], 10, None, cells={"160,10": 0.2}))
+    table.calibrate(table.full_ms, small_ms=table.full_ms / 2, small=[8, 8])
+    return table
+
+
+def _set(*path, value=None, delete=False):
+    def edit(d):
+        for key in path[:-1]:
+            d = d[key]
+        if delete:
+            del d[path[-1]]
+        else:
+            d[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (_set("layers", 0, "cells", value={"a,b": 1.0}), "layers[0].cells"),
+        (_set("layers", 0, "cells", "3,8", value="fast"), "layers[0].cells['3,8']"),
+        (_set("layers", 0, "cells", "3,8", value=math.nan), "layers[0].cells['3,8']"),
+        (_set("layers", 0, "cells", "3,8", value=math.inf), "layers[0].cells['3,8']"),
+        (_set("layers", 0, "cells", "3,8", value=-1.0), "layers[0].cells['3,8']"),
+        (_set("layers", 0, "cells", value={"0,8": 1.0}), "layers[0].cells"),
+        (_set("layers", 0, "out_group", value=99), "layers[0].out_group"),
+        (_set("layers", 2, "in_groups", value=[[0, 4], [2, 4]]), "layers[2].in_groups[1]"),
+        (_set("layers", 2, "in_groups", value=[[0, 0]]), "layers[2].in_groups[0]"),
+        (_set("layers", 0, "op", value="pool"), "layers[0].op"),
+        (_set("layers", 0, "kernel", value=[-3, 3]), "layers[0].kernel[0]"),
+        (_set("layers", 0, "stride", value=[1, 0]), "layers[0].stride[1]"),
+        (_set("layers", 0, "padding", value=[-1, 1]), "layers[0].padding[0]"),
+        (_set("layers", 0, "in_fixed", value=-3), "layers[0].in_fixed"),
+        (_set("layers", 2, "out_fixed", value=1.5), "layers[2].out_fixed"),
+        (_set("layers", 0, "name", delete=True), "layers[0].name"),
+        (_set("layers", 0, "speed", value=1), "layers[0].speed"),
+        (_set("scale", value=-1.0), "scale"),
+        (_set("scale", value=0), "scale"),
+        (_set("scale", value=math.nan), "scale"),
+        (_set("base_ms", value=-100.0), "base_ms"),
+        (_set("base_ms", value=math.inf), "base_ms"),
+        (_set("full_ms", value=0.0), "full_ms"),
+        (_set("full_ms", value="4 ms"), "full_ms"),
+        (_set("sizes", value=[0, 24]), "sizes[0]"),
+        (_set("steps", delete=True), "steps is missing"),
+        (_set("steps", value=[[8, 16]]), "steps"),
+        (_set("steps", 0, value=[-8, 16]), "steps[0]"),
+        (_set("steps", 0, value=[8, 32]), "steps[0]"),
+        (_set("steps", 1, value=[16, 8]), "steps[1]"),
+        (_set("meta", value=[]), "meta"),
+    ],
+)
+def test_an_edited_table_is_one_error_naming_the_field(edit, named):
+    d = _valid_table().to_dict()
+    edit(d)
+    with pytest.raises(SlimError) as err:
+        LatencyTable.from_json(json.dumps(d))
+    msg = str(err.value)
+    assert named in msg and "profile the model again" in msg and "\n" not in msg, msg
+
+
+def test_a_valid_table_still_round_trips_and_a_non_mapping_says_so():
+    table = _valid_table()
+    assert table.base_ms < 0  # a calibration may fit a base below zero: the table is still valid
+    assert LatencyTable.from_json(table.to_json()) == table
+    with pytest.raises(SlimError, match="a JSON list, expected a mapping"):
+        LatencyTable.from_json(json.dumps([table.to_dict()]))
+
+
+def test_rails_that_allow_no_speedup_say_so_instead_of_a_speedup_below_one():
+    table = _additive_table([16], [[8, 16]], [[3.0, 2.0]])  # the narrower layer measures slower
+    groups = [Group(16, [], list(range(16)), scores=[1.0] * 16)]
+    with pytest.raises(SlimError) as err:
+        LatencySelector(table.to_dict(), speedup=1.1).kept_counts(groups, Rails(min_channels=1))
+    msg = str(err.value)
+    assert "no speed-up" in msg and "--round-to" in msg and "ask for at most" not in msg and "0." not in msg, msg

@@ -23,8 +23,10 @@ not assumed.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from slim2deploy.base.errors import SlimError
@@ -112,6 +114,86 @@ class LayerSpec:
 def _cell(key: str) -> tuple[int, int]:
     a, b = key.split(",")
     return int(a), int(b)
+
+
+# what a table's fields may hold: checked as data by LatencyTable.from_dict, so an edited or damaged
+# table is one error naming the field, never a traceback or a silently wrong prediction
+OPS = ("conv", "linear")
+_LAYER_REQUIRED = ("name", "op", "in_fixed", "in_groups", "out_fixed", "out_group")
+_LAYER_INTS = {"in_fixed": 0, "out_fixed": 0}
+_LAYER_LISTS = {"kernel": 1, "stride": 1, "padding": 0, "dilation": 1, "in_hw": 1}
+
+
+def _bad(where: str, why: str) -> SlimError:
+    return SlimError(f"latency table field {where} {why}; profile the model again")
+
+
+def _items(where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(where, f"is {value!r}, not a list")
+    return value
+
+
+def _int(where: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(where, f"is {value!r}, not a whole number >= {low}")
+    return value
+
+
+def _ints(where: str, value: Any, low: int) -> list[int]:
+    return [_int(f"{where}[{i}]", v, low) for i, v in enumerate(_items(where, value))]
+
+
+def _ms(where: str, value: Any, *, positive: bool = False, signed: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or (value < 0 and not signed) or (positive and value <= 0):
+        wanted = "> 0" if positive else "" if signed else ">= 0"
+        raise _bad(where, f"is {value!r}, not a finite number {wanted}".rstrip())
+    return float(value)
+
+
+def _group(where: str, value: Any, n_groups: int) -> int:
+    g = _int(where, value, 0)
+    if g >= n_groups:
+        raise _bad(where, f"is group {g}, but the table has {n_groups} groups")
+    return g
+
+
+def _layer(where: str, d: Any, n_groups: int) -> LayerSpec:
+    if not isinstance(d, dict):
+        raise _bad(where, f"is {d!r}, not a mapping")
+    known = {f.name for f in fields(LayerSpec) if f.init}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise _bad(f"{where}.{unknown[0]}", "is not a layer field")
+    missing = [key for key in _LAYER_REQUIRED if key not in d]
+    if missing:
+        raise _bad(f"{where}.{missing[0]}", "is missing")
+    if not isinstance(d["name"], str):
+        raise _bad(f"{where}.name", f"is {d['name']!r}, not a string")
+    if d["op"] not in OPS:
+        raise _bad(f"{where}.op", f"is {d['op']!r}, not one of {', '.join(OPS)}")
+    if not isinstance(d.get("depthwise", False), bool):
+        raise _bad(f"{where}.depthwise", f"is {d['depthwise']!r}, not true or false")
+    for key, low in _LAYER_INTS.items():
+        _int(f"{where}.{key}", d[key], low)
+    for key, low in _LAYER_LISTS.items():
+        _ints(f"{where}.{key}", d.get(key, []), low)
+    for i, pair in enumerate(_items(f"{where}.in_groups", d["in_groups"])):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _bad(f"{where}.in_groups[{i}]", f"is {pair!r}, not a [group, block] pair")
+        _group(f"{where}.in_groups[{i}]", pair[0], n_groups)
+        _int(f"{where}.in_groups[{i}] block", pair[1], 1)
+    if d["out_group"] is not None:
+        _group(f"{where}.out_group", d["out_group"], n_groups)
+    cells = d.get("cells", {})
+    if not isinstance(cells, dict):
+        raise _bad(f"{where}.cells", f"is {cells!r}, not a mapping")
+    for key, ms in cells.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", key):
+            raise _bad(f"{where}.cells", f"has the key {key!r}, not 'c_in,c_out' (two positive whole numbers)")
+        _ms(f"{where}.cells[{key!r}]", ms)
+    return LayerSpec(**{**d, "cells": dict(cells)})
 
 
 @dataclass
@@ -212,24 +294,42 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, d: Any) -> LatencyTable:
-        if not isinstance(d, dict) or d.get("version") != TABLE_VERSION:
-            got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise SlimError(f"not a slim2deploy latency table (version {got!r}, expected {TABLE_VERSION})")
-        try:
-            if not float(d["full_ms"]) > 0:
-                raise ValueError(f"full_ms {d['full_ms']!r} is not a positive latency")
-            layers = [LayerSpec(**layer) for layer in d["layers"]]
-            return cls(
-                meta=dict(d["meta"]),
-                sizes=[int(s) for s in d["sizes"]],
-                steps=[[int(k) for k in s] for s in d["steps"]],
-                layers=layers,
-                full_ms=float(d["full_ms"]),
-                base_ms=float(d["base_ms"]),
-                scale=float(d.get("scale", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SlimError(f"latency table is malformed ({exc}); profile the model again") from exc
+        """The table in ``d``, checked field by field; a damaged or edited table raises one ``SlimError``."""
+        if not isinstance(d, dict):
+            raise SlimError(f"not a slim2deploy latency table (a JSON {type(d).__name__}, expected a mapping)")
+        if d.get("version") != TABLE_VERSION:
+            raise SlimError(f"not a slim2deploy latency table (version {d.get('version')!r}, expected {TABLE_VERSION})")
+        for key in ("meta", "sizes", "steps", "layers", "full_ms", "base_ms"):
+            if key not in d:
+                raise _bad(key, "is missing")
+        if not isinstance(d["meta"], dict):
+            raise _bad("meta", f"is {d['meta']!r}, not a mapping")
+        sizes = _ints("sizes", d["sizes"], 1)
+        steps = _items("steps", d["steps"])
+        if len(steps) != len(sizes):
+            raise _bad("steps", f"has {len(steps)} lists for {len(sizes)} group sizes")
+        for g, (size, kept) in enumerate(zip(sizes, steps, strict=True)):
+            counts = _ints(f"steps[{g}]", kept, 1)
+            if counts != sorted(set(counts)) or any(k > size for k in counts):
+                raise _bad(f"steps[{g}]", f"is {counts}, not ascending kept counts within 1..{size}")
+        layers = [_layer(f"layers[{i}]", layer, len(sizes)) for i, layer in enumerate(_items("layers", d["layers"]))]
+        table = cls(
+            meta=dict(d["meta"]),
+            sizes=sizes,
+            steps=[list(kept) for kept in steps],
+            layers=layers,
+            full_ms=_ms("full_ms", d["full_ms"], positive=True),
+            base_ms=_ms("base_ms", d["base_ms"], signed=True),
+            scale=_ms("scale", d.get("scale", 1.0), positive=True),
+        )
+        if table.base_ms < 0:
+            # calibrate() may fit a base below zero; the smallest model profiled must still take time
+            floor_ms = table.predict([kept[0] if kept else size for kept, size in zip(steps, sizes, strict=True)])
+            if not floor_ms > 0:
+                raise _bad(
+                    "base_ms", f"is {table.base_ms!r}: the smallest model profiled is predicted at {floor_ms:.4g} ms"
+                )
+        return table
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

@@ -174,10 +174,15 @@ class LatencySelector(Selector):
         smallest = [options[i][0] if i in options else g.size for i, g in enumerate(groups)]
         floor_ms = table.predict(smallest)
         if floor_ms > budget:
+            # a speed-up below 1x is no goal --speedup takes: then the rails themselves are what to change
+            why = (
+                f"a speed-up of {table.full_ms / floor_ms:.2f}x over {table.full_ms:.4g} ms; ask for at most that, or"
+                if floor_ms < table.full_ms
+                else f"no faster than the unpruned {table.full_ms:.4g} ms: the rails allow no speed-up on this target;"
+            )
             raise OutOfReach(
                 f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the smallest model the rails "
-                f"allow is predicted at {floor_ms:.4g} ms, a speed-up of {table.full_ms / floor_ms:.2f}x over "
-                f"{table.full_ms:.4g} ms; ask for at most that, or loosen --min-channels / --max-prune"
+                f"allow is predicted at {floor_ms:.4g} ms, {why} loosen --min-channels / --max-prune / --round-to"
             )
 
         def value(counts: list[int]) -> float:
