@@ -92,6 +92,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     good = checkpoint_for(model, "vgg11", KWARGS, (1, 8, 8), 3, meta={"mean": [0.5], "std": [0.25]})
     f["ckpt"] = save_checkpoint(good, d / "model.pt")
     payload = torch.load(f["ckpt"], weights_only=True)
+    state = payload["state_dict"]
+
+    def damaged(key: str, value: float) -> dict[str, torch.Tensor]:
+        tensor = state[key].clone()
+        tensor.view(-1)[0] = value
+        return {**state, key: tensor}
+
+    torch.save(damaged("features.1.weight", float("nan")), d / "nan_weights.pt")
     edits = {
         "unknown_kwarg": {"arch_kwargs": {**KWARGS, "bogus": 1}},
         "negative_shape": {"input_shape": [-1, 8, 8]},
@@ -99,6 +107,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "arch_number": {"arch": 5},
         "state_list": {"state_dict": [1, 2]},
         "meta_list": {"meta": [1]},
+        "nan_gamma": {"state_dict": damaged("features.1.weight", float("nan"))},
+        "nan_conv": {"state_dict": damaged("features.0.weight", float("nan"))},
+        "inf_bias": {"state_dict": damaged("features.1.bias", float("inf"))},
+        "negative_var": {"state_dict": damaged("features.1.running_var", -1.0)},
+        "missing_tensor": {"state_dict": {k: v for k, v in state.items() if k != "features.0.weight"}},
+        "extra_tensor": {"state_dict": {**state, "head.extra": torch.zeros(2)}},
+        "wrong_shape": {"state_dict": {**state, "features.0.weight": torch.zeros(5, 1, 3, 3)}},
+        "mean_text": {"meta": {**payload["meta"], "mean": "abc"}},
+        "std_negative": {"meta": {**payload["meta"], "std": [-0.25]}},
+        "std_zero": {"meta": {**payload["meta"], "std": [0]}},
+        "std_nan": {"meta": {**payload["meta"], "std": [float("nan")]}},
+        "mean_per_rgb": {"meta": {**payload["meta"], "mean": [0.5, 0.5, 0.5]}},
+        "std_alone": {"meta": {"std": [0.25]}},
+        "input_channels": {"input_shape": [3, 8, 8]},
     }
     for name, change in edits.items():
         torch.save({**payload, **change}, d / f"{name}.pt")
@@ -184,10 +206,52 @@ CHECKPOINT_CASES = {
     "state_dict not a dict": ("state_list.pt", "state_dict"),
     "meta not a dict": ("meta_list.pt", "meta must be"),
     "random bytes": ("random.pt", "corrupt or not a torch checkpoint"),
+    "NaN BatchNorm weight": ("nan_gamma.pt", "'features.1.weight' (8,) holds NaN"),
+    "NaN conv weight": ("nan_conv.pt", "'features.0.weight' (8, 1, 3, 3) holds NaN"),
+    "infinite bias": ("inf_bias.pt", "'features.1.bias' (8,) holds infinity"),
+    "negative running_var": ("negative_var.pt", "'features.1.running_var' (8,) has negative values"),
+    "missing tensor": ("missing_tensor.pt", "missing: features.0.weight"),
+    "unexpected tensor": ("extra_tensor.pt", "unexpected: head.extra"),
+    "wrongly shaped tensor": ("wrong_shape.pt", "features.0.weight is (5, 1, 3, 3) but the model's is (8, 1, 3, 3)"),
+    "mean as text": ("mean_text.pt", "meta.mean must be"),
+    "negative std": ("std_negative.pt", "meta.std must be positive"),
+    "zero std": ("std_zero.pt", "meta.std must be positive"),
+    "NaN std": ("std_nan.pt", "meta.std must be"),
+    "3 means for 1 channel": ("mean_per_rgb.pt", "meta.mean must be"),
+    "std without mean": ("std_alone.pt", "meta has std but not mean"),
+    "input_shape that the model does not take": ("input_channels.pt", "input_shape [3, 8, 8] does not fit"),
     "pickled module without trust": ("pickled.pt", "--trust-pickle"),
 }
 
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--epochs", "1", "--batch-size", "16"]
+CALIB = ["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{root}/c.npz", "--model"]
+IMPORT = ["import", "--arch", "vgg11", "--width", "0.125", "--num-classes", "3", "--input-shape", "1,8,8"]
+DAMAGED_CASES = {
+    "prune NaN gamma": (["prune", "--model", "{root}/nan_gamma.pt", "--ratio", "0.5", "--out", "{root}/s.pt"], "NaN"),
+    "export NaN conv": (["export", "--model", "{root}/nan_conv.pt", "--out", "{root}/x.onnx"], "features.0.weight"),
+    "export infinite bias": (["export", "--model", "{root}/inf_bias.pt", "--out", "{root}/x.onnx"], "infinity"),
+    "prune negative running_var": (
+        ["prune", "--model", "{root}/negative_var.pt", "--ratio", "0.5", "--out", "{root}/s.pt"],
+        "running_var",
+    ),
+    "calib mean as text": ([*CALIB, "{root}/mean_text.pt"], "meta.mean"),
+    "calib negative std": ([*CALIB, "{root}/std_negative.pt"], "meta.std"),
+    "calib zero std": ([*CALIB, "{root}/std_zero.pt"], "meta.std"),
+    "calib NaN std": ([*CALIB, "{root}/std_nan.pt"], "meta.std"),
+    "calib 3 means for 1 channel": ([*CALIB, "{root}/mean_per_rgb.pt"], "meta.mean"),
+    "finetune negative std": (
+        ["finetune", "--model", "{root}/std_negative.pt", "--data", "{root}/ok.npz", "--out", "{root}/f.pt"],
+        "meta.std",
+    ),
+    "import NaN weights": (
+        [*IMPORT, "--weights", "{root}/nan_weights.pt", "--mean", "0.5", "--std", "0.25", "--out", "{root}/i.pt"],
+        "'features.1.weight' (8,) holds NaN",
+    ),
+    "train from NaN weights": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--weights", "{root}/nan_weights.pt", "--out", "{root}/t.pt"],
+        "'features.1.weight' (8,) holds NaN",
+    ),
+}
 FLAG_CASES = {
     "opset too old": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "5"], "13..20"),
     "opset too new": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"], "13..20"),
@@ -254,6 +318,13 @@ def test_edited_or_foreign_checkpoints_are_one_error(case, files, cli):
     line = assert_refused(cli("inspect", files["root"] / name), needle, before, files["root"])
     if case != "pickled module without trust":
         assert "--trust-pickle" not in line  # never steer users into turning safety off for a damaged file
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_CASES))
+def test_damaged_checkpoint_or_weights_are_refused_before_any_work(case, files, cli):
+    template, needle = DAMAGED_CASES[case]
+    before = _snapshot(files["root"])
+    assert_refused(cli(*_args(template, files)), needle, before, files["root"])
 
 
 @pytest.mark.parametrize("case", sorted(FLAG_CASES))
@@ -376,6 +447,9 @@ def test_full_disk_is_one_error_and_leaves_no_temp_file(command, files, tmp_path
     "args",
     [
         ["inspect", "{root}/random.pt"],
+        ["inspect", "{root}/input_channels.pt"],
+        ["prune", "--model", "{root}/nan_gamma.pt", "--ratio", "0.5", "--out", "{root}/s.pt"],
+        [*CALIB, "{root}/mean_text.pt"],
         ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"],
         ["train", "--data", "{root}/truncated.npz", "--out", "{root}/t.pt"],
     ],

@@ -75,6 +75,7 @@ class Checkpoint:
                 f"{source} is a slim2deploy checkpoint but its contents are inconsistent: {'; '.join(problems[:3])}"
                 " (was it edited by hand?); re-create it"
             )
+        check_tensors(payload["state_dict"], source)
         return cls(
             arch=payload["arch"],
             arch_kwargs=dict(payload["arch_kwargs"]),
@@ -123,7 +124,52 @@ def spec_problems(payload: dict[str, Any]) -> list[str]:
     for key in ("meta", "plan", "train_state"):
         if payload.get(key) is not None and not isinstance(payload[key], dict):
             problems.append(f"{key} must be a dict or absent, got {type(payload[key]).__name__}")
+    if isinstance(payload.get("meta"), dict) and not problems:
+        problems += _stats_problems(payload["meta"], shape[0])
     return problems
+
+
+def _stats_problems(meta: dict[str, Any], channels: int) -> list[str]:
+    """The input normalisation: both or neither of mean and std, one value or one per input channel."""
+    present = [k for k in ("mean", "std") if k in meta]
+    if len(present) == 1:
+        return [f"meta has {present[0]} but not {'std' if present[0] == 'mean' else 'mean'}"]
+    problems = []
+    for key in present:
+        values = meta[key]
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        )
+        if not numbers or len(values) not in (1, channels):
+            counts = "1" if channels == 1 else f"1 or {channels}"
+            problems.append(
+                f"meta.{key} must be a list of {counts} finite numbers (one, or one per channel of input_shape), "
+                f"got {values!r}"[:200]
+            )
+        elif key == "std" and min(values) <= 0:
+            problems.append(f"meta.std must be positive, got {values!r}"[:200])
+    return problems
+
+
+def check_tensors(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or infinity, or a BatchNorm running_var below zero: they give silent garbage."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor[~finite]
+            kinds = " and ".join(k for k, n in (("NaN", bad.isnan().sum()), ("infinity", bad.isinf().sum())) if n)
+            raise SlimError(
+                f"{source}: tensor {name!r} {tuple(tensor.shape)} holds {kinds} ({bad.numel()} of "
+                f"{tensor.numel()} values); the weights are damaged (edited, or saved from a diverged run): "
+                "re-create the file or use an earlier one"
+            )
+        if name.endswith("running_var") and bool((tensor < 0).any()):
+            raise SlimError(
+                f"{source}: tensor {name!r} {tuple(tensor.shape)} has negative values, which a BatchNorm variance "
+                "cannot have; the weights are damaged (edited?): re-create the file or use an earlier one"
+            )
 
 
 def library_versions() -> dict[str, str]:
@@ -191,6 +237,7 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
             f"{path} is truncated or not a torch checkpoint ({first_line(exc)}); re-create or re-download it"
         ) from exc
     if isinstance(obj, nn.Module):
+        check_tensors(obj.state_dict(), str(path))
         return Checkpoint(
             arch=PICKLED_ARCH,
             arch_kwargs={},

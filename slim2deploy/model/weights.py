@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.model.checkpoint import check_tensors
 from slim2deploy.model.zoo import create_model, create_pretrained, split_name
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -96,9 +97,11 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
                 "reading .safetensors needs the safetensors package: pip install 'slim2deploy[timm]'"
             ) from exc
         try:
-            return dict(load_file(str(path), device="cpu"))
+            state = dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise SlimError(f"{path} is not a readable .safetensors file ({exc})") from exc
+        check_tensors(state, str(path))
+        return state
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -112,7 +115,9 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise SlimError(f"{path} is truncated or not a torch file ({exc}); re-create or re-download it") from exc
-    return _unwrap(obj, path)
+    state = _unwrap(obj, path)
+    check_tensors(state, str(path))
+    return state
 
 
 def classifier_keys(arch: str, kwargs: dict[str, Any]) -> set[str]:

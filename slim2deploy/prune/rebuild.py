@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
@@ -19,7 +20,11 @@ from slim2deploy.prune.surgery import apply_plan
 
 
 def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.Module:
-    """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly."""
+    """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly.
+
+    Every command that builds a model from a checkpoint comes through here, so one forward pass on a
+    zero input of the checkpoint's ``input_shape`` checks that the recorded shape fits the model.
+    """
     if ckpt.module is not None:
         return copy.deepcopy(ckpt.module).eval()
     if is_user_factory(ckpt.arch) and not trust_code:
@@ -30,11 +35,37 @@ def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.M
     model = create_model(ckpt.arch, **ckpt.arch_kwargs)
     if ckpt.plan is not None:
         model = apply_plan(model, PruningPlan.from_dict(ckpt.plan))
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as exc:
+    mismatch = _mismatch(model.state_dict(), ckpt.state_dict)
+    if mismatch:
         raise SlimError(
             f"the checkpoint's weights do not fit its architecture {ckpt.arch} {ckpt.arch_kwargs}: "
-            f"{first_line(exc)}; the file is inconsistent (was it edited by hand?)"
+            f"{mismatch}; the file is inconsistent (was it edited by hand?): re-create it"
+        )
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *ckpt.input_shape))
+    except Exception as exc:  # noqa: BLE001 - a model may raise anything on an input it does not take
+        raise SlimError(
+            f"the checkpoint's input_shape {list(ckpt.input_shape)} does not fit its model {ckpt.arch} "
+            f"({first_line(exc)}); the file is inconsistent (was it edited by hand?): re-create it"
         ) from exc
-    return model.eval()
+    return model
+
+
+def _mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """The first few missing, unexpected and wrongly shaped tensors, named; empty when they fit."""
+    missing = [k for k in own if k not in loaded]
+    unexpected = [k for k in loaded if k not in own]
+    shapes = [
+        f"{k} is {tuple(loaded[k].shape)} but the model's is {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in loaded and loaded[k].shape != v.shape
+    ]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+            parts.append(f"{what}: {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)
