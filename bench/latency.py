@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
 from slim2deploy.base.files import check_outputs  # noqa: E402
+from slim2deploy.cli.common import at_least  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
 from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
@@ -36,19 +36,6 @@ def _batches(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
     return values
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _seconds(text: str) -> float:
@@ -67,13 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
     p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, comma-separated (default: 1)")
     p.add_argument("--warmup-s", type=_seconds, default=1.0, help="warm-up time per model and batch (default: 1 s)")
+    p.add_argument("--iters", type=at_least(1), default=200, help="timed iterations per model and batch (default: 200)")
     p.add_argument(
-        "--iters", type=_at_least(1), default=200, help="timed iterations per model and batch (default: 200)"
+        "--rounds", type=at_least(1), default=5, help="interleaved rounds the iterations are split into (default: 5)"
     )
-    p.add_argument(
-        "--rounds", type=_at_least(1), default=5, help="interleaved rounds the iterations are split into (default: 5)"
-    )
-    p.add_argument("--input-sets", type=_at_least(1), default=3, help="random input sets rotated through (default: 3)")
+    p.add_argument("--input-sets", type=at_least(1), default=3, help="random input sets rotated through (default: 3)")
     p.add_argument(
         "--backend",
         choices=device_choices(),
@@ -82,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorRT EP for .onnx); .engine files always run on TensorRT",
     )
     p.add_argument(
-        "--threads", type=_at_least(1), help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own"
+        "--threads", type=at_least(1), help="CPU threads (ONNX Runtime intra-op / torch); default: runtime's own"
     )
     p.add_argument(
         "--ort-opt-level",

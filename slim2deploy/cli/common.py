@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from slim2deploy.base.errors import SlimError
@@ -164,14 +165,19 @@ def seed_value(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
-    return value
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low`` (also used by bench/latency.py)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int]:
@@ -210,7 +216,7 @@ def add_target_args(p: argparse.ArgumentParser, batch_flag: str = "--profile-bat
         "--profile-precision", default="fp32", choices=["fp32", "fp16"], help="precision the latency is measured at"
     )
     g.add_argument(
-        "--profile-threads", type=positive_int, default=None, help="runtime threads (default: the runtime's choice)"
+        "--profile-threads", type=at_least(1), default=None, help="runtime threads (default: the runtime's choice)"
     )
     g.add_argument(
         "--cache",
