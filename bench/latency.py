@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
 from slim2deploy.base.files import check_outputs  # noqa: E402
-from slim2deploy.cli.common import at_least  # noqa: E402
+from slim2deploy.cli.common import at_least, number  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
 from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
@@ -38,22 +38,14 @@ def _batches(text: str) -> list[int]:
     return values
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (value >= 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
     p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, comma-separated (default: 1)")
-    p.add_argument("--warmup-s", type=_seconds, default=1.0, help="warm-up time per model and batch (default: 1 s)")
+    p.add_argument(
+        "--warmup-s", type=number(at_least=0), default=1.0, help="warm-up time per model and batch (default: 1 s)"
+    )
     p.add_argument("--iters", type=at_least(1), default=200, help="timed iterations per model and batch (default: 200)")
     p.add_argument(
         "--rounds", type=at_least(1), default=5, help="interleaved rounds the iterations are split into (default: 5)"
@@ -93,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="torch checkpoints: channels_last memory format")
     p.add_argument("--cuda-graph", action="store_true", help="capture and replay CUDA graphs (torch CUDA, TensorRT)")
     p.add_argument("--no-rss", action="store_true", help="skip the separate-process peak memory of ONNX Runtime")
-    p.add_argument("--json", type=Path, help="write the full results as JSON")
-    p.add_argument("--markdown", type=Path, help="write the tables as Markdown")
-    p.add_argument("--plot", type=Path, help="write latency and throughput against batch as PNG")
+    p.add_argument("--json", help="write the full results as JSON")
+    p.add_argument("--markdown", help="write the tables as Markdown")
+    p.add_argument("--plot", help="write latency and throughput against batch as PNG")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 

@@ -151,7 +151,7 @@ def test_bad_input_is_one_clear_error_and_leaves_artifacts_intact(built, tmp_pat
     args = ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), *FAST]
     if case == "ratio":
         args[4] = "1.5"
-        needle = "--ratio must be between 0 and 1"
+        needle = "--ratio: must be a finite number > 0 and < 1"
     elif case == "precision":
         args += ["--precision", "fp32,fp8"]
         needle = "fp8"

@@ -28,7 +28,6 @@ BAD_FLAGS = {
     "eval_limit": (["--eval-limit", "0"], "--eval-limit must be at least 1"),
     "limit_train": (["--limit-train", "0"], "--limit-train must be at least 1"),
     "threads": (["--threads", "0"], "--threads must be at least 1"),
-    "finetune_lr": (["--finetune-lr", "0"], "--finetune-lr must be positive"),
 }
 
 

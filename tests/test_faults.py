@@ -183,6 +183,18 @@ OUTPUT_CASES = {
         "is also an input",
     ),
     "calib --out folder": (["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{dir}"], "is a folder"),
+    "prune --out with a trailing separator": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/x.pt/"],
+        "ends in a path separator",
+    ),
+    "export --json with a trailing separator": (
+        ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--json", "{root}/x.json/"],
+        "--json",
+    ),
+    "train --out with a trailing separator": (
+        ["train", "--data", "{root}/ok.npz", "--out", "{root}/t.pt/"],
+        "ends in a path separator",
+    ),
 }
 
 DATA_CASES = {
@@ -252,6 +264,8 @@ DAMAGED_CASES = {
         "'features.1.weight' (8,) holds NaN",
     ),
 }
+SLOW = ["--speedup", "0.5", "--no-cache", "--batch", "2"]  # a speed-up below 1: a slow-down
+BUILD = ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--no-bench"]
 FLAG_CASES = {
     "opset too old": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "5"], "13..20"),
     "opset too new": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"], "13..20"),
@@ -275,6 +289,23 @@ FLAG_CASES = {
     "input shape malformed": (["inspect", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
     "pickled module without input shape": (["inspect", "{root}/pickled.pt", "--trust-pickle"], "--input-shape C,H,W"),
     "input shape contradicts the checkpoint": (["inspect", "{ckpt}", "--input-shape", "3,8,8"], "differs"),
+    "profile --speedup at or below 1": (["profile", "--model", "{ckpt}", "--out", "{root}/t.json", *SLOW], "--speedup"),
+    "profile --speedup nan, before profiling": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--speedup", "nan", "--no-cache"],
+        "--speedup",
+    ),
+    "build --finetune-lr nan, before pruning": (
+        [*BUILD, "--finetune-epochs", "1", "--data", "{root}/ok.npz", "--finetune-lr", "nan"],
+        "--finetune-lr",
+    ),
+    "prune --max-prune 0 names the flag": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/s.pt", "--max-prune", "0"],
+        "--max-prune",
+    ),
+    "train --width nan names the flag": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
+        "--width",
+    ),
 }
 
 
@@ -382,6 +413,7 @@ def _latency():
         (["--rounds", "0"], "--rounds"),
         (["--warmup-s", "nan"], "--warmup-s"),
         (["--json", "{dir}"], "is a folder"),
+        (["--json", "{root}/l.json/"], "ends in a path separator"),
     ],
 )
 def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):

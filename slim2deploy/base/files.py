@@ -51,6 +51,12 @@ def check_output(
     out = Path(path)
     if str(path) == "":
         raise SlimError(f"{what} is empty; name the output {'folder' if folder else 'file'}")
+    if not folder and str(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        # Path() drops the separator, so x.pt/ would be written as a file although it names a folder
+        raise SlimError(
+            f"{what} {path} ends in a path separator, so it names a folder, but a file is wanted; "
+            f"drop the trailing {str(path)[-1]} or name a file inside the folder"
+        )
     if folder:
         if out.exists() and not out.is_dir():
             raise SlimError(f"{what} {out} is a file, but a folder is wanted; name a new or existing folder")

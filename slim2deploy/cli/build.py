@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, seed_value, selection_from_args
+from slim2deploy.cli.common import (
+    add_selection_args,
+    add_target_args,
+    add_trust_arg,
+    number,
+    seed_value,
+    selection_from_args,
+)
 
 if TYPE_CHECKING:
     from slim2deploy.pipeline.build import BuildConfig
@@ -36,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_target_args(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
-    g.add_argument("--finetune-lr", type=float, default=0.01, help="initial lr (cosine schedule)")
+    g.add_argument("--finetune-lr", type=number(above=0), default=0.01, help="initial lr (cosine schedule)")
     g.add_argument("--batch-size", type=int, default=64, help="fine-tuning images per step")
     g.add_argument("--data", default=None, help="dataset for fine-tuning and accuracy (default: the checkpoint's)")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -133,9 +134,9 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g = p.add_argument_group("optimisation (SGD with momentum, as the official recipe)")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
     g.add_argument("--batch-size", type=int, default=64, help="per-process batch size")
-    g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay on every parameter")
+    g.add_argument("--lr", type=number(above=0), default=lr, help="initial learning rate")
+    g.add_argument("--momentum", type=number(at_least=0, below=1), default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=number(at_least=0), default=1e-4, help="L2 weight decay on every parameter")
     g.add_argument(
         "--schedule",
         choices=["step", "cosine"],
@@ -175,6 +176,41 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> Callable[[str], float]:
+    """An argparse type for a float flag: a finite number within the bounds given.
+
+    nan and inf are refused too, since a comparison with nan is always False and would pass a
+    library check written as ``if value <= 0``; argparse puts the flag's own name before the message.
+    """
+    wanted: list[tuple[str, Callable[[float], bool]]] = []
+    if above is not None:
+        wanted.append((f"> {above:g}", lambda v: v > above))
+    if at_least is not None:
+        wanted.append((f">= {at_least:g}", lambda v: v >= at_least))
+    if below is not None:
+        wanted.append((f"< {below:g}", lambda v: v < below))
+    if at_most is not None:
+        wanted.append((f"<= {at_most:g}", lambda v: v <= at_most))
+    described = " ".join(["a finite number", " and ".join(text for text, _ in wanted)]).rstrip()
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not all(ok(value) for _, ok in wanted):
+            raise argparse.ArgumentTypeError(f"must be {described}, got {text!r}")
         return value
 
     return parse
@@ -231,14 +267,18 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     """--ratio or a latency budget, and the safety rails: what ``selection_from_args`` reads."""
     g = p.add_argument_group("pruning (--min-channels 1 --max-prune 1 --round-to 1: the paper exactly)")
     how = g.add_mutually_exclusive_group(required=True)
-    how.add_argument("--ratio", type=float, help="fraction of prunable channels to remove, in (0, 1)")
+    how.add_argument(
+        "--ratio", type=number(above=0, below=1), help="fraction of prunable channels to remove, in (0, 1)"
+    )
     how.add_argument(
         "--speedup",
-        type=float,
+        type=number(above=1),
         metavar="S",
         help="keep the most |gamma| whose measured latency on --target is the unpruned model's / S",
     )
-    how.add_argument("--latency-ms", type=float, metavar="T", help="like --speedup, with a latency budget in ms")
+    how.add_argument(
+        "--latency-ms", type=number(above=0), metavar="T", help="like --speedup, with a latency budget in ms"
+    )
     add_rails_args(g)
     g.add_argument(
         "--no-fold",
@@ -253,7 +293,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
     g.add_argument(
         "--margin",
-        type=float,
+        type=number(at_least=0, below=0.5),
         default=DEFAULT_MARGIN,
         metavar="FRACTION",
         help="aim this fraction under the goal, so that timing noise lands on the goal's side",
@@ -269,7 +309,12 @@ def add_rails_args(
     g.add_argument(
         "--min-channels", type=int, default=DEFAULT_MIN_CHANNELS, help="keep at least this many channels per group"
     )
-    g.add_argument("--max-prune", type=float, default=DEFAULT_MAX_PRUNE, help="remove at most this fraction of a group")
+    g.add_argument(
+        "--max-prune",
+        type=number(above=0, at_most=1),
+        default=DEFAULT_MAX_PRUNE,
+        help="remove at most this fraction of a group",
+    )
     g.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help=round_to_help)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_data_args, add_trust_arg, seed_value
+from slim2deploy.cli.common import add_data_args, add_trust_arg, number, seed_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="SLIM.pt", help="checkpoint written by 'slim2deploy prune'")
     p.add_argument("--out", required=True, metavar="FT.pt", help="fine-tuned checkpoint to write")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training data")
-    p.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
+    p.add_argument("--lr", type=number(above=0), default=0.01, help="initial learning rate")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--schedule", choices=["step", "cosine"], default="cosine", help="learning-rate schedule")
     p.add_argument(

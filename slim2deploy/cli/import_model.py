@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_source_args, add_trust_arg, parse_input_shape, stats_from_args
+from slim2deploy.cli.common import add_source_args, add_trust_arg, number, parse_input_shape, stats_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="class count; when it differs from the weights', only the classifier is re-initialised "
         "(default: the weights')",
     )
-    p.add_argument("--width", type=float, default=None, help="width multiplier of zoo models")
+    p.add_argument("--width", type=number(above=0), default=None, help="width multiplier of zoo models")
     p.add_argument(
         "--image-size",
         type=int,

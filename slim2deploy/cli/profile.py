@@ -10,6 +10,7 @@ from slim2deploy.cli.common import (
     add_target_args,
     add_trust_arg,
     cache_from_args,
+    number,
     rails_from_args,
 )
 
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_approximate_arg(g, help="also profile the groups 'prune --approximate' may cut (read raw by another layer)")
     p.add_argument(
         "--speedup",
-        type=float,
+        type=number(above=1),
         default=None,
         metavar="S",
         help="also measure around the solution for this speed-up, so pruning to it later is exact",

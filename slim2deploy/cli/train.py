@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import add_data_args, add_source_args, add_train_args, add_trust_arg, stats_from_args
+from slim2deploy.cli.common import (
+    add_data_args,
+    add_source_args,
+    add_train_args,
+    add_trust_arg,
+    number,
+    stats_from_args,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="zoo name (vgg11/13/16/19, resnet20/56/164, densenet40), torchvision:NAME, timm:NAME "
         "or package.module:factory",
     )
-    p.add_argument("--width", type=float, default=None, help="width multiplier of zoo models (default 1.0)")
+    p.add_argument("--width", type=number(above=0), default=None, help="width multiplier of zoo models (default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (updated after every epoch)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
     add_source_args(p)
@@ -31,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("sparsity")
     g.add_argument(
         "--sparsity",
-        type=float,
+        type=number(at_least=0),
         default=0.0,
         help="lambda of the L1 penalty on BatchNorm gammas; paper: 1e-4 VGG, 1e-5 ResNet/DenseNet",
     )
@@ -44,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparsity-warmup",
-        type=float,
+        type=number(at_least=0),
         default=0.0,
         metavar="EPOCHS",
         help="ramp lambda linearly from 0 over this many epochs",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -121,8 +122,8 @@ def validate(cfg: BuildConfig) -> EngineOptions:
         raise SlimError(f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}")
     if cfg.finetune_epochs and not cfg.data:
         raise SlimError("--finetune-epochs needs --data (the dataset to fine-tune on)")
-    if cfg.finetune_lr <= 0:
-        raise SlimError(f"--finetune-lr must be positive, got {cfg.finetune_lr}")
+    if not (math.isfinite(cfg.finetune_lr) and cfg.finetune_lr > 0):
+        raise SlimError(f"--finetune-lr must be a positive number, got {cfg.finetune_lr}")
     at_least_one = {
         "--batch-size": cfg.batch_size,
         "--limit-train": cfg.limit_train,
