@@ -129,6 +129,16 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Pa
         pass
 
 
+def test_the_lock_file_is_removed_however_the_block_ends(tmp_path: Path) -> None:
+    with exclusive_dir(tmp_path):
+        assert (tmp_path / ".lock").is_file()
+    assert not (tmp_path / ".lock").exists()
+    with pytest.raises(SlimError, match="refused inside"):
+        with exclusive_dir(tmp_path):
+            raise SlimError("refused inside")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_lock_in_an_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SlimError, match="cannot create"):
         with exclusive_dir(tmp_path / "missing" / "deeper"):

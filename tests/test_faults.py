@@ -302,6 +302,10 @@ FLAG_CASES = {
         ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/s.pt", "--max-prune", "0"],
         "--max-prune",
     ),
+    "build --profile-batch 0, before the output folder is made": (
+        ["build", "--model", "{ckpt}", "--speedup", "2", "--out", "{root}/b", "--profile-batch", "0", "--no-cache"],
+        "--profile-batch",
+    ),
     "train --width nan names the flag": (
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
         "--width",
@@ -363,6 +367,12 @@ def test_bad_flags_are_one_error(case, files, cli):
     template, needle = FLAG_CASES[case]
     before = _snapshot(files["root"])
     assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+
+
+def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now fails, even on a GPU machine
+    before = _snapshot(files["root"])
+    assert_refused(cli(*_args(BUILD, files), "--engine", "require"), "--engine require", before, files["root"])
 
 
 def test_diverging_training_stops_without_saving(files, cli):

@@ -100,24 +100,42 @@ def exclusive_dir(folder: str | os.PathLike[str], what: str = "build") -> Iterat
     """Hold an exclusive lock on ``folder`` (``folder/.lock``) for the block, or raise SlimError.
 
     ``flock`` locks belong to the open file: the kernel drops them when the process exits, however
-    it exits, so a lock left by a killed process never blocks the next run.
+    it exits, so a lock left by a killed process never blocks the next run. The lock file is
+    removed on leaving the block, whatever ends it, so a finished or refused run leaves no trace.
     """
     path = Path(folder) / ".lock"
+    fd = _lock(path, folder, what)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise SlimError(f"cannot create {path}: {exc.strerror}; choose an --out folder you can write to") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise SlimError(
-                f"another {what} is writing to {folder}{f' (pid {pid})' if pid else ''}; "
-                "wait for it to finish or choose another --out"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        # unlinked while still locked: a process that opened the old file meanwhile sees it gone (_lock)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         os.close(fd)
+
+
+def _lock(path: Path, folder: str | os.PathLike[str], what: str) -> int:
+    """An open descriptor of ``path`` holding its flock; the file is the one at ``path`` now."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SlimError(f"cannot create {path}: {exc.strerror}; choose an --out folder you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise SlimError(
+                f"another {what} is writing to {folder}{f' (pid {pid})' if pid else ''}; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the holder removed this file as it finished: lock the one now at ``path``

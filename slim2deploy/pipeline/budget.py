@@ -73,6 +73,8 @@ class Budget:
             raise SlimError(f"--speedup must be a number above 1 (unpruned latency / goal), got {self.speedup}")
         if self.latency_ms is not None and not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
             raise SlimError(f"--latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
+        if not (isinstance(self.batch, int) and not isinstance(self.batch, bool) and self.batch >= 1):
+            raise SlimError(f"--profile-batch must be a positive integer, got {self.batch!r}")
         if not (isinstance(self.tries, int) and self.tries >= 1):
             raise SlimError(f"--tries must be a positive integer, got {self.tries!r}")
         if not (isinstance(self.margin, int | float) and 0 <= self.margin < 0.5):

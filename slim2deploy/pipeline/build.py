@@ -352,8 +352,11 @@ def precision_stage(run: Run, names: list[str]) -> dict[str, Any]:
     return agreement
 
 
-def engines_stage(run: Run, onnx_files: list[Path], options: EngineOptions) -> dict[str, Any] | str:
-    wanted, message = resolve_engine_policy(run.cfg.engine)
+def engines_stage(
+    run: Run, onnx_files: list[Path], options: EngineOptions, policy: tuple[bool, str]
+) -> dict[str, Any] | str:
+    """``policy``: ``resolve_engine_policy``'s answer, taken before any work (--engine require fails early)."""
+    wanted, message = policy
     if not wanted:
         run.stage(5, "engines", message)
         return message
@@ -422,6 +425,7 @@ def report_stage(run: Run, slim_model: torch.nn.Module, parts: dict[str, Any]) -
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     """Run the pipeline of the module docstring; see ``BuildConfig`` for the options."""
     engine_options = validate(cfg)
+    engine_policy = resolve_engine_policy(cfg.engine)
     out = Path(cfg.out)
     check_out(out)
     inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before --out is touched
@@ -434,7 +438,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         precision = precision_stage(run, list(exports))
         precisions = ["fp32", *(p for p in cfg.precisions if p != "fp32")]
         onnx = {n: {p: str(variant_path(out / f"{n}.onnx", p)) for p in precisions} for n in exports}
-        engines = engines_stage(run, [Path(p) for files in onnx.values() for p in files.values()], engine_options)
+        onnx_files = [Path(p) for files in onnx.values() for p in files.values()]
+        engines = engines_stage(run, onnx_files, engine_options, engine_policy)
         bench = bench_stage(run, out / "baseline.onnx", out / "slim.onnx")
         parts = {"exports": exports, "precision": precision, "engines": engines, "benchmark": bench, "artifacts": onnx}
         report_stage(run, slim_model, parts)
