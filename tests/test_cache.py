@@ -14,7 +14,7 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slim2deploy.base.cache import StageCache, exclusive_dir, stage_key
+from slim2deploy.base.cache import NUMBER, StageCache, exclusive_dir, stage_key
 from slim2deploy.base.errors import SlimError
 
 JSON = st.recursive(
@@ -78,6 +78,32 @@ def test_well_formed_entries_survive_beside_malformed_ones(tmp_path: Path) -> No
     messages: list[str] = []
     assert not _run_once(StageCache(state, log=messages.append), "a", "k", out, "x")
     assert "b" in messages[0]
+
+
+INFO_SHAPE = {"chars": int, "parts": [{"ms": NUMBER}], "note": (type(None), str)}
+
+
+@pytest.mark.parametrize(
+    "info,ok",
+    [
+        ({"chars": 3, "parts": [], "note": None}, True),
+        ({"chars": 3, "parts": [{"ms": 1.5}, {"ms": 2}], "note": "x", "other": [1]}, True),
+        ({"chars": "3", "parts": [], "note": None}, False),  # a string where a number is
+        ({"chars": True, "parts": [], "note": None}, False),  # JSON true is no count
+        ({"parts": [], "note": None}, False),  # a missing key
+        ({"chars": 3, "parts": [{"ms": "fast"}], "note": None}, False),  # deeper down
+        ({"chars": 3, "parts": [{}], "note": None}, False),
+        ({"chars": 3, "parts": {"ms": 1}, "note": None}, False),
+        ({"chars": 3, "parts": [], "note": 5}, False),
+    ],
+)
+def test_a_recorded_info_is_reused_only_in_the_shape_its_reader_needs(tmp_path: Path, info: dict, ok: bool) -> None:
+    state, out = tmp_path / "build.json", tmp_path / "a.txt"
+    out.write_text("x")
+    StageCache(state).done("a", "k", [out], info)
+    messages: list[str] = []
+    assert StageCache(state, log=messages.append).fresh("a", "k", [out], INFO_SHAPE) == ok
+    assert len(messages) == (0 if ok else 1)
 
 
 @settings(max_examples=200, deadline=None)

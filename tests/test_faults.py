@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import resource
@@ -373,6 +374,22 @@ def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files,
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now fails, even on a GPU machine
     before = _snapshot(files["root"])
     assert_refused(cli(*_args(BUILD, files), "--engine", "require"), "--engine require", before, files["root"])
+
+
+def test_an_edited_build_json_redoes_those_stages_instead_of_crashing(files, cli, tmp_path):
+    out = tmp_path / "b"
+    args = ["build", "--model", files["ckpt"], "--ratio", "0.5", "--out", out, "--no-bench"]
+    assert cli(*args)[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    state = json.loads((out / "build.json").read_text())
+    state["export:slim"]["info"]["bytes"] = "big"  # a string where a number is
+    del state["export:baseline"]["info"]["parity"]  # a key missing inside a stage
+    (out / "build.json").write_text(json.dumps(state))
+    status, stdout, err = cli(*args)
+    assert status == 0 and stdout.count("runs again") == 2, err
+    again = json.loads((out / "report.json").read_text())
+    assert again["exports"]["slim"]["bytes"] == report["exports"]["slim"]["bytes"]
+    assert again["exports"]["baseline"]["parity"] == report["exports"]["baseline"]["parity"]
 
 
 def test_diverging_training_stops_without_saving(files, cli):

@@ -7,7 +7,8 @@ and a small ``info`` dict (numbers the stage measured). A stage is fresh when it
 same and every output still hashes to what was recorded; a missing or damaged output redoes it.
 
 The state file is only a cache: one that is unreadable or of the wrong shape (hand-edited,
-``null``, a list) is ignored with a message, and every stage runs again. A lock
+``null``, a list) is ignored with a message, and every stage runs again; a stage whose recorded
+info lacks what its reader needs (a value of the wrong type, a missing key: ``fits``) runs again. A lock
 (``exclusive_dir``) keeps two processes from writing one folder at once.
 """
 
@@ -32,6 +33,23 @@ def stage_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+Shape = type | tuple["Shape", ...] | dict[str, "Shape"] | list["Shape"]
+NUMBER = (int, float)
+
+
+def fits(value: Any, shape: Shape) -> bool:
+    """Whether JSON data ``value`` has ``shape``: a type (``bool`` is no ``int``), a tuple of
+    alternatives, a dict of required keys and their shapes (other keys allowed), or ``[item]`` for a
+    list of items of that shape. How a stage's recorded info is checked before it is reused."""
+    if isinstance(shape, tuple):
+        return any(fits(value, alternative) for alternative in shape)
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(k in value and fits(value[k], s) for k, s in shape.items())
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(fits(v, shape[0]) for v in value)
+    return isinstance(value, shape) and (shape is bool or not isinstance(value, bool))
+
+
 def _valid_entry(entry: Any) -> bool:
     return (
         isinstance(entry, dict)
@@ -47,6 +65,7 @@ class StageCache:
 
     def __init__(self, path: str | os.PathLike[str], log: Callable[[str], None] = print):
         self.path = Path(path)
+        self.log = log
         self.data: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return
@@ -63,10 +82,15 @@ class StageCache:
             log(f"note: {self.path}: ignoring malformed entries {', '.join(bad)}; those stages run again")
         self.data = {name: entry for name, entry in raw.items() if name not in bad}
 
-    def fresh(self, stage: str, key: str, outputs: Sequence[Path]) -> bool:
-        """Same key as last time, and every output is still exactly what that run wrote."""
+    def fresh(self, stage: str, key: str, outputs: Sequence[Path], shape: Shape = dict) -> bool:
+        """Same key as last time, every output still exactly what that run wrote, and its info of
+        ``shape`` (an edited value of the wrong type or a missing key redoes the stage, as a malformed
+        entry does, instead of reaching the report)."""
         entry = self.data.get(stage)
         if entry is None or entry["key"] != key:
+            return False
+        if not fits(entry.get("info", {}), shape):
+            self.log(f"note: {self.path}: the recorded results of {stage} are malformed; it runs again")
             return False
         recorded = entry["outputs"]
         return all(p.is_file() and recorded.get(p.name) == sha256_file(p) for p in outputs)
@@ -85,10 +109,15 @@ class StageCache:
         return dict(self.data.get(stage, {}).get("info", {}))
 
     def run(
-        self, stage: str, key: str, outputs: Sequence[Path], work: Callable[[], dict[str, Any] | None]
+        self,
+        stage: str,
+        key: str,
+        outputs: Sequence[Path],
+        work: Callable[[], dict[str, Any] | None],
+        shape: Shape = dict,
     ) -> tuple[dict[str, Any], bool]:
         """``work()`` unless the stage is fresh; returns its info (recorded or new) and whether it ran."""
-        if self.fresh(stage, key, outputs):
+        if self.fresh(stage, key, outputs, shape):
             return self.info(stage), False
         info = work() or {}
         self.done(stage, key, outputs, info)

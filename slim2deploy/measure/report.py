@@ -6,10 +6,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slim2deploy.base.cache import NUMBER, Shape
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.base.formats import si
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import to_markdown
+
+# What the report reads of each stage's recorded info (build.json); a build re-runs a stage whose
+# record does not fit, so a hand-edited value never reaches the report as a crash or a wrong number.
+OPTIONAL = (*NUMBER, type(None))
+LATENCY_TRY: Shape = {k: NUMBER for k in ("budget_ms", "predicted_ms", "measured_ms", "baseline_ms", "goal_ms")}
+PRUNE_INFO: Shape = {"latency": (type(None), {"goal": str, "met": bool, "tries": [LATENCY_TRY]})}
+EXPORT_INFO: Shape = {
+    "bytes": int,
+    "summary": str,
+    "parity": {"max_abs": NUMBER, "max_rel": NUMBER, "top1_agreement": NUMBER},
+}
+PRECISION_INFO: Shape = {
+    "top1_agreement": NUMBER,
+    "accuracy": OPTIONAL,
+    "reference_accuracy": OPTIONAL,
+    "ort_optimization": str,
+    "summary": str,
+}
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -107,6 +126,7 @@ def build_markdown(report: dict[str, Any]) -> str:
 def write_build_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     json_path, md_path = out / "report.json", out / "report.md"
+    markdown = build_markdown(report)  # first: a report it cannot render leaves the old files as they were
     atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
-    atomic_write_text(md_path, build_markdown(report))
+    atomic_write_text(md_path, markdown)
     return [json_path, md_path]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slim2deploy.base.cache import StageCache, exclusive_dir, stage_key
+from slim2deploy.base.cache import Shape, StageCache, exclusive_dir, stage_key
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text, sha256_file
 from slim2deploy.deploy.calib import load_calib
@@ -39,7 +39,7 @@ from slim2deploy.deploy.engine import ENGINE_POLICIES, EngineOptions, compile_en
 from slim2deploy.deploy.export import DEFAULT_OPSET
 from slim2deploy.deploy.precision import CALIB_METHODS, INT8_FLAVOURS, check_precision
 from slim2deploy.measure import benchmark
-from slim2deploy.measure.report import write_build_report
+from slim2deploy.measure.report import EXPORT_INFO, PRECISION_INFO, PRUNE_INFO, write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
@@ -246,10 +246,18 @@ class Run:
         self.log(f"[{i}/{len(STAGES)}] {name:<9} {text}")
 
     def cached(
-        self, i: int, stage: str, key: str, outputs: list[Path], work: Callable[[], dict[str, Any] | None], label: str
+        self,
+        i: int,
+        stage: str,
+        key: str,
+        outputs: list[Path],
+        work: Callable[[], dict[str, Any] | None],
+        label: str,
+        shape: Shape = dict,
     ) -> dict[str, Any]:
-        """Run ``work`` through the cache; when it is fresh, log ``label`` as stage ``i`` instead."""
-        info, ran = self.cache.run(stage, key, outputs, work)
+        """Run ``work`` through the cache; when it is fresh, log ``label`` as stage ``i`` instead.
+        ``shape``: what a recorded info must hold to be reused (what the report reads of it)."""
+        info, ran = self.cache.run(stage, key, outputs, work, shape)
         if not ran:
             self.stage(i, STAGES[i - 1], label)
             self.result.skipped.append(stage)
@@ -282,7 +290,7 @@ def prune_stage(run: Run) -> Path:
         return {"seconds": round(seconds, 2), "latency": latency}
 
     key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *([] if cfg.exact else ["approximate"]))
-    run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped")
+    run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped", PRUNE_INFO)
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
     return slim_path
 
@@ -322,7 +330,8 @@ def export_stage(run: Run, models: dict[str, tuple[torch.nn.Module, Path]]) -> d
             return info
 
         key = stage_key(sha256_file(src), opset, run.inputs.check_hash)
-        exports[name] = run.cached(3, f"export:{name}", key, [path], work, f"{path.name} unchanged, skipped")
+        skipped = f"{path.name} unchanged, skipped"
+        exports[name] = run.cached(3, f"export:{name}", key, [path], work, skipped, EXPORT_INFO)
     return exports
 
 
@@ -346,7 +355,7 @@ def precision_stage(run: Run, names: list[str]) -> dict[str, Any]:
 
             key = stage_key(sha256_file(src), prec, calib, inputs.data_hash)
             skipped = f"{dst.name} unchanged, skipped"
-            agreement[f"{name}.{prec}"] = run.cached(4, f"{prec}:{name}", key, [dst], work, skipped)
+            agreement[f"{name}.{prec}"] = run.cached(4, f"{prec}:{name}", key, [dst], work, skipped, PRECISION_INFO)
     if set(cfg.precisions) == {"fp32"}:
         run.stage(4, "precision", "fp32 only (--precision fp32,fp16,int8 adds more)")
     return agreement
