@@ -307,6 +307,17 @@ FLAG_CASES = {
         ["build", "--model", "{ckpt}", "--speedup", "2", "--out", "{root}/b", "--profile-batch", "0", "--no-cache"],
         "--profile-batch",
     ),
+    # sizes whose lower-bound estimate exceeds any machine's memory by far: refused before allocating
+    "train --width huge": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "1000"], "--width"),
+    "build --bench-batch huge": ([*BUILD[:-1], "--bench-batch", f"1,{10**12}"], "--bench-batch"),
+    "build --profile-batch huge, before the output folder": (
+        ["build", "--model", "{ckpt}", "--speedup", "2", "--out", "{root}/b", "--profile-batch", str(10**12)],
+        "--profile-batch",
+    ),
+    "profile --batch huge": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--no-cache", "--batch", str(10**12)],
+        "--batch",
+    ),
     "train --width nan names the flag": (
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
         "--width",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from slim2deploy.base.errors import SlimError
 
 
 @dataclass
@@ -66,3 +70,53 @@ def layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[LayerCost
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of convs and linears for one sample (FLOPs ~= 2 x MACs)."""
     return sum(c.macs for c in layer_costs(model, example_input))
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, flag: str, value: object, what: str) -> None:
+    """Refuse, before allocating, a flag value whose ``needed`` bytes (a lower bound) exceed the RAM."""
+    total = physical_memory()
+    if total is not None and needed > total:
+        raise SlimError(
+            f"{flag} {value}: {what} needs at least {needed / 2**30:,.1f} GiB, but this machine has "
+            f"{total / 2**30:,.1f} GiB of memory; use a smaller {flag}"
+        )
+
+
+def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Bytes one image needs at once in a forward pass, at least: the largest input plus output of
+    any layer, measured on the meta device (no memory used). 0 for a model meta tensors cannot run."""
+    largest = 0
+
+    def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> None:
+        nonlocal largest
+        sizes = [t.numel() * t.element_size() for t in (*inputs, out) if isinstance(t, torch.Tensor)]
+        largest = max(largest, sum(sizes))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    state = {k: v.to("meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
+    was_training = model.training
+    model.eval()  # BatchNorm in training mode refuses a batch of one
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),))
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, the run's own errors stand
+        return 0
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return largest
+
+
+def check_batch(model: nn.Module, input_shape: Sequence[int], batch: int, flag: str) -> None:
+    """Refuse a batch whose images cannot be in memory at once, before any is allocated."""
+    check_memory(image_bytes(model, input_shape) * batch, flag, batch, "one batch through the model")

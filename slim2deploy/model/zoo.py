@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.model.stats import check_memory, count_params
 
 VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -372,4 +373,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         value = kwargs.get(key, 1)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise SlimError(f"{key} must be a positive integer, got {value!r}")
+    with torch.device("meta"):  # the size first, without allocating: a huge --width is one clear error
+        params = count_params(REGISTRY[name](**kwargs))
+    check_memory(params * 4, "--width", width, f"{name} with its {params:,} float32 parameters")
     return REGISTRY[name](**kwargs)

@@ -45,7 +45,7 @@ from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
-from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.model.stats import check_batch, count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, prune_to_budget
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
@@ -207,6 +207,17 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
         ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
         _digest(check_x), _digest(measured_on, eval_y),
     )  # fmt: skip
+
+
+def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
+    """Refuse a batch flag whose one batch cannot be in memory, before any stage allocates it."""
+    batches = {
+        "--profile-batch": cfg.selection.batch if isinstance(cfg.selection, Budget) else None,
+        "--bench-batch": max(cfg.bench_batches) if cfg.bench else None,
+    }
+    for flag, batch in batches.items():
+        if batch is not None:
+            check_batch(inputs.baseline, inputs.ckpt.input_shape, batch, flag)
 
 
 def _digest(*arrays: np.ndarray | None) -> str:
@@ -438,6 +449,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     out = Path(cfg.out)
     check_out(out)
     inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before --out is touched
+    check_batches(cfg, inputs)
     make_out(out)
     with exclusive_dir(out, "build"):
         run = Run(cfg, out, inputs, StageCache(out / "build.json", log), log, BuildResult(out))

@@ -24,6 +24,7 @@ from slim2deploy.model.loop import (
     shutdown_distributed,
 )
 from slim2deploy.model.sparsity import Masks
+from slim2deploy.model.stats import check_batch
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import pretrained_stats, split_name
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -149,6 +150,8 @@ def train_command(
         tqdm.write(describe(train_ds))
     if val_ds.input_shape != train_ds.input_shape:
         raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
+    # a batch is never more images than the data has: only what the loader will really stack is checked
+    check_batch(model, train_ds.input_shape, min(cfg.batch_size, len(train_ds)), "--batch-size")
 
     meta = {
         "dataset": train_ds.name,
@@ -231,6 +234,7 @@ def finetune_checkpoint(
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
         check_fits(ds, ckpt.input_shape, ckpt.num_classes, data)
+    check_batch(model, ckpt.input_shape, min(batch_size, len(train_ds)), "--batch-size")
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
     )
