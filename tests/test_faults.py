@@ -277,6 +277,100 @@ FLAG_CASES = {
     "input shape contradicts the checkpoint": (["inspect", "{ckpt}", "--input-shape", "3,8,8"], "differs"),
 }
 
+EXPORT = ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx"]
+PRUNE = ["prune", "--model", "{ckpt}", "--out", "{root}/s.pt"]
+BUILD = ["build", "--model", "{ckpt}", "--out", "{root}/b"]
+NPZ_TRAIN = [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt"]
+# a flag that the other flags make ineffective: refused (cli.common.OnlyWhen) before any work
+IGNORED_FLAG_CASES = {
+    "export --fp16-io at fp32": ([*EXPORT, "--fp16-io"], "--fp16-io applies only to fp16 exports"),
+    "export --fp16-io abbreviated, at int8": ([*EXPORT, "--precision", "int8", "--fp16"], "--fp16-io applies only"),
+    "export --eval-data at fp32": ([*EXPORT, "--eval-data", "{root}/ok.npz"], "--eval-data applies only to int8"),
+    "export --calib-method at fp16": (
+        [*EXPORT, "--precision", "fp16", "--calib-method", "entropy"],
+        "--calib-method applies only to int8",
+    ),
+    "export --int8-flavour at fp32": ([*EXPORT, "--int8-flavour", "cpu"], "--int8-flavour applies only to int8"),
+    "export --eval-n without --eval-data": (
+        [*EXPORT, "--precision", "int8", "--calib", "{root}/ok.npz", "--eval-n", "10"],
+        "--eval-n applies only with --eval-data",
+    ),
+    "export --data-dir with npz held-out data": (
+        [
+            *EXPORT,
+            "--precision",
+            "int8",
+            "--calib",
+            "{root}/ok.npz",
+            "--eval-data",
+            "{root}/ok.npz",
+            "--data-dir",
+            "{dir}",
+        ],
+        "--data-dir applies only to --eval-data fashion-mnist",
+    ),
+    "train --resume with another --arch": (
+        ["train", "--resume", "{ckpt}", "--arch", "resnet20", "--data", "{root}/ok.npz", "--out", "{root}/t.pt"],
+        "not --arch resnet20 (it has vgg11)",
+    ),
+    "train --resume with another --width": (
+        ["train", "--resume", "{ckpt}", "--width", "0.5", "--data", "{root}/ok.npz", "--out", "{root}/t.pt"],
+        "--width 0.5 (it has 0.125)",
+    ),
+    "train --resume with --weights": (
+        [*NPZ_TRAIN, "--resume", "{ckpt}", "--weights", "{root}/nan_weights.pt"],
+        "--weights applies only to a new run",
+    ),
+    "train --image-size with npz data": ([*NPZ_TRAIN, "--image-size", "16"], "--image-size applies only to image"),
+    "train --data-dir with npz data": ([*NPZ_TRAIN, "--data-dir", "{dir}"], "--data-dir applies only to --data fash"),
+    "train --sparsity-mode at --sparsity 0, default value typed": (
+        [*NPZ_TRAIN, "--sparsity-mode", "subgradient"],
+        "--sparsity-mode applies only with --sparsity above 0",
+    ),
+    "finetune --workers with npz data": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/ok.npz", "--out", "{root}/f.pt", "--workers", "2"],
+        "--workers applies only to image folders",
+    ),
+    "calib --in-memory with npz data": (
+        ["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{root}/c.npz", "--in-memory"],
+        "--in-memory applies only to image folders",
+    ),
+    "prune --table with --ratio": ([*PRUNE, "--ratio", "0.5", "--table", "{root}/t.json"], "--table applies only"),
+    "prune --profile-batch with --ratio": (
+        [*PRUNE, "--ratio", "0.5", "--profile-batch", "8"],
+        "--profile-batch applies only to a latency budget",
+    ),
+    "prune --cache with --no-cache": (
+        [*PRUNE, "--speedup", "1.5", "--cache", "{root}/cells", "--no-cache"],
+        "--cache applies only when measured cells are kept",
+    ),
+    "prune --no-cache with --table": (
+        [*PRUNE, "--speedup", "1.5", "--table", "{root}/t.json", "--no-cache"],
+        "--no-cache applies only when layers are profiled",
+    ),
+    "profile --cache with --no-cache": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--cache", "{root}/cells", "--no-cache"],
+        "--cache applies only",
+    ),
+    "build --target with --ratio": ([*BUILD, "--ratio", "0.5", "--target", "torch-cpu"], "--target applies only"),
+    "build --finetune-lr without fine-tuning": (
+        [*BUILD, "--ratio", "0.5", "--finetune-lr", "0.1"],
+        "--finetune-lr applies only to fine-tuning",
+    ),
+    "build --calib-method without int8": (
+        [*BUILD, "--ratio", "0.5", "--calib-method", "entropy"],
+        "--calib-method applies only to int8",
+    ),
+    "build --workspace-mib with --engine off": (
+        [*BUILD, "--ratio", "0.5", "--engine", "off", "--workspace-mib", "64"],
+        "--workspace-mib applies only to TensorRT engines",
+    ),
+    "build --bench-iterations with --no-bench": (
+        [*BUILD, "--ratio", "0.5", "--no-bench", "--bench-iterations", "5"],
+        "--bench-iterations applies only to the benchmark",
+    ),
+}
+
 
 def _args(template: list[str], files: dict[str, Path]) -> list[str]:
     return [a.format(**{k: str(v) for k, v in files.items()}) for a in template]
@@ -332,6 +426,14 @@ def test_bad_flags_are_one_error(case, files, cli):
     template, needle = FLAG_CASES[case]
     before = _snapshot(files["root"])
     assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("case", sorted(IGNORED_FLAG_CASES))
+def test_flags_that_would_be_ignored_are_refused(case, files, cli):
+    template, needle = IGNORED_FLAG_CASES[case]
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+    assert "drop " in line  # the way out: drop the flag, or add what makes it apply
 
 
 def test_diverging_training_stops_without_saving(files, cli):
@@ -390,6 +492,23 @@ def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
         status = _latency().main([str(files["ckpt"]), *_args(extra, files), "--quiet"])
     except SystemExit as exc:
         status = int(exc.code or 0)
+    assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
+
+
+@pytest.mark.parametrize(
+    "model,extra,needle",
+    [
+        ("m.onnx", ["--precision", "fp16"], "--precision applies only to slim2deploy checkpoints"),
+        ("m.onnx", ["--channels-last"], "--channels-last applies only"),
+        ("m.engine", ["--torch-mode", "folded"], "--torch-mode applies only"),
+        ("{ckpt}", ["--compile-mode", "max-autotune"], "--compile-mode applies only with --torch-mode compiled"),
+        ("{ckpt}", ["--ort-opt-level", "basic"], "--ort-opt-level applies only to .onnx"),
+        ("m.onnx", ["--cuda-graph"], "--cuda-graph applies only"),
+    ],
+)
+def test_latency_script_refuses_flags_no_model_takes(model, extra, needle, files, capsys):
+    before = _snapshot(files["root"])
+    status = _latency().main([*_args([model], files), *extra, "--quiet"])
     assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
 
 
