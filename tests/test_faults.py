@@ -468,6 +468,46 @@ def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
     assert status == 2 and "one by one" in err
 
 
+@pytest.fixture(scope="module")
+def table16(files) -> Path:
+    """A real latency table (ort-cpu, batch 2) of a model that differs from ``files['ckpt']`` only in its
+    16x16 input: the same channel counts, so only what the table records tells them apart."""
+    model = create_model("vgg11", **KWARGS)
+    big = save_checkpoint(checkpoint_for(model, "vgg11", KWARGS, (1, 16, 16), 3), files["root"] / "model16.pt")
+    table = files["root"] / "t16.json"
+    assert main(["profile", "--model", str(big), "--batch", "2", "--no-cache", "--out", str(table)]) == 0
+    return table
+
+
+TABLE_CASES = {
+    "a table of the same channels at another input size": (
+        ["prune", "--model", "{ckpt}", "--speedup", "1.2", "--profile-batch", "2", "--out", "{root}/s.pt"],
+        "profiled for vgg11 on 1x16x16 inputs, not for this model (vgg11 on 1x8x8)",
+    ),
+    "a table measured at another batch": (
+        ["prune", "--model", "{root}/model16.pt", "--speedup", "1.2", "--out", "{root}/s.pt"],
+        "--profile-batch 2 (this run: 64)",
+    ),
+    "a table measured on another target": (
+        ["prune", "--model", "{root}/model16.pt", "--speedup", "1.2", "--profile-batch", "2", "--target", "torch-cpu",
+         "--out", "{root}/s.pt"],
+        "--target ort-cpu (this run: torch-cpu)",
+    ),
+    "build with a table of another input size, before --out is made": (
+        ["build", "--model", "{ckpt}", "--speedup", "1.2", "--profile-batch", "2", "--out", "{root}/b"],
+        "1x16x16",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_CASES))
+def test_a_latency_table_for_another_model_or_setting_is_refused(case, files, table16, cli):
+    template, needle = TABLE_CASES[case]
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(template, files), "--table", table16), needle, before, files["root"])
+    assert "slim2deploy profile" in line
+
+
 def _latency():
     spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
     assert spec and spec.loader
