@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
 from slim2deploy.base.files import check_outputs  # noqa: E402
-from slim2deploy.cli.common import at_least, number  # noqa: E402
+from slim2deploy.cli.common import OnlyWhen, at_least, number, refuse_ignored_flags  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
 from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
-from slim2deploy.runtime.registry import COMPILE_MODES, TORCH_MODES, device_choices  # noqa: E402
+from slim2deploy.runtime.registry import COMPILE_MODES, TORCH_MODES, device_choices, runner_kind  # noqa: E402
 
 
 def _batches(text: str) -> list[int]:
@@ -36,6 +37,38 @@ def _batches(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
     return values
+
+
+def _runs(*kinds: str) -> Callable[[argparse.Namespace], bool]:
+    """Whether some model given runs on one of these runtimes (options a runtime does not take are ignored)."""
+
+    def check(args: argparse.Namespace) -> bool:
+        models = [*args.models, *([args.baseline] if args.baseline else [])]
+        return any(runner_kind(m) in kinds for m in models)
+
+    return check
+
+
+_TORCH = "to slim2deploy checkpoints (.pt), which run on torch"
+ONLY_WHEN = (
+    OnlyWhen(
+        "--precision",
+        _runs("torch"),
+        f"{_TORCH}: an .onnx or .engine runs at the precision it was made with",
+        "time the model exported at that precision ('slim2deploy export --precision fp16')",
+    ),
+    *(OnlyWhen(flag, _runs("torch"), _TORCH, "time a .pt checkpoint") for flag in ("--torch-mode", "--channels-last")),
+    OnlyWhen(
+        "--compile-mode",
+        lambda a: a.torch_mode == "compiled",
+        "with --torch-mode compiled",
+        "add --torch-mode compiled",
+    ),
+    OnlyWhen("--ort-opt-level", _runs("onnx"), "to .onnx models (ONNX Runtime)", "time an .onnx model"),
+    OnlyWhen(
+        "--cuda-graph", _runs("torch", "tensorrt"), "to torch checkpoints and TensorRT engines", "time one of those"
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
+        refuse_ignored_flags(parser, argv, args, ONLY_WHEN)
         if args.iters < args.rounds:
             raise SlimError(
                 f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
-from slim2deploy.cli import COMMANDS, build_parser
+from slim2deploy.cli import COMMANDS, _module, build_parser
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -46,3 +49,17 @@ def test_help_runs_as_a_command() -> None:
         [sys.executable, "-m", "slim2deploy", "build", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "(default: fp32)" in " ".join(out.split())
+
+
+def test_ignored_flag_rules_name_real_flags() -> None:
+    """Each ONLY_WHEN rule (cli.common.OnlyWhen) names a flag its command has: a typo would never fire."""
+    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    parsers = {**_subparsers(), "bench/latency.py": bench.build_parser()}
+    modules = {**{c: importlib.import_module(_module(c)) for c in COMMANDS}, "bench/latency.py": bench}
+    for command, parser in parsers.items():
+        flags = {s for a in parser._actions for s in a.option_strings}
+        missing = [rule.flag for rule in getattr(modules[command], "ONLY_WHEN", ()) if rule.flag not in flags]
+        assert not missing, f"{command}: rules for flags it does not have: {missing}"

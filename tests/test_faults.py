@@ -266,7 +266,7 @@ DAMAGED_CASES = {
     ),
 }
 SLOW = ["--speedup", "0.5", "--no-cache", "--batch", "2"]  # a speed-up below 1: a slow-down
-BUILD = ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--no-bench"]
+RATIO_BUILD = ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--no-bench"]
 FLAG_CASES = {
     "opset too old": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "5"], "13..20"),
     "opset too new": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"], "13..20"),
@@ -296,7 +296,7 @@ FLAG_CASES = {
         "--speedup",
     ),
     "build --finetune-lr nan, before pruning": (
-        [*BUILD, "--finetune-epochs", "1", "--data", "{root}/ok.npz", "--finetune-lr", "nan"],
+        [*RATIO_BUILD, "--finetune-epochs", "1", "--data", "{root}/ok.npz", "--finetune-lr", "nan"],
         "--finetune-lr",
     ),
     "prune --max-prune 0 names the flag": (
@@ -309,7 +309,7 @@ FLAG_CASES = {
     ),
     # sizes whose lower-bound estimate exceeds any machine's memory by far: refused before allocating
     "train --width huge": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "1000"], "--width"),
-    "build --bench-batch huge": ([*BUILD[:-1], "--bench-batch", f"1,{10**12}"], "--bench-batch"),
+    "build --bench-batch huge": ([*RATIO_BUILD[:-1], "--bench-batch", f"1,{10**12}"], "--bench-batch"),
     "build --profile-batch huge, before the output folder": (
         ["build", "--model", "{ckpt}", "--speedup", "2", "--out", "{root}/b", "--profile-batch", str(10**12)],
         "--profile-batch",
@@ -321,6 +321,100 @@ FLAG_CASES = {
     "train --width nan names the flag": (
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
         "--width",
+    ),
+}
+
+EXPORT = ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx"]
+PRUNE = ["prune", "--model", "{ckpt}", "--out", "{root}/s.pt"]
+BUILD = ["build", "--model", "{ckpt}", "--out", "{root}/b"]
+NPZ_TRAIN = [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt"]
+# a flag that the other flags make ineffective: refused (cli.common.OnlyWhen) before any work
+IGNORED_FLAG_CASES = {
+    "export --fp16-io at fp32": ([*EXPORT, "--fp16-io"], "--fp16-io applies only to fp16 exports"),
+    "export --fp16-io abbreviated, at int8": ([*EXPORT, "--precision", "int8", "--fp16"], "--fp16-io applies only"),
+    "export --eval-data at fp32": ([*EXPORT, "--eval-data", "{root}/ok.npz"], "--eval-data applies only to int8"),
+    "export --calib-method at fp16": (
+        [*EXPORT, "--precision", "fp16", "--calib-method", "entropy"],
+        "--calib-method applies only to int8",
+    ),
+    "export --int8-flavour at fp32": ([*EXPORT, "--int8-flavour", "cpu"], "--int8-flavour applies only to int8"),
+    "export --eval-n without --eval-data": (
+        [*EXPORT, "--precision", "int8", "--calib", "{root}/ok.npz", "--eval-n", "10"],
+        "--eval-n applies only with --eval-data",
+    ),
+    "export --data-dir with npz held-out data": (
+        [
+            *EXPORT,
+            "--precision",
+            "int8",
+            "--calib",
+            "{root}/ok.npz",
+            "--eval-data",
+            "{root}/ok.npz",
+            "--data-dir",
+            "{dir}",
+        ],
+        "--data-dir applies only to --eval-data fashion-mnist",
+    ),
+    "train --resume with another --arch": (
+        ["train", "--resume", "{ckpt}", "--arch", "resnet20", "--data", "{root}/ok.npz", "--out", "{root}/t.pt"],
+        "not --arch resnet20 (it has vgg11)",
+    ),
+    "train --resume with another --width": (
+        ["train", "--resume", "{ckpt}", "--width", "0.5", "--data", "{root}/ok.npz", "--out", "{root}/t.pt"],
+        "--width 0.5 (it has 0.125)",
+    ),
+    "train --resume with --weights": (
+        [*NPZ_TRAIN, "--resume", "{ckpt}", "--weights", "{root}/nan_weights.pt"],
+        "--weights applies only to a new run",
+    ),
+    "train --image-size with npz data": ([*NPZ_TRAIN, "--image-size", "16"], "--image-size applies only to image"),
+    "train --data-dir with npz data": ([*NPZ_TRAIN, "--data-dir", "{dir}"], "--data-dir applies only to --data fash"),
+    "train --sparsity-mode at --sparsity 0, default value typed": (
+        [*NPZ_TRAIN, "--sparsity-mode", "subgradient"],
+        "--sparsity-mode applies only with --sparsity above 0",
+    ),
+    "finetune --workers with npz data": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/ok.npz", "--out", "{root}/f.pt", "--workers", "2"],
+        "--workers applies only to image folders",
+    ),
+    "calib --in-memory with npz data": (
+        ["calib", "--data", "{root}/ok.npz", "--n", "8", "--out", "{root}/c.npz", "--in-memory"],
+        "--in-memory applies only to image folders",
+    ),
+    "prune --table with --ratio": ([*PRUNE, "--ratio", "0.5", "--table", "{root}/t.json"], "--table applies only"),
+    "prune --profile-batch with --ratio": (
+        [*PRUNE, "--ratio", "0.5", "--profile-batch", "8"],
+        "--profile-batch applies only to a latency budget",
+    ),
+    "prune --cache with --no-cache": (
+        [*PRUNE, "--speedup", "1.5", "--cache", "{root}/cells", "--no-cache"],
+        "--cache applies only when measured cells are kept",
+    ),
+    "prune --no-cache with --table": (
+        [*PRUNE, "--speedup", "1.5", "--table", "{root}/t.json", "--no-cache"],
+        "--no-cache applies only when layers are profiled",
+    ),
+    "profile --cache with --no-cache": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--cache", "{root}/cells", "--no-cache"],
+        "--cache applies only",
+    ),
+    "build --target with --ratio": ([*BUILD, "--ratio", "0.5", "--target", "torch-cpu"], "--target applies only"),
+    "build --finetune-lr without fine-tuning": (
+        [*BUILD, "--ratio", "0.5", "--finetune-lr", "0.1"],
+        "--finetune-lr applies only to fine-tuning",
+    ),
+    "build --calib-method without int8": (
+        [*BUILD, "--ratio", "0.5", "--calib-method", "entropy"],
+        "--calib-method applies only to int8",
+    ),
+    "build --workspace-mib with --engine off": (
+        [*BUILD, "--ratio", "0.5", "--engine", "off", "--workspace-mib", "64"],
+        "--workspace-mib applies only to TensorRT engines",
+    ),
+    "build --bench-iterations with --no-bench": (
+        [*BUILD, "--ratio", "0.5", "--no-bench", "--bench-iterations", "5"],
+        "--bench-iterations applies only to the benchmark",
     ),
 }
 
@@ -384,7 +478,7 @@ def test_bad_flags_are_one_error(case, files, cli):
 def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now fails, even on a GPU machine
     before = _snapshot(files["root"])
-    assert_refused(cli(*_args(BUILD, files), "--engine", "require"), "--engine require", before, files["root"])
+    assert_refused(cli(*_args(RATIO_BUILD, files), "--engine", "require"), "--engine require", before, files["root"])
 
 
 def test_an_edited_build_json_redoes_those_stages_instead_of_crashing(files, cli, tmp_path):
@@ -401,6 +495,14 @@ def test_an_edited_build_json_redoes_those_stages_instead_of_crashing(files, cli
     again = json.loads((out / "report.json").read_text())
     assert again["exports"]["slim"]["bytes"] == report["exports"]["slim"]["bytes"]
     assert again["exports"]["baseline"]["parity"] == report["exports"]["baseline"]["parity"]
+
+
+@pytest.mark.parametrize("case", sorted(IGNORED_FLAG_CASES))
+def test_flags_that_would_be_ignored_are_refused(case, files, cli):
+    template, needle = IGNORED_FLAG_CASES[case]
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+    assert "drop " in line  # the way out: drop the flag, or add what makes it apply
 
 
 def test_diverging_training_stops_without_saving(files, cli):
@@ -435,6 +537,46 @@ def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
     assert status == 2 and "one by one" in err
 
 
+@pytest.fixture(scope="module")
+def table16(files) -> Path:
+    """A real latency table (ort-cpu, batch 2) of a model that differs from ``files['ckpt']`` only in its
+    16x16 input: the same channel counts, so only what the table records tells them apart."""
+    model = create_model("vgg11", **KWARGS)
+    big = save_checkpoint(checkpoint_for(model, "vgg11", KWARGS, (1, 16, 16), 3), files["root"] / "model16.pt")
+    table = files["root"] / "t16.json"
+    assert main(["profile", "--model", str(big), "--batch", "2", "--no-cache", "--out", str(table)]) == 0
+    return table
+
+
+TABLE_CASES = {
+    "a table of the same channels at another input size": (
+        ["prune", "--model", "{ckpt}", "--speedup", "1.2", "--profile-batch", "2", "--out", "{root}/s.pt"],
+        "profiled for vgg11 on 1x16x16 inputs, not for this model (vgg11 on 1x8x8)",
+    ),
+    "a table measured at another batch": (
+        ["prune", "--model", "{root}/model16.pt", "--speedup", "1.2", "--out", "{root}/s.pt"],
+        "--profile-batch 2 (this run: 64)",
+    ),
+    "a table measured on another target": (
+        ["prune", "--model", "{root}/model16.pt", "--speedup", "1.2", "--profile-batch", "2", "--target", "torch-cpu",
+         "--out", "{root}/s.pt"],
+        "--target ort-cpu (this run: torch-cpu)",
+    ),
+    "build with a table of another input size, before --out is made": (
+        ["build", "--model", "{ckpt}", "--speedup", "1.2", "--profile-batch", "2", "--out", "{root}/b"],
+        "1x16x16",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_CASES))
+def test_a_latency_table_for_another_model_or_setting_is_refused(case, files, table16, cli):
+    template, needle = TABLE_CASES[case]
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(template, files), "--table", table16), needle, before, files["root"])
+    assert "slim2deploy profile" in line
+
+
 def _latency():
     spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
     assert spec and spec.loader
@@ -460,6 +602,23 @@ def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
         status = _latency().main([str(files["ckpt"]), *_args(extra, files), "--quiet"])
     except SystemExit as exc:
         status = int(exc.code or 0)
+    assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
+
+
+@pytest.mark.parametrize(
+    "model,extra,needle",
+    [
+        ("m.onnx", ["--precision", "fp16"], "--precision applies only to slim2deploy checkpoints"),
+        ("m.onnx", ["--channels-last"], "--channels-last applies only"),
+        ("m.engine", ["--torch-mode", "folded"], "--torch-mode applies only"),
+        ("{ckpt}", ["--compile-mode", "max-autotune"], "--compile-mode applies only with --torch-mode compiled"),
+        ("{ckpt}", ["--ort-opt-level", "basic"], "--ort-opt-level applies only to .onnx"),
+        ("m.onnx", ["--cuda-graph"], "--cuda-graph applies only"),
+    ],
+)
+def test_latency_script_refuses_flags_no_model_takes(model, extra, needle, files, capsys):
+    before = _snapshot(files["root"])
+    status = _latency().main([*_args([model], files), *extra, "--quiet"])
     assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
 
 

@@ -1,7 +1,8 @@
 """The `slim2deploy` command: a thin layer that parses flags and calls the library.
 
 Each subcommand lives in its own module here with two functions:
-``add_parser(subparsers)`` declares its flags and ``run(args) -> int`` calls the library.
+``add_parser(subparsers)`` declares its flags and ``run(args) -> int`` calls the library;
+an optional ``ONLY_WHEN`` table names the flags that do nothing next to some others (refused).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.util
 import sys
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.cli.common import HelpFormatter
+from slim2deploy.cli.common import HelpFormatter, refuse_ignored_flags
 
 # Order is the order shown in --help: the pipeline, first to last.
 COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(_module(name))
         p = module.add_parser(sub)
         p.formatter_class = HelpFormatter
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p, _only_when=getattr(module, "ONLY_WHEN", ()))
     return parser
 
 
@@ -54,12 +55,15 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
     try:
+        # the subcommand's own flags follow its name (the top level takes only --help and --version)
+        refuse_ignored_flags(args._parser, argv[argv.index(args.command) + 1 :], args, args._only_when)
         return int(args._run(args) or 0)
     except SlimError as exc:
         print(f"slim2deploy {args.command}: error: {exc}", file=sys.stderr)

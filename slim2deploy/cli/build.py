@@ -6,6 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from slim2deploy.cli.common import (
+    BUDGET_RULES,
+    OnlyWhen,
     add_selection_args,
     add_target_args,
     add_trust_arg,
@@ -27,6 +29,27 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+ONLY_WHEN = (
+    *BUDGET_RULES,
+    *(
+        OnlyWhen(flag, lambda a: a.finetune_epochs > 0, "to fine-tuning", "add --finetune-epochs N")
+        for flag in ("--finetune-lr", "--batch-size", "--limit-train")
+    ),
+    *(
+        OnlyWhen(flag, lambda a: "int8" in a.precision, "to int8 (--precision ...,int8)", "add int8 to --precision")
+        for flag in ("--calib-method", "--int8-flavour")
+    ),
+    *(
+        OnlyWhen(flag, lambda a: a.engine != "off", "to TensorRT engines", "drop --engine off")
+        for flag in ("--batch", "--workspace-mib", "--builder-opt-level")
+    ),
+    *(
+        OnlyWhen(flag, lambda a: not a.no_bench, "to the benchmark", "drop --no-bench")
+        for flag in ("--bench-batch", "--bench-iterations", "--bench-rounds", "--threads")
+    ),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

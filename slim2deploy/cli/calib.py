@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_stream_args, seed_value
+from slim2deploy.cli.common import DATA_RULES, add_stream_args, seed_value
+
+ONLY_WHEN = DATA_RULES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slim2deploy.base.errors import SlimError
@@ -359,3 +360,99 @@ def cache_from_args(args: argparse.Namespace) -> str | None:
     from slim2deploy.measure.targets import DEFAULT_CACHE
 
     return None if args.no_cache else str(args.cache or DEFAULT_CACHE)
+
+
+# --- flags that do nothing in some combinations -------------------------------------------------
+# A flag the command would ignore next to the others (--fp16-io at fp32, --arch with --resume) is
+# refused after parsing: the user believes it did something. Each command module declares its
+# rules as data (ONLY_WHEN); refuse_ignored_flags checks them all before any work.
+
+
+@dataclass(frozen=True)
+class OnlyWhen:
+    """``flag`` does something only when ``applies(args)``; given otherwise, it is refused with
+    "FLAG applies only WHERE; drop it or FIX"."""
+
+    flag: str
+    applies: Callable[[argparse.Namespace], bool]
+    where: str
+    fix: str
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The option strings ``argv`` sets itself, not through a default (a flag given with its default
+    value counts as given): ``argv`` parsed once more with every default suppressed."""
+    actions = parser._actions
+    saved = [action.default for action in actions]
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(list(argv))
+    finally:
+        for action, default in zip(actions, saved, strict=True):
+            action.default = default
+    found: set[str] = set()
+    for action in actions:
+        if not action.option_strings or action.dest not in vars(given):
+            continue
+        # --stream and --in-memory share one dest: a switch is given when its own constant is there
+        if action.nargs == 0 and getattr(given, action.dest) != action.const:
+            continue
+        found.update(action.option_strings)
+    return found
+
+
+def refuse_ignored_flags(
+    parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace, rules: Sequence[OnlyWhen]
+) -> None:
+    """One SlimError for the first flag in ``argv`` that ``rules`` say the others make ineffective."""
+    if not rules:
+        return
+    given = given_flags(parser, argv)
+    for rule in rules:
+        if rule.flag in given and not rule.applies(args):
+            raise SlimError(f"{rule.flag} applies only {rule.where}; drop it or {rule.fix}")
+
+
+def maybe_folder(data: str | None) -> bool:
+    """``data`` names an image folder, or may (a path that does not exist fails later, on its own)."""
+    return data is not None and data != "fashion-mnist" and not data.startswith("npz:") and not data.endswith(".npz")
+
+
+def _budget(args: argparse.Namespace) -> bool:
+    return args.speedup is not None or args.latency_ms is not None
+
+
+# the data flags of train, finetune and calib (add_data_args, add_stream_args)
+DATA_RULES = (
+    *(
+        OnlyWhen(flag, lambda a: maybe_folder(a.data), "to image folders (--data DIR)", "give --data a folder")
+        for flag in ("--image-size", "--crop", "--workers", "--in-memory")
+    ),
+    OnlyWhen("--data-dir", lambda a: a.data == "fashion-mnist", "to --data fashion-mnist", "use --data fashion-mnist"),
+)
+# where latency is measured (add_target_args): profiling keeps its cells in --cache
+CACHE_RULES = (OnlyWhen("--cache", lambda a: not a.no_cache, "when measured cells are kept", "drop --no-cache"),)
+# a budget's flags (add_selection_args + add_target_args) next to --ratio, or a --table that is not profiled again
+BUDGET_RULES = (
+    *(
+        OnlyWhen(flag, _budget, "to a latency budget (--speedup or --latency-ms)", "prune to a budget, not --ratio")
+        for flag in (
+            "--table",
+            "--save-table",
+            "--tries",
+            "--margin",
+            "--target",
+            "--profile-batch",
+            "--profile-precision",
+            "--profile-threads",
+            "--cache",
+            "--no-cache",
+        )
+    ),
+    *(
+        OnlyWhen(flag, lambda a: a.table is None, "when layers are profiled, not with --table", "drop --table")
+        for flag in ("--cache", "--no-cache")
+    ),
+    *CACHE_RULES,
+)

@@ -5,7 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import add_trust_arg
+from slim2deploy.cli.common import OnlyWhen, add_trust_arg
+
+ONLY_WHEN = (
+    OnlyWhen("--fp16-io", lambda a: a.precision == "fp16", "to fp16 exports", "add --precision fp16"),
+    *(
+        OnlyWhen(flag, lambda a: a.precision == "int8", "to int8 exports", "add --precision int8")
+        for flag in ("--calib-method", "--int8-flavour", "--eval-data")
+    ),
+    OnlyWhen("--eval-n", lambda a: a.eval_data is not None, "with --eval-data", "add --eval-data"),
+    OnlyWhen(
+        "--data-dir",
+        lambda a: a.eval_data == "fashion-mnist",
+        "to --eval-data fashion-mnist",
+        "add --eval-data fashion-mnist",
+    ),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

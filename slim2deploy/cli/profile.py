@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from slim2deploy.cli.common import (
+    CACHE_RULES,
     add_approximate_arg,
     add_rails_args,
     add_target_args,
@@ -13,6 +14,8 @@ from slim2deploy.cli.common import (
     number,
     rails_from_args,
 )
+
+ONLY_WHEN = CACHE_RULES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_selection_args, add_target_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.common import (
+    BUDGET_RULES,
+    add_selection_args,
+    add_target_args,
+    add_trust_arg,
+    selection_from_args,
+)
+
+ONLY_WHEN = BUDGET_RULES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,7 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.errors import SlimError
     from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.pipeline.budget import Budget, prune_to_budget
     from slim2deploy.pipeline.prune import prune_checkpoint
@@ -39,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         folders=["--cache"],
     )
     selection = selection_from_args(args)
-    if not isinstance(selection, Budget) and (args.save_table or args.table):
-        raise SlimError("--table and --save-table go with a latency budget (--speedup or --latency-ms), not --ratio")
     if isinstance(selection, Budget):
         result = prune_to_budget(
             args.model,

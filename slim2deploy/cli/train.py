@@ -6,12 +6,31 @@ import argparse
 import json
 
 from slim2deploy.cli.common import (
+    DATA_RULES,
+    OnlyWhen,
     add_data_args,
     add_source_args,
     add_train_args,
     add_trust_arg,
     number,
     stats_from_args,
+)
+
+ONLY_WHEN = (
+    *(
+        OnlyWhen(
+            flag,
+            lambda a: a.resume is None,
+            "to a new run, not with --resume (it goes on with the checkpoint's weights)",
+            "drop --resume",
+        )
+        for flag in ("--weights", "--pretrained")
+    ),
+    *(
+        OnlyWhen(flag, lambda a: a.sparsity > 0, "with --sparsity above 0", "set --sparsity")
+        for flag in ("--sparsity-mode", "--sparsity-warmup", "--sparsity-scope")
+    ),
+    *DATA_RULES,
 )
 
 
@@ -25,9 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch",
-        default="vgg11",
+        default=None,
         help="zoo name (vgg11/13/16/19, resnet20/56/164, densenet40), torchvision:NAME, timm:NAME "
-        "or package.module:factory",
+        "or package.module:factory (default: vgg11; with --resume, the checkpoint's)",
     )
     p.add_argument("--width", type=number(above=0), default=None, help="width multiplier of zoo models (default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (updated after every epoch)")

@@ -33,7 +33,7 @@ from slim2deploy.base.files import atomic_write_text
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.model.stats import check_batch
-from slim2deploy.pipeline.profile import model_artifact, profile, refine
+from slim2deploy.pipeline.profile import model_artifact, profile, read_table, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import DEFAULT_MARGIN, LatencyTable
 from slim2deploy.prune.plan import PruningPlan
@@ -117,26 +117,7 @@ def _latency_table(
 ) -> LatencyTable:
     """The table the budget names (``--table``), or one profiled now on ``target`` and refined once."""
     if budget.table:
-        try:
-            table = LatencyTable.from_json(Path(budget.table).read_text())
-        except OSError as exc:
-            raise SlimError(f"cannot read the latency table {budget.table}: {exc.strerror}") from exc
-        table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
-        made = (table.meta.get("target"), table.meta.get("batch"), table.meta.get("precision"))
-        if made != (target.name, target.batch, target.precision):
-            # a speed-up is a ratio and carries over to another target or batch; milliseconds do not
-            if budget.latency_ms is not None:
-                raise SlimError(
-                    f"--latency-ms is a budget in the table's milliseconds, but {budget.table} was profiled on "
-                    f"{table.describe()} and the slim model would be measured on {target.describe()}: pass the "
-                    "table's --target, --profile-batch and --profile-precision, or profile again"
-                )
-            if log:
-                log(
-                    f"note: the table was profiled on {table.describe()}; "
-                    f"the slim model is verified on {target.describe()}"
-                )
-        return table
+        return read_table(budget.table, traced, ckpt, target)
     cache = CellCache(target, budget.cache)
     table = profile(model, traced, ckpt, src, target, budget.rails, cache=cache, log=log)
     first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails)
@@ -146,6 +127,15 @@ def _latency_table(
         if not budget.or_smallest:
             raise
     return table
+
+
+def check_table(budget: Budget, model: nn.Module, ckpt: Checkpoint, *, fold: bool, exact: bool) -> None:
+    """Refuse now what ``prune_to_budget`` would refuse in ``budget.table`` (``build`` checks it before
+    creating its output folder)."""
+    if budget.table:
+        traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), fold=fold, exact=exact)
+        target = make_target(budget.target, budget.batch, budget.precision, budget.threads)
+        read_table(budget.table, traced, ckpt, target)
 
 
 def prune_to_budget(

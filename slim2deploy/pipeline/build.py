@@ -46,7 +46,7 @@ from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import check_batch, count_macs, count_params
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import Budget, check_table, prune_to_budget
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import data_options, finetune_checkpoint
@@ -192,6 +192,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
+    if isinstance(cfg.selection, Budget):
+        check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
     if eval_ds is not None:

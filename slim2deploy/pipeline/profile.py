@@ -189,6 +189,22 @@ def refine(
     return counts
 
 
+def read_table(path: str | Path, traced: PruningPlan, ckpt: Checkpoint, target: Target) -> LatencyTable:
+    """The table at ``path`` (``--table``), refused unless profiled for this model -- its channel groups,
+    architecture and input size -- and measured the way ``target`` measures."""
+    try:
+        table = LatencyTable.from_json(Path(path).read_text())
+    except OSError as exc:
+        raise SlimError(f"cannot read the latency table {path}: {exc.strerror}") from exc
+    table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
+    how = {"target": target.name, "batch": target.batch, "precision": target.precision, "threads": target.threads}
+    try:
+        table.check_measured_for(ckpt.arch, ckpt.input_shape, how)
+    except SlimError as exc:
+        raise SlimError(f"{path}: {exc}") from None
+    return table
+
+
 def profile_checkpoint(
     src: str | Path,
     dst: str | Path,

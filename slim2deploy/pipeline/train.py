@@ -87,9 +87,37 @@ def train_to_checkpoint(
     )  # fmt: skip
 
 
+DEFAULT_ARCH = "vgg11"  # what 'train' builds without --arch
+
+
+def check_resumed(
+    ckpt: Checkpoint,
+    source: str,
+    arch: str | None,
+    width: float | None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> None:
+    """A resumed run goes on with the checkpoint's model and normalisation: a flag naming others is refused
+    (the same values are accepted, so a run's own command line with --resume added works)."""
+    differ = []
+    if arch is not None and arch != ckpt.arch:
+        differ.append(f"--arch {arch} (it has {ckpt.arch})")
+    if width is not None and width != ckpt.arch_kwargs.get("width", 1.0):
+        differ.append(f"--width {width:g} (it has {ckpt.arch_kwargs.get('width', 1.0):g})")
+    if stats is not None and "mean" in ckpt.meta:
+        own = (tuple(map(float, ckpt.meta["mean"])), tuple(map(float, ckpt.meta["std"])))
+        if tuple(map(tuple, stats)) != own:
+            differ.append(f"--mean/--std {stats} (it has {own})")
+    if differ:
+        raise SlimError(
+            f"--resume {source} goes on with the checkpoint's own model and normalisation, not "
+            f"{'; '.join(differ)}; drop these flags, or start a new run without --resume"
+        )
+
+
 def train_command(
     *,
-    arch: str,
+    arch: str | None,
     width: float | None,
     data: str,
     data_dir: str | None,
@@ -122,6 +150,7 @@ def train_command(
     arch_kwargs: dict[str, Any]
     if resume:
         ckpt = load_checkpoint(resume, trust_pickle=trust_code)
+        check_resumed(ckpt, resume, arch, width, stats)
         resume_point = ResumePoint.of(ckpt, resume)
         model = model_from_checkpoint(ckpt, trust_code=trust_code)
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
@@ -131,6 +160,7 @@ def train_command(
         if resume_point.epoch >= cfg.epochs:
             raise SlimError(f"{resume} already finished {resume_point.epoch} epochs; pass a larger --epochs to go on")
     else:
+        arch = arch or DEFAULT_ARCH
         if pretrained and stats is None:
             stats = pretrained_stats(arch)
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)

@@ -111,6 +111,23 @@ class LayerSpec:
         return near * (ci * co) / max(ni * no, 1)
 
 
+# what a latency measurement depends on (Target.key), with the flag of 'prune'/'build' that sets it
+MEASURED_WITH = {
+    "target": "--target",
+    "batch": "--profile-batch",
+    "precision": "--profile-precision",
+    "threads": "--profile-threads",
+}
+
+
+def _setting(value: Any) -> str:
+    return "default" if value in (None, 0) else str(value)  # threads 0 / None: the runtime's own choice
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "unrecorded"
+
+
 def _cell(key: str) -> tuple[int, int]:
     a, b = key.split(",")
     return int(a), int(b)
@@ -280,6 +297,29 @@ class LatencyTable:
                 f"the latency table has no kept counts for {len(bare)} group(s) this pruning may cut "
                 f"(first: group {bare[0]}, {self.sizes[bare[0]]} channels): it was profiled {approx} "
                 "--approximate; profile again with the options you prune with"
+            )
+
+    def check_measured_for(self, arch: str, input_shape: Sequence[int], how: dict[str, Any]) -> None:
+        """Refuse a table profiled for another model (architecture, input size: the same channel counts
+        at another resolution cost otherwise) or measured otherwise than ``how`` (``target``, ``batch``,
+        ``precision``, ``threads``, as in ``meta``): its steps and milliseconds would be another run's."""
+        m = self.meta
+        shape = list(m.get("input_shape") or [])
+        if m.get("arch") != arch or shape != list(input_shape):
+            raise SlimError(
+                f"the latency table was profiled for {m.get('arch')} on {_shape(shape)} inputs, not for this "
+                f"model ({arch} on {_shape(input_shape)}): its layers cost otherwise; run 'slim2deploy profile' "
+                "on this checkpoint"
+            )
+        differ = [
+            f"{flag} {_setting(m.get(key))} (this run: {_setting(how[key])})"
+            for key, flag in MEASURED_WITH.items()
+            if _setting(m.get(key)) != _setting(how[key])
+        ]
+        if differ:
+            raise SlimError(
+                f"the latency table was measured with other settings than this run's: {', '.join(differ)}; "
+                "pass the table's settings, or re-run 'slim2deploy profile' with the ones you prune with"
             )
 
     def describe(self) -> str:
