@@ -251,6 +251,10 @@ def finetune_checkpoint(
 
     The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
     """
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
+    )
+    cfg.validate()  # a bad --epochs or --batch-size is refused before the data is read
     info = DistInfo(device=pick_device(device))
     ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
@@ -261,9 +265,6 @@ def finetune_checkpoint(
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
         check_fits(ds, ckpt.input_shape, ckpt.num_classes, data)
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
-    )
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,
