@@ -797,3 +797,34 @@ def test_data_and_paths_that_do_not_fit_the_model_are_one_error(case, misfit, cl
     template, needle = MISFIT_CASES[case]
     before = _snapshot(misfit["root"])
     assert_refused(cli(*_args(template, misfit)), needle, before, misfit["root"])
+
+
+def test_folder_data_whose_class_folders_are_not_the_models_classes_is_refused(files, cli, tmp_path):
+    """A model trained on folders a, b, c fine-tuned on folders a, c: c would be labelled as b."""
+    from PIL import Image
+
+    kwargs = {**KWARGS, "in_channels": 3}
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]}
+    ckpt = save_checkpoint(
+        checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, 8, 8), 3, meta=meta), tmp_path / "m.pt"
+    )
+    rng = np.random.default_rng(3)
+    for c in ("a", "c"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    before = _snapshot(tmp_path)
+    args = [
+        "finetune",
+        "--model",
+        ckpt,
+        "--data",
+        tmp_path / "data",
+        "--out",
+        tmp_path / "f.pt",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ]
+    assert_refused(cli(*args), "class folders a, c but the model's classes are a, b, c", before, tmp_path)

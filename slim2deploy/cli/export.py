@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
         held_out = load_dataset(args.eval_data, "test", args.data_dir, stats=stats).subset(args.eval_n)
-        check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data)
+        check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data, ckpt.meta.get("classes"))
         eval_x, eval_y = held_out.x.numpy(), held_out.y.numpy()
     report = export_precision(
         model,

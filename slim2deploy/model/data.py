@@ -4,7 +4,7 @@ Sources (``--data``):
 - ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist/`` by default, ``--data-dir`` to override).
 - a directory of images: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or class folders
-  directly, split 90/10 by a fixed seed).
+  directly, split 90/10 by a fixed seed); labels follow the training class folders by name.
 - a ``.npz`` file with ``x_train, y_train, x_val, y_val`` (or ``x, y``, split 90/10); ``x`` is
   N x C x H x W (or N x H x W), uint8 in [0, 255] or float already scaled to [0, 1].
 

@@ -259,9 +259,25 @@ def load_data(
     return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
 
 
-def check_fits(ds: AnyData, input_shape: Sequence[int], num_classes: int | None, source: str) -> AnyData:
+def check_fits(
+    ds: AnyData, input_shape: Sequence[int], num_classes: int | None, source: str, classes: Sequence[str] | None = None
+) -> AnyData:
     """Data for a model that exists: its images must be the model's input and its labels the model's
-    classes (a label past the last output is an IndexError deep in training, or 0% accuracy)."""
+    classes (a label past the last output is an IndexError deep in training, or 0% accuracy).
+
+    ``classes``, the model's class names (its checkpoint's ``meta["classes"]``), must match an image
+    folder's class folders index by index: labels are numbered by folder name, so a folder lacking
+    one of the model's classes would shift every later class onto the wrong output. Models named
+    only by numbers (imported ones, .npz-trained ones) have no names to compare.
+    """
+    # meta is free-form: anything but a list of names (an edited checkpoint) is not compared
+    names = list(classes) if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else []
+    named = names != [str(i) for i in range(len(names))]
+    if named and ds.name.startswith("folder:") and list(ds.classes) != names[: len(ds.classes)]:
+        raise SlimError(
+            f"{source} has class folders {', '.join(ds.classes)} but the model's classes are {', '.join(names)}: "
+            "its labels would mean other classes; give data with the model's class folders"
+        )
     if tuple(ds.input_shape) != tuple(input_shape):
         raise SlimError(
             f"{source} has {tuple(ds.input_shape)} images (C, H, W) but the model takes {tuple(input_shape)}; "

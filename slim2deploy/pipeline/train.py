@@ -155,7 +155,7 @@ def train_command(
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
-        check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, data)
+        check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
         if resume_point.epoch >= cfg.epochs:
             raise SlimError(f"{resume} already finished {resume_point.epoch} epochs; pass a larger --epochs to go on")
     else:
@@ -264,7 +264,7 @@ def finetune_checkpoint(
     train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
-        check_fits(ds, ckpt.input_shape, ckpt.num_classes, data)
+        check_fits(ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
     history = fit(model, train_ds, val_ds, cfg, dist_info=info, progress=progress, desc="finetune")
     meta = {
         **ckpt.meta,
