@@ -69,6 +69,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     }
     for name, arrays in bad_npz.items():
         np.savez(d / f"{name}.npz", **arrays)
+    layout = {
+        "channels_last": {"x": x.transpose(0, 2, 3, 1), "y": y},
+        "one_image": {"x": x[:1], "y": y[:1]},
+        "identical": {"x": np.repeat(x[:1], 64, 0), "y": y},
+        "one_hot": {"x": x, "y": np.eye(3)[y]},
+    }
+    for name, arrays in layout.items():
+        np.savez(d / f"{name}.npz", **arrays)
+    np.savez(d / "same_calib.npz", x=np.zeros((8, 1, 8, 8), np.float32))
     np.save(d / "single.npy", x)
     (d / "npy_as.npz").write_bytes((d / "single.npy").read_bytes())
     (d / "empty.npz").write_bytes(b"")
@@ -89,6 +98,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(d / name / c / f"{i}.png")
         (d / name / "a" / "broken.png").write_bytes(junk)
+    for split, classes in (("train", "ab"), ("val", "ac")):  # val/c would get train/b's label by position
+        for c in classes:
+            (d / "val_unknown" / split / c).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(d / "val_unknown" / split / c / f"{i}.png")
     model = create_model("vgg11", **KWARGS)
     good = checkpoint_for(model, "vgg11", KWARGS, (1, 8, 8), 3, meta={"mean": [0.5], "std": [0.25]})
     f["ckpt"] = save_checkpoint(good, d / "model.pt")
@@ -209,6 +224,11 @@ DATA_CASES = {
     "truncated npz": ("truncated.npz", "not a readable .npz"),
     "zero-byte image": ("zero_byte", "broken.png is not a readable image"),
     "corrupt image": ("garbage", "broken.png is not a readable image"),
+    "npz images channels-last": ("channels_last.npz", "channels-last (N, H, W, C = (64, 8, 8, 1))"),
+    "npz of one image, split 90/10": ("one_image.npz", "needs at least 2"),
+    "npz of identical images": ("identical.npz", "64 images that are all identical"),
+    "npz one-hot labels": ("one_hot.npz", "y.argmax(axis=1)"),
+    "val class folder unknown to training": ("val_unknown", "class folders c that"),
 }
 
 CHECKPOINT_CASES = {
@@ -321,6 +341,50 @@ FLAG_CASES = {
     "train --width nan names the flag": (
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
         "--width",
+    ),
+    "--mean/--std for 3 channels on 1-channel data": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"],
+        "(1, 8, 8) images (C, H, W) but the normalisation is for 3 channels",
+    ),
+    "training batch of 1 image": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--batch-size", "1"],
+        "batch of 1",
+    ),
+    "limit-val 0": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--limit-val", "0"],
+        "argument --limit-val: must be at least",
+    ),
+    "finetune --epochs 0, before the data is read": (
+        ["finetune", "--model", "{ckpt}", "--data", "{root}/truncated.npz", "--out", "{root}/f.pt", "--epochs", "0"],
+        "--epochs must be at least 1",
+    ),
+    "import --image-size 0": (
+        [*IMPORT, "--image-size", "0", "--out", "{root}/i.pt"],
+        "argument --image-size: must be at least",
+    ),
+    "import --image-size negative": (
+        [*IMPORT, "--image-size", "-3", "--out", "{root}/i.pt"],
+        "argument --image-size: must be at least",
+    ),
+    "import --image-size below the input": (
+        [*IMPORT, "--image-size", "4", "--weights", "{root}/nan_weights.pt", "--out", "{root}/i.pt"],
+        "--image-size 4 is smaller than the input's 8 pixels",
+    ),
+    "export --eval-n 0": (
+        ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--eval-n", "0"],
+        "argument --eval-n: must be at least",
+    ),
+    "profile --batch 0": (
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--batch", "0"],
+        "argument --batch: must be at least",
+    ),
+    "calib --workers -1": (
+        ["calib", "--data", "{root}/val_unknown", "--n", "2", "--out", "{root}/c.npz", "--workers", "-1"],
+        "argument --workers: must be at least",
+    ),
+    "calib --crop 0": (
+        ["calib", "--data", "{root}/val_unknown", "--n", "2", "--out", "{root}/c.npz", "--crop", "0"],
+        "argument --crop: must be at least",
     ),
 }
 
@@ -450,6 +514,22 @@ def test_bad_calibration_file_is_one_error(name, files, cli):
     before = _snapshot(files["root"])
     args = ["export", "--model", files["ckpt"], "--out", files["root"] / "q.onnx", "--precision", "int8"]
     assert_refused(cli(*args, "--calib", files["root"] / name), str(files["root"] / name), before, files["root"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "--model", "{ckpt}", "--out", "{root}/q.onnx", "--precision", "int8"],
+        ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--precision", "int8"],
+    ],
+)
+def test_a_calibration_set_of_identical_images_is_refused(command, files, cli):
+    """It gives int8 no activation ranges, and agreement measured on it would read 100%."""
+    before = _snapshot(files["root"])
+    line = assert_refused(
+        cli(*_args(command, files), "--calib", files["root"] / "same_calib.npz"), "", before, files["root"]
+    )
+    assert "same_calib.npz has 8 images that are all identical" in line
 
 
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
@@ -689,6 +769,14 @@ def test_real_command_prints_one_line_and_no_traceback(args, files):
     assert_refused((proc.returncode, proc.stdout, proc.stderr), "", before, files["root"])
 
 
+def test_a_one_image_npz_prints_only_the_error_line(files):
+    """No torch warning (std() of an empty split) before the error: the user sees one line."""
+    before = _snapshot(files["root"])
+    proc = run_cli(*TRAIN, "--data", str(files["root"] / "one_image.npz"), "--out", str(files["root"] / "t.pt"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "one_image.npz has 1 image" in proc.stderr and _snapshot(files["root"]) == before
+
+
 @pytest.fixture(scope="module")
 def misfit(files) -> dict[str, Path]:
     """Data that is fine on its own but not for the model (3 classes, 1 x 8 x 8), and inputs placed where outputs go."""
@@ -779,3 +867,34 @@ def test_data_and_paths_that_do_not_fit_the_model_are_one_error(case, misfit, cl
     template, needle = MISFIT_CASES[case]
     before = _snapshot(misfit["root"])
     assert_refused(cli(*_args(template, misfit)), needle, before, misfit["root"])
+
+
+def test_folder_data_whose_class_folders_are_not_the_models_classes_is_refused(files, cli, tmp_path):
+    """A model trained on folders a, b, c fine-tuned on folders a, c: c would be labelled as b."""
+    from PIL import Image
+
+    kwargs = {**KWARGS, "in_channels": 3}
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]}
+    ckpt = save_checkpoint(
+        checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, 8, 8), 3, meta=meta), tmp_path / "m.pt"
+    )
+    rng = np.random.default_rng(3)
+    for c in ("a", "c"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    before = _snapshot(tmp_path)
+    args = [
+        "finetune",
+        "--model",
+        ckpt,
+        "--data",
+        tmp_path / "data",
+        "--out",
+        tmp_path / "f.pt",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ]
+    assert_refused(cli(*args), "class folders a, c but the model's classes are a, b, c", before, tmp_path)

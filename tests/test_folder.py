@@ -139,3 +139,43 @@ def test_torchrun_two_processes_train_what_one_does_on_a_streamed_folder(tmp_pat
     assert b.meta["world_size"] == 2 and b.meta["preprocess"] == {"stream": True, "image_size": 18, "crop": 16}
     worst = max(float((a.state_dict[k].float() - b.state_dict[k].float()).abs().max()) for k in a.state_dict)
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_16_bit_png_is_read_in_its_real_range_not_clipped(tmp_path, stream):
+    """A 16-bit grayscale PNG (mode I;16) lands in the same 0..1 range as 8-bit images: convert("RGB")
+    alone clips it at 255, so nearly every pixel would be white."""
+    rng = np.random.default_rng(0)
+    wide = {}
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 65536, (8, 8)).astype(np.uint16)
+            Image.fromarray(pixels).save(tmp_path / c / f"{i}.png")
+            wide[tmp_path / c / f"{i}.png"] = pixels
+    assert Image.open(next(iter(wide))).mode.startswith("I")  # a real 16-bit file, as PIL reads it
+    ds = load_data(str(tmp_path), "train", stats=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), stream=stream, workers=0)
+    files, _, _ = scan_folder(tmp_path, "train")
+    x = torch.stack([ds.pixels(i) for i in range(len(ds))]) if stream else ds.x
+    expected = torch.stack([torch.from_numpy(wide[f] / 65535.0).float().expand(3, 8, 8) for f in files])
+    assert torch.allclose(x, expected, atol=1 / 255)
+
+
+def test_val_labels_follow_the_training_classes_by_name(tmp_path):
+    """val/ without one of train/'s classes keeps each class's own index; a class unknown to train/ is refused."""
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", "abc"), ("val", "c")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
+    for stream in (False, True):
+        val = load_data(str(tmp_path), "val", stream=stream, workers=0)
+        labels = val.y.tolist() if isinstance(val, Dataset) else val.labels.tolist()
+        assert val.classes == ["a", "b", "c"] and labels == [2, 2]
+    (tmp_path / "val" / "d").mkdir()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(tmp_path / "val" / "d" / "0.png")
+    with pytest.raises(SlimError, match="class folders d that .*train lacks"):
+        load_data(str(tmp_path), "val")

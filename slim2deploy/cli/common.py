@@ -57,12 +57,12 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
     g.add_argument(
         "--image-size",
-        type=int,
+        type=at_least(1),
         default=None,
         help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it",
     )
-    g.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N images")
-    g.add_argument("--limit-val", type=int, default=None, metavar="N", help="evaluate on the first N images")
+    g.add_argument("--limit-train", type=at_least(1), default=None, metavar="N", help="train on the first N images")
+    g.add_argument("--limit-val", type=at_least(1), default=None, metavar="N", help="evaluate on the first N images")
     add_stream_args(g)
 
 
@@ -82,14 +82,14 @@ def add_stream_args(g: argparse._ActionsContainer) -> None:
     )
     g.add_argument(
         "--crop",
-        type=int,
+        type=at_least(1),
         default=None,
         help="streamed folders: the model's input size (train: random-resized crop; eval: center crop); "
         "default --image-size",
     )
     g.add_argument(
         "--workers",
-        type=int,
+        type=at_least(0),
         default=None,
         help="DataLoader worker processes for streamed folders (default min(4, CPUs))",
     )
@@ -248,7 +248,9 @@ def add_target_args(p: argparse.ArgumentParser, batch_flag: str = "--profile-bat
     """Where latency is measured: target, batch, precision, threads, the cell cache."""
     g = p.add_argument_group("latency target")
     g.add_argument("--target", default="ort-cpu", choices=TARGETS, help="runtime and device latency is measured on")
-    g.add_argument(batch_flag, dest="profile_batch", type=int, default=64, help="batch the latency is measured at")
+    g.add_argument(
+        batch_flag, dest="profile_batch", type=at_least(1), default=64, help="batch the latency is measured at"
+    )
     g.add_argument(
         "--profile-precision", default="fp32", choices=["fp32", "fp16"], help="precision the latency is measured at"
     )

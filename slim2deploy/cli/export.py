@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import OnlyWhen, add_trust_arg
+from slim2deploy.cli.common import OnlyWhen, add_trust_arg, at_least
 
 ONLY_WHEN = (
     OnlyWhen("--fp16-io", lambda a: a.precision == "fp16", "to fp16 exports", "add --precision fp16"),
@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--eval-data", default=None, help="dataset for int8 agreement (its test split), e.g. fashion-mnist")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--eval-n", type=int, default=1000, help="held-out images for int8 agreement")
+    p.add_argument("--eval-n", type=at_least(1), default=1000, help="held-out images for int8 agreement")
     p.add_argument("--json", default=None, metavar="FILE", help="also write what was measured as JSON")
     add_trust_arg(p)
     return p
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
         held_out = load_dataset(args.eval_data, "test", args.data_dir, stats=stats).subset(args.eval_n)
-        check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data)
+        check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data, ckpt.meta.get("classes"))
         eval_x, eval_y = held_out.x.numpy(), held_out.y.numpy()
     report = export_precision(
         model,

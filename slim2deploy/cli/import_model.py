@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_source_args, add_trust_arg, number, parse_input_shape, stats_from_args
+from slim2deploy.cli.common import add_source_args, add_trust_arg, at_least, number, parse_input_shape, stats_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--width", type=number(above=0), default=None, help="width multiplier of zoo models")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=at_least(1),
         default=None,
         help="evaluation resize of the shorter side before the center crop to H (default: H)",
     )

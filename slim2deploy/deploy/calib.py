@@ -13,7 +13,7 @@ import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
-from slim2deploy.model.data import Dataset, read_npz
+from slim2deploy.model.data import Dataset, check_layout, check_varied, read_npz
 from slim2deploy.model.folder import load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
@@ -95,7 +95,7 @@ def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None
 def check_calib(
     x: np.ndarray, input_shape: tuple[int, int, int] | None = None, source: str = "calibration set"
 ) -> np.ndarray:
-    """Validate calibration inputs: float32, N x C x H x W matching ``input_shape``, finite, normalised."""
+    """Validate calibration inputs: float32, N x C x H x W matching ``input_shape``, finite, varied, normalised."""
     if x.dtype != np.float32:
         raise SlimError(
             f"{source}: x has dtype {x.dtype}, but calibration inputs must be float32 preprocessed exactly "
@@ -103,6 +103,7 @@ def check_calib(
         )
     if x.ndim != 4 or len(x) == 0:
         raise SlimError(f"{source}: x must be N x C x H x W with N >= 1, got shape {x.shape}")
+    check_layout(x.shape, source)
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise SlimError(
             f"{source}: images are {tuple(x.shape[1:])} (C, H, W) but the model takes {tuple(input_shape)}; "
@@ -116,4 +117,6 @@ def check_calib(
             f"{source}: values reach {peak:.1f}, which looks like raw pixels rather than normalised inputs; "
             "calibration data must be preprocessed like the training data (see calib/README.md)"
         )
+    # identical images give int8 no activation ranges, and agreement measured on them is 100% whatever
+    check_varied(x, source)
     return x

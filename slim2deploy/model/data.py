@@ -4,7 +4,7 @@ Sources (``--data``):
 - ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist/`` by default, ``--data-dir`` to override).
 - a directory of images: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or class folders
-  directly, split 90/10 by a fixed seed).
+  directly, split 90/10 by a fixed seed); labels follow the training class folders by name.
 - a ``.npz`` file with ``x_train, y_train, x_val, y_val`` (or ``x, y``, split 90/10); ``x`` is
   N x C x H x W (or N x H x W), uint8 in [0, 255] or float already scaled to [0, 1].
 
@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,8 +92,10 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
     """
     if x.ndim not in (3, 4):
         raise SlimError(f"{source}: images must be N x C x H x W or N x H x W, got shape {x.shape}")
+    check_layout(x.shape, source)
     if y.ndim != 1:
-        raise SlimError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}")
+        hint = "; one-hot rows? pass y.argmax(axis=1)" if y.ndim == 2 and len(y) == len(x) else ""
+        raise SlimError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}{hint}")
     if len(x) != len(y):
         raise SlimError(f"{source}: {len(x)} images but {len(y)} labels; every image needs exactly one label")
     if len(y) == 0:
@@ -101,6 +104,7 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
         raise SlimError(f"{source}: images have dtype {x.dtype}; use uint8 pixels or float values in [0, 1]")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise SlimError(f"{source}: images contain NaN or infinite values; fix or drop those images")
+    check_varied(x, source)
     if np.issubdtype(y.dtype, np.floating):
         if not (np.isfinite(y).all() and (y == np.round(y)).all()):
             raise SlimError(f"{source}: labels must be whole class indices 0, 1, 2, ..., got non-integer values")
@@ -116,6 +120,31 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
     if num_classes is not None and high >= num_classes:
         raise SlimError(f"{source}: label {high} but only {num_classes} classes (indices 0..{num_classes - 1})")
     return y.astype(np.int64)
+
+
+def check_layout(shape: tuple[int, ...], source: str) -> None:
+    """Refuse 4-D images that look channels-last: read as N x C x H x W they would be garbage (H as channels).
+
+    Images have 1, 3 or 4 channels (gray, RGB, RGBA) in practice. N x C x H x W data with those
+    channel counts is never refused; what is refused would otherwise be images 1, 3 or 4 pixels wide
+    with some other channel count. Transposing instead would be a guess the user cannot see.
+    """
+    if len(shape) == 4 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        raise SlimError(
+            f"{source}: images look channels-last (N, H, W, C = {tuple(shape)}); "
+            "store them as N x C x H x W (x.transpose(0, 3, 1, 2))"
+        )
+
+
+def check_varied(x: np.ndarray, source: str) -> None:
+    """Refuse images that are all the same (or a single constant image): nothing can be learnt, measured
+    or calibrated from them, yet every check on them passes (agreement 100%, accuracy of one class)."""
+    first = x[:1]
+    if (x == first).all() and (len(x) > 1 or first.min() == first.max()):
+        what = "is one constant image" if len(x) == 1 else f"has {len(x)} images that are all identical"
+        raise SlimError(
+            f"{source} {what}: nothing can be learnt, measured or calibrated from it; use real, varied images"
+        )
 
 
 def read_npz(path: Path, what: str = "data set") -> dict[str, np.ndarray]:
@@ -155,18 +184,27 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def _normalise(
-    x: np.ndarray,
-    mean: tuple[float, ...] | None,
-    std: tuple[float, ...] | None,
-) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
+def check_stats(stats: Stats, shape: tuple[int, ...], source: str) -> None:
+    """The normalisation (--mean/--std, or a checkpoint's) has one value per image channel; broadcast
+    against images of another channel count it would silently make, say, 1-channel images 3-channel."""
+    if stats is not None and len(stats[0]) != shape[0]:
+        raise SlimError(
+            f"{source} has {tuple(shape)} images (C, H, W) but the normalisation is for {len(stats[0])} channels "
+            f"(mean {stats[0]}); give one --mean/--std value per channel, or data of the model's own kind"
+        )
+
+
+def _normalise(x: np.ndarray, stats: Stats, source: str) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
     t = torch.from_numpy(np.array(x, copy=True))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:
         raise SlimError(f"images must be N x C x H x W or N x H x W, got shape {tuple(t.shape)}")
-    if mean is None or std is None:
+    check_stats(stats, tuple(t.shape[1:]), source)
+    if stats is not None:
+        mean, std = stats
+    else:
         mean = tuple(float(v) for v in t.mean(dim=(0, 2, 3)))
         std = tuple(max(float(v), 1e-6) for v in t.std(dim=(0, 2, 3)))
     m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -180,11 +218,13 @@ def _fashion_mnist(split: str, data_dir: str | None, stats: Stats) -> Dataset:
     images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
     y = check_arrays(images, labels, f"Fashion-MNIST {split} in {root}", len(FASHION_MNIST_CLASSES))
-    x, mean, std = _normalise(images, *(stats or (FASHION_MNIST_MEAN, FASHION_MNIST_STD)))
+    x, mean, std = _normalise(images, stats or (FASHION_MNIST_MEAN, FASHION_MNIST_STD), f"Fashion-MNIST in {root}")
     return Dataset(x, torch.from_numpy(y), FASHION_MNIST_CLASSES, mean, std, "fashion-mnist")
 
 
-def _split_90_10(n: int, split: str) -> np.ndarray:
+def _split_90_10(n: int, split: str, source: object) -> np.ndarray:
+    if n < 2:  # one image cannot be both trained on and held out: one split would be empty
+        raise SlimError(f"{source} has {n} image; splitting it into train and val needs at least 2")
     order = np.random.default_rng(0).permutation(n)
     cut = max(1, n // 10)
     return order[cut:] if split == "train" else order[:cut]
@@ -202,50 +242,80 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     # the class count comes from every split in the file, so train and val agree on it
     n_classes = max(int(v.max()) for v in labels.values()) + 1
     if "all" in names:
-        idx = _split_90_10(len(labels["all"]), split)
+        idx = _split_90_10(len(labels["all"]), split, path)
         x, y = arrays["x"][idx], labels["all"][idx]
     else:
         part = "train" if split == "train" else "val"
         x, y = arrays[names[part][0]], labels[part]
-    xt, mean, std = _normalise(x, *(stats or (None, None)))
+    xt, mean, std = _normalise(x, stats, str(path))
     return Dataset(xt, torch.from_numpy(y), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}")
 
 
-def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``."""
-    base = root / "train" if (root / "train").is_dir() else root
-    if split != "train" and (root / "train").is_dir():
-        if not (root / "val").is_dir():
-            raise SlimError(f"{root} has train/ but no val/ folder")
-        base = root / "val"
+def _class_folders(base: Path) -> list[str]:
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
+    return classes
+
+
+def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``.
+
+    Labels are numbered by the training split's class folders whatever the split, so a class keeps
+    its index in val/ even where val/ lacks another class; a val/ class unknown to training has no
+    output of the model and is refused.
+    """
+    train_base = root / "train" if (root / "train").is_dir() else root
+    classes = _class_folders(train_base)
+    base = train_base
+    if split != "train" and train_base != root:
+        if not (root / "val").is_dir():
+            raise SlimError(f"{root} has train/ but no val/ folder")
+        base = root / "val"
+        unknown = sorted(set(_class_folders(base)) - set(classes))
+        if unknown:
+            raise SlimError(
+                f"{base} has class folders {', '.join(unknown)} that {train_base} lacks; labels follow the "
+                f"training classes ({', '.join(classes)}): rename or remove those folders"
+            )
     files = [
-        (p, i)
-        for i, c in enumerate(classes)
+        (p, classes.index(c))
+        for c in _class_folders(base)
         for p in sorted((base / c).iterdir())
         if p.suffix.lower() in IMAGE_EXTENSIONS
     ]
     if not files:
         raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
     if base == root:
-        files = [files[i] for i in _split_90_10(len(files), split)]
+        files = [files[i] for i in _split_90_10(len(files), split, root)]
     return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
 
 
-def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
+def open_rgb(path: Path) -> Any:
+    """An image file as an 8-bit RGB PIL image, whatever its mode; every folder loader reads through here.
+
+    16-bit grayscale PNGs open as mode I;16 (or I) with values up to 65535, which ``convert`` clips
+    at 255 (nearly every pixel white): they are scaled to 8 bits first, so they land in the same
+    0..1 range as 8-bit images.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as opened:
+            if opened.mode.startswith("I"):
+                wide = np.asarray(opened).astype(np.float64) / 257.0
+                return Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L").convert("RGB")
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
+
+
+def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
     files, labels, classes = scan_folder(root, split)
     base = files[0].parent.parent
     arrays = []
     for path in files:
-        try:
-            with Image.open(path) as opened:
-                rgb = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
+        rgb = open_rgb(path)
         if image_size:
             rgb = rgb.resize((image_size, image_size))
         arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
@@ -254,7 +324,7 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
         raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
     images = np.stack(arrays)
     y = check_arrays(images, labels, str(base), len(classes))
-    x, mean, std = _normalise(images, *(stats or (None, None)))
+    x, mean, std = _normalise(images, stats, str(base))
     return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}")
 
 

@@ -30,21 +30,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, load_dataset, scan_folder
+from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, check_stats, load_dataset, open_rgb, scan_folder
 
 STREAM_ABOVE_BYTES = 1 << 30
 STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
-
-
-def _open_rgb(path: Path) -> Any:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as exc:
-        raise SlimError(f"cannot read image {path} ({exc}); remove or replace it") from exc
 
 
 def _crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -106,7 +96,7 @@ class FolderData(torch.utils.data.Dataset):
         """Image ``index`` as float C x H x W in [0, 1]: augmented for ``epoch`` >= 0, else the eval view."""
         from torchvision.transforms import functional as TF
 
-        img = _open_rgb(self.files[index])
+        img = open_rgb(self.files[index])
         if epoch >= 0:
             rng = np.random.default_rng([self.seed, epoch, index])
             top, left, h, w = _crop_box(img.width, img.height, rng)
@@ -199,7 +189,7 @@ def decoded_bytes(root: Path, image_size: int | None, crop: int | None) -> int:
         return 0
     side = crop or image_size
     if side is None:
-        first = _open_rgb(files[0])
+        first = open_rgb(files[0])
         return len(files) * 3 * first.width * first.height * 4
     return len(files) * 3 * side * side * 4
 
@@ -219,7 +209,7 @@ def open_folder(
     if (image_size is not None and image_size < 1) or (crop is not None and crop < 1):
         raise SlimError(f"--image-size and --crop must be positive, got {image_size} and {crop}")
     if crop is None and image_size is None:
-        first = _open_rgb(files[0])
+        first = open_rgb(files[0])
         image_size = min(first.width, first.height)
     crop = crop or image_size
     image_size = image_size or crop
@@ -230,6 +220,7 @@ def open_folder(
     if n_workers < 0:
         raise SlimError(f"--workers must be >= 0, got {n_workers}")
     ds = FolderData(files, labels, classes, (0.0,), (1.0,), image_size, crop, f"folder:{root}", seed, n_workers)
+    check_stats(stats, ds.input_shape, str(root))
     ds.mean, ds.std = stats if stats is not None else _estimate_stats(ds)
     ds.meta = {"loader": "stream", "image_size": image_size, "crop": crop}
     return ds
@@ -268,9 +259,25 @@ def load_data(
     return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
 
 
-def check_fits(ds: AnyData, input_shape: Sequence[int], num_classes: int | None, source: str) -> AnyData:
+def check_fits(
+    ds: AnyData, input_shape: Sequence[int], num_classes: int | None, source: str, classes: Sequence[str] | None = None
+) -> AnyData:
     """Data for a model that exists: its images must be the model's input and its labels the model's
-    classes (a label past the last output is an IndexError deep in training, or 0% accuracy)."""
+    classes (a label past the last output is an IndexError deep in training, or 0% accuracy).
+
+    ``classes``, the model's class names (its checkpoint's ``meta["classes"]``), must match an image
+    folder's class folders index by index: labels are numbered by folder name, so a folder lacking
+    one of the model's classes would shift every later class onto the wrong output. Models named
+    only by numbers (imported ones, .npz-trained ones) have no names to compare.
+    """
+    # meta is free-form: anything but a list of names (an edited checkpoint) is not compared
+    names = list(classes) if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else []
+    named = names != [str(i) for i in range(len(names))]
+    if named and ds.name.startswith("folder:") and list(ds.classes) != names[: len(ds.classes)]:
+        raise SlimError(
+            f"{source} has class folders {', '.join(ds.classes)} but the model's classes are {', '.join(names)}: "
+            "its labels would mean other classes; give data with the model's class folders"
+        )
     if tuple(ds.input_shape) != tuple(input_shape):
         raise SlimError(
             f"{source} has {tuple(ds.input_shape)} images (C, H, W) but the model takes {tuple(input_shape)}; "

@@ -368,6 +368,11 @@ def fit(
     """
     cfg.validate()
     info = dist_info or DistInfo(device=pick_device("auto"))
+    if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SlimError(
+            "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
+            "and is noise elsewhere); use --batch-size 2 or more"
+        )
     if len(train_ds) < cfg.batch_size * info.world:
         raise SlimError(
             f"{len(train_ds)} training images are fewer than one global batch "

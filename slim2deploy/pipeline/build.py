@@ -197,7 +197,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
     if eval_ds is not None:
-        check_fits(eval_ds, ckpt.input_shape, ckpt.num_classes, cfg.data or str(ckpt.meta.get("dataset")))
+        source = cfg.data or str(ckpt.meta.get("dataset"))
+        check_fits(eval_ds, ckpt.input_shape, ckpt.num_classes, source, ckpt.meta.get("classes"))
     # a streamed folder is evaluated whole in torch, but the ONNX checks take a sample
     eval_x, eval_y = (None, None) if eval_ds is None else sample_arrays(eval_ds, PRECISION_SAMPLE)
     rng = np.random.default_rng(cfg.seed)

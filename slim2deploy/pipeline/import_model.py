@@ -39,6 +39,11 @@ def import_model(
         raise SlimError(f"--input-shape is C,H,W with positive sizes, e.g. 3,224,224; got {input_shape}")
     if is_user_factory(arch) and not trust_code:
         raise SlimError(f"{arch!r} imports and runs that module's code; pass --trust-pickle if you trust it")
+    if image_size is not None and image_size < input_shape[1]:
+        raise SlimError(
+            f"--image-size {image_size} is smaller than the input's {input_shape[1]} pixels: the center crop to "
+            f"{input_shape[1]} must fit in the resized image; give --image-size {input_shape[1]} or more"
+        )
     if num_classes is not None and num_classes < 1:
         raise SlimError(f"--num-classes must be at least 1, got {num_classes}")
     if not (weights or pretrained):

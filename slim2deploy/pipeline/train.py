@@ -156,7 +156,7 @@ def train_command(
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
-        check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, data)
+        check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
         if resume_point.epoch >= cfg.epochs:
             raise SlimError(f"{resume} already finished {resume_point.epoch} epochs; pass a larger --epochs to go on")
     else:
@@ -254,6 +254,10 @@ def finetune_checkpoint(
 
     The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
     """
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
+    )
+    cfg.validate()  # a bad --epochs or --batch-size is refused before the data is read
     info = DistInfo(device=pick_device(device))
     ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     model = model_from_checkpoint(ckpt, trust_code=trust_code)
@@ -263,7 +267,7 @@ def finetune_checkpoint(
     train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
-        check_fits(ds, ckpt.input_shape, ckpt.num_classes, data)
+        check_fits(ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
     check_batch(model, ckpt.input_shape, min(batch_size, len(train_ds)), "--batch-size")
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
