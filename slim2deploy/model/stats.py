@@ -92,7 +92,9 @@ def check_memory(needed: int, flag: str, value: object, what: str) -> None:
 
 def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Bytes one image needs at once in a forward pass, at least: the largest input plus output of
-    any layer, measured on the meta device (no memory used). 0 for a model meta tensors cannot run."""
+    any layer, from one forward pass of a batch of one (on the meta device it would cost no memory
+    but import torch._dynamo, two seconds a process). 0 for a model that does not run at this shape:
+    the run's own errors stand."""
     largest = 0
 
     def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> None:
@@ -102,13 +104,14 @@ def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    state = {k: v.to("meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()  # BatchNorm in training mode refuses a batch of one
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),))
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, the run's own errors stand
+            model(torch.zeros(1, *input_shape, device=device))
+    except Exception:  # noqa: BLE001 - a model that does not run here: no estimate, the run's own errors stand
         return 0
     finally:
         model.train(was_training)

@@ -373,7 +373,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         value = kwargs.get(key, 1)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise SlimError(f"{key} must be a positive integer, got {value!r}")
-    with torch.device("meta"):  # the size first, without allocating: a huge --width is one clear error
-        params = count_params(REGISTRY[name](**kwargs))
-    check_memory(params * 4, "--width", width, f"{name} with its {params:,} float32 parameters")
+    if width > 1:
+        # parameters grow with width squared: a wider model's size first, without allocating, so a
+        # huge --width is one clear error. Not below 1 (no bigger than the architecture itself), as the
+        # meta device's first use costs a process about two seconds (it imports torch._dynamo).
+        with torch.device("meta"):
+            params = count_params(REGISTRY[name](**kwargs))
+        check_memory(params * 4, "--width", width, f"{name} with its {params:,} float32 parameters")
     return REGISTRY[name](**kwargs)
