@@ -116,6 +116,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         return {**state, key: tensor}
 
     torch.save(damaged("features.1.weight", float("nan")), d / "nan_weights.pt")
+    as_int = {k: v.to(torch.int64) for k, v in state.items()}  # every gamma would load as 0: an all-zero model
+    torch.save(as_int, d / "int_weights.pt")
     edits = {
         "unknown_kwarg": {"arch_kwargs": {**KWARGS, "bogus": 1}},
         "negative_shape": {"input_shape": [-1, 8, 8]},
@@ -137,6 +139,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "mean_per_rgb": {"meta": {**payload["meta"], "mean": [0.5, 0.5, 0.5]}},
         "std_alone": {"meta": {"std": [0.25]}},
         "input_channels": {"input_shape": [3, 8, 8]},
+        "classes_past_outputs": {"num_classes": 5},
+        "more_names_than_classes": {"meta": {**payload["meta"], "classes": ["a", "b", "c", "d"]}},
+        "int_state": {"state_dict": as_int},
+        "newer_format": {"format": "slim2deploy.checkpoint/2"},
     }
     for name, change in edits.items():
         torch.save({**payload, **change}, d / f"{name}.pt")
@@ -254,6 +260,10 @@ CHECKPOINT_CASES = {
     "std without mean": ("std_alone.pt", "meta has std but not mean"),
     "input_shape that the model does not take": ("input_channels.pt", "input_shape [3, 8, 8] does not fit"),
     "pickled module without trust": ("pickled.pt", "--trust-pickle"),
+    "num_classes past the model's outputs": ("classes_past_outputs.pt", "num_classes 5 but its model vgg11 gives"),
+    "more class names than classes": ("more_names_than_classes.pt", "meta.classes names 4 classes but num_classes"),
+    "integer weights": ("int_state.pt", "wrong type: features.0.weight is int64 but the model's is float32"),
+    "newer checkpoint format": ("newer_format.pt", "'slim2deploy.checkpoint/2', newer than"),
 }
 
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--epochs", "1", "--batch-size", "16"]
@@ -279,6 +289,24 @@ DAMAGED_CASES = {
     "import NaN weights": (
         [*IMPORT, "--weights", "{root}/nan_weights.pt", "--mean", "0.5", "--std", "0.25", "--out", "{root}/i.pt"],
         "'features.1.weight' (8,) holds NaN",
+    ),
+    "train from integer weights": (
+        [*TRAIN, "--data", "{root}/ok.npz", "--weights", "{root}/int_weights.pt", "--out", "{root}/t.pt"],
+        "features.0.weight is int64 but the model's is float32",
+    ),
+    "build a model whose num_classes is past its outputs, before any work": (
+        [
+            "build",
+            "--model",
+            "{root}/classes_past_outputs.pt",
+            "--data",
+            "{root}/ok.npz",
+            "--ratio",
+            "0.5",
+            "--out",
+            "{root}/b",
+        ],
+        "num_classes 5",
     ),
     "train from NaN weights": (
         [*TRAIN, "--data", "{root}/ok.npz", "--weights", "{root}/nan_weights.pt", "--out", "{root}/t.pt"],

@@ -32,6 +32,7 @@ from slim2deploy.base.errors import NeedsTrust, SlimError
 from slim2deploy.base.files import atomic_path
 
 FORMAT = "slim2deploy.checkpoint/1"
+_FORMAT_FAMILY = "slim2deploy.checkpoint/"
 PICKLED_ARCH = "<pickled nn.Module>"
 # torch's weights_only unpickler names the class or function it refused ("GLOBAL module.name");
 # any other failure (an unknown opcode, a name that is not a dotted identifier) means a damaged file
@@ -126,6 +127,10 @@ def spec_problems(payload: dict[str, Any]) -> list[str]:
             problems.append(f"{key} must be a dict or absent, got {type(payload[key]).__name__}")
     if isinstance(payload.get("meta"), dict) and not problems:
         problems += _stats_problems(payload["meta"], shape[0])
+        classes = payload["meta"].get("classes")
+        # names are matched to outputs by position; data may lack the last classes, so fewer is fine
+        if isinstance(classes, (list, tuple)) and len(classes) > n:
+            problems.append(f"meta.classes names {len(classes)} classes but num_classes is {n}")
     return problems
 
 
@@ -170,6 +175,27 @@ def check_tensors(state: dict[str, torch.Tensor], source: str) -> None:
                 f"{source}: tensor {name!r} {tuple(tensor.shape)} has negative values, which a BatchNorm variance "
                 "cannot have; the weights are damaged (edited?): re-create the file or use an earlier one"
             )
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_floating_point():
+        return "floating"
+    if tensor.is_complex():
+        return "complex"
+    return "bool" if tensor.dtype == torch.bool else "integer"
+
+
+def dtype_problem(name: str, own: torch.Tensor, loaded: torch.Tensor) -> str | None:
+    """Why ``loaded`` cannot stand for the model's ``own`` tensor ``name``, or None when it can.
+
+    load_state_dict casts silently, so integer weights would load as whole numbers (every gamma of
+    an int64 file rounds to 0) and give an all-zero model with no error. A float of another width
+    (a half-precision file into a float32 model) is a faithful cast and is allowed.
+    """
+    if _kind(own) == _kind(loaded):
+        return None
+    found, wanted = (str(t.dtype).removeprefix("torch.") for t in (loaded, own))
+    return f"{name} is {found} but the model's is {wanted}"
 
 
 def library_versions() -> dict[str, str]:
@@ -254,6 +280,11 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
             f"{path} is a bare state_dict without an architecture; make a checkpoint of it with "
             f"'slim2deploy import --arch NAME --weights {path} --input-shape C,H,W --out model.pt', or start "
             f"training from it with 'slim2deploy train --arch NAME --weights {path}'"
+        )
+    if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith(_FORMAT_FAMILY):
+        raise SlimError(
+            f"{path} is a slim2deploy checkpoint in format {obj['format']!r}, newer than the {FORMAT!r} this "
+            "version reads; upgrade slim2deploy to read it"
         )
     raise SlimError(f"{path} is a torch file but not a slim2deploy checkpoint (found {type(obj).__name__})")
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import check_tensors
+from slim2deploy.model.checkpoint import check_tensors, dtype_problem
 from slim2deploy.model.zoo import create_model, create_pretrained, split_name
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -139,6 +139,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], head: set[str], 
     for key, value in state.items():
         if key not in own:
             report.unexpected.append(key)
+        elif (problem := dtype_problem(key, own[key], value)) is not None:
+            raise SlimError(f"{source}: {problem}; the weights are damaged or of another kind: re-create the file")
         elif own[key].shape == value.shape:
             fitting[key] = value
         elif key in head:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import Checkpoint, first_line
+from slim2deploy.model.checkpoint import Checkpoint, dtype_problem, first_line
 from slim2deploy.model.zoo import create_model, is_user_factory
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.surgery import apply_plan
@@ -23,7 +23,8 @@ def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.M
     """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly.
 
     Every command that builds a model from a checkpoint comes through here, so one forward pass on a
-    zero input of the checkpoint's ``input_shape`` checks that the recorded shape fits the model.
+    zero input of the checkpoint's ``input_shape`` checks that the recorded shape fits the model, and
+    its output width that the recorded ``num_classes`` does (labels are checked against that count).
     """
     if ckpt.module is not None:
         return copy.deepcopy(ckpt.module).eval()
@@ -45,12 +46,18 @@ def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.M
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *ckpt.input_shape))
+            out = model(torch.zeros(1, *ckpt.input_shape))
     except Exception as exc:  # noqa: BLE001 - a model may raise anything on an input it does not take
         raise SlimError(
             f"the checkpoint's input_shape {list(ckpt.input_shape)} does not fit its model {ckpt.arch} "
             f"({first_line(exc)}); the file is inconsistent (was it edited by hand?): re-create it"
         ) from exc
+    width = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+    if width != (ckpt.num_classes,):
+        raise SlimError(
+            f"the checkpoint records num_classes {ckpt.num_classes} but its model {ckpt.arch} gives outputs of "
+            f"shape {width}; the file is inconsistent (was it edited by hand?): re-create it"
+        )
     return model
 
 
@@ -63,8 +70,14 @@ def _mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], sho
         for k, v in own.items()
         if k in loaded and loaded[k].shape != v.shape
     ]
+    dtypes = [p for k, v in own.items() if k in loaded and (p := dtype_problem(k, v, loaded[k]))]
     parts = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    for what, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", shapes),
+        ("wrong type", dtypes),
+    ):
         if items:
             more = f", ... ({len(items)} in all)" if len(items) > shown else ""
             parts.append(f"{what}: {', '.join(items[:shown])}{more}")
