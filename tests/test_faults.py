@@ -57,6 +57,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f = {"dir": d / "adir", "file": d / "plain.txt"}
     f["dir"].mkdir()
     f["file"].write_text("not a folder\n")
+    (d / "loop1").symlink_to("loop2")
+    (d / "loop2").symlink_to("loop1")
     np.savez(d / "ok.npz", x=x, y=y)
     xf = x.astype(np.float32) / 255
     xf[5, 0, 1, 1] = np.nan
@@ -212,6 +214,11 @@ OUTPUT_CASES = {
     "export --json with a trailing separator": (
         ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--json", "{root}/x.json/"],
         "--json",
+    ),
+    "export --out a symlink loop": (["export", "--model", "{ckpt}", "--out", "{root}/loop1"], "symbolic links"),
+    "prune --out a name over 255 bytes": (
+        ["prune", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/" + "a" * 300 + ".pt"],
+        "File name too long",
     ),
     "train --out with a trailing separator": (
         ["train", "--data", "{root}/ok.npz", "--out", "{root}/t.pt/"],
@@ -581,6 +588,21 @@ def test_bad_flags_are_one_error(case, files, cli):
     template, needle = FLAG_CASES[case]
     before = _snapshot(files["root"])
     assert_refused(cli(*_args(template, files)), needle, before, files["root"])
+
+
+def test_an_immutable_output_file_is_refused_before_any_work(files, cli):
+    out = files["root"] / "locked.onnx"
+    out.write_bytes(b"earlier export")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        out.unlink()
+        pytest.skip("chattr +i needs root and a file system with inode flags")
+    try:
+        before = _snapshot(files["root"])
+        args = ["export", "--model", files["ckpt"], "--out", out]
+        assert_refused(cli(*args), "exists and cannot be replaced", before, files["root"])
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+        out.unlink()
 
 
 def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files, cli, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -47,8 +48,8 @@ def check_output(
     ``what`` names the flag in the message. A file output must not be a folder and must not be
     one of ``inputs``; a folder output (``folder=True``) must not be a file. Missing parent
     folders are fine when the nearest existing one is a writable folder (they are created).
+    A path the system cannot resolve (a name too long, a symlink loop) is refused here too.
     """
-    out = Path(path)
     if str(path) == "":
         raise SlimError(f"{what} is empty; name the output {'folder' if folder else 'file'}")
     if not folder and str(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
@@ -57,6 +58,16 @@ def check_output(
             f"{what} {path} ends in a path separator, so it names a folder, but a file is wanted; "
             f"drop the trailing {str(path)[-1]} or name a file inside the folder"
         )
+    try:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # new, or under a file: named below
+            os.stat(path)  # a name too long or a symlink loop fails here, whatever else is checked
+        return _check_output(Path(path), what, inputs, folder)
+    except (OSError, RuntimeError) as exc:  # pathlib's resolve() reports a symlink loop as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SlimError(f"{what} {path} cannot be used: {reason}; choose another path") from exc
+
+
+def _check_output(out: Path, what: str, inputs: Iterable[PathLike | None], folder: bool) -> Path:
     if folder:
         if out.exists() and not out.is_dir():
             raise SlimError(f"{what} {out} is a file, but a folder is wanted; name a new or existing folder")
@@ -67,6 +78,8 @@ def check_output(
         raise SlimError(f"{what} {out}: {base} is a file, not a folder, so nothing can be written under it")
     if not os.access(base, os.W_OK | os.X_OK):
         raise SlimError(f"{what} {out}: the folder {base} is not writable; choose another location")
+    if not folder and out.is_file():
+        _check_replaceable(out, what)
     for src in inputs:
         if src is None:
             continue
@@ -78,6 +91,23 @@ def check_output(
                 "move the input out of it or choose another folder"
             )
     return out
+
+
+def _check_replaceable(out: Path, what: str) -> None:
+    """Refuse an existing file that the final rename could not replace (immutable, chattr +i).
+
+    Opening for append writes nothing and leaves the times alone. EACCES (a read-only file) is fine:
+    the rename replaces the file through its writable folder; EPERM means the file itself is locked.
+    """
+    try:
+        with open(out, "ab"):
+            pass
+    except PermissionError as exc:
+        if exc.errno == errno.EPERM:
+            raise SlimError(
+                f"{what} {out} exists and cannot be replaced ({exc.strerror}; is it immutable, chattr +i?); "
+                "unlock it or choose another name"
+            ) from exc
 
 
 def check_outputs(
