@@ -752,6 +752,27 @@ def test_latency_script_refuses_flags_no_model_takes(model, extra, needle, files
     assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
 
 
+def test_latency_script_refuses_a_baseline_of_another_input_shape(files, table16, capsys):
+    """model16 takes 1x16x16 inputs, the checkpoint 1x8x8: a speed-up between them is not one."""
+    before = _snapshot(files["root"])
+    args = [str(files["ckpt"]), "--baseline", str(files["root"] / "model16.pt"), "--quiet", "--no-rss"]
+    status = _latency().main([*args, "--iters", "1", "--rounds", "1"])
+    line = assert_refused((status, "", capsys.readouterr().err), "[1, 8, 8] but the baseline", before, files["root"])
+    assert "[1, 16, 16]" in line
+
+
+def test_latency_script_refuses_an_onnx_input_with_a_zero_dimension(files, cli, capsys, tmp_path):
+    import onnx
+
+    assert cli("export", "--model", files["ckpt"], "--out", tmp_path / "m.onnx")[0] == 0
+    graph = onnx.load(tmp_path / "m.onnx")
+    graph.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
+    onnx.save(graph, tmp_path / "zero.onnx")
+    before = _snapshot(tmp_path)
+    status = _latency().main([str(tmp_path / "zero.onnx"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"])
+    assert_refused((status, "", capsys.readouterr().err), "a dimension that is not positive", before, tmp_path)
+
+
 def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
     status = _latency().main(
         [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"]

@@ -157,6 +157,18 @@ def speedups(models: Sequence[ModelResult], baseline: ModelResult) -> list[Speed
     return out
 
 
+def _check_same_input(runners: Sequence[Runner]) -> None:
+    """A speed-up is only one when both models do the same job: refuse models of another input."""
+    base = runners[0]
+    for r in runners[1:]:
+        if r.info.sample_shape != base.info.sample_shape:
+            raise SlimError(
+                f"{r.name} takes inputs of shape {list(r.info.sample_shape)} but the baseline {base.name} takes "
+                f"{list(base.info.sample_shape)}; a speed-up between models of different inputs means nothing: "
+                "give a baseline of the same input shape, or drop --baseline"
+            )
+
+
 def benchmark(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -193,6 +205,8 @@ def benchmark(
     try:
         for r in runners:
             r.activate()
+        if baseline is not None:
+            _check_same_input(runners)
         timings = measure(
             runners, batches, warmup_s=warmup_s, iterations=iterations, rounds=rounds, input_sets=input_sets, log=log
         )

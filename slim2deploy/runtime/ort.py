@@ -185,6 +185,12 @@ class OrtRunner(Runner):
         if inp.type not in _ORT_DTYPES:
             raise SlimError(f"{self.name}: unsupported input type {inp.type}")
         dims = list(inp.shape)
+        if any(isinstance(d, int) and d <= 0 for d in dims):
+            # ONNX Runtime would only fail at the first run, with its own InvalidArgument message
+            raise SlimError(
+                f"{self.name}: input {inp.name} has shape {dims}, with a dimension that is not positive; "
+                "the file is damaged or was edited: export the model again"
+            )
         if any(not isinstance(d, int) for d in dims[1:]):
             raise SlimError(f"{self.name}: only the batch dimension may be dynamic, input shape is {dims}")
         static_batch = dims[0] if isinstance(dims[0], int) else None
