@@ -605,6 +605,19 @@ def test_an_immutable_output_file_is_refused_before_any_work(files, cli):
         out.unlink()
 
 
+def test_a_build_rerun_with_other_settings_removes_the_earlier_runs_other_outputs(files, cli, tmp_path):
+    """Without it, slim.fp16.onnx of ratio 0.5 would stay beside the ratio-0.3 slim.onnx, as if of it."""
+    args = ["build", "--model", files["ckpt"], "--out", tmp_path / "b", "--no-bench", "--engine", "off"]
+    assert cli(*args, "--ratio", "0.5", "--precision", "fp32,fp16")[0] == 0
+    assert (tmp_path / "b" / "slim.fp16.onnx").is_file()
+    status, out, err = cli(*args, "--ratio", "0.3", "--precision", "fp32")
+    assert status == 0, err
+    assert "removed baseline.fp16.onnx, slim.fp16.onnx: written by an earlier build" in out
+    left = {p.name for p in (tmp_path / "b").iterdir()}
+    assert not {n for n in left if "fp16" in n}
+    assert not [k for k in json.loads((tmp_path / "b" / "build.json").read_text()) if k.startswith("fp16")]
+
+
 def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now fails, even on a GPU machine
     before = _snapshot(files["root"])

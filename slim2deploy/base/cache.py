@@ -67,6 +67,7 @@ class StageCache:
         self.path = Path(path)
         self.log = log
         self.data: dict[str, dict[str, Any]] = {}
+        self.used: set[str] = set()  # the stages this run reached, fresh or redone
         if not self.path.exists():
             return
         try:
@@ -97,6 +98,7 @@ class StageCache:
 
     def done(self, stage: str, key: str, outputs: Sequence[Path], info: dict[str, Any] | None = None) -> None:
         """Record a finished stage (written at once, so a later crash keeps it)."""
+        self.used.add(stage)
         self.data[stage] = {
             "key": key,
             "outputs": {p.name: sha256_file(p) for p in outputs},
@@ -118,10 +120,30 @@ class StageCache:
     ) -> tuple[dict[str, Any], bool]:
         """``work()`` unless the stage is fresh; returns its info (recorded or new) and whether it ran."""
         if self.fresh(stage, key, outputs, shape):
+            self.used.add(stage)
             return self.info(stage), False
         info = work() or {}
         self.done(stage, key, outputs, info)
         return info, True
+
+    def drop_unused(self) -> list[str]:
+        """Forget the stages this run did not reach and delete the files only they wrote; their names.
+
+        Call it when a run has finished: an output of an earlier run's settings (an fp16 graph of
+        another pruning ratio, say) would otherwise sit beside this run's outputs as if it were one.
+        """
+        kept = {name for stage in self.used for name in self.data[stage]["outputs"]}
+        unused = [entry for stage, entry in self.data.items() if stage not in self.used]
+        removed = []
+        for name in sorted({name for entry in unused for name in entry["outputs"]} - kept):
+            path = self.path.parent / name
+            if path.is_file():
+                path.unlink()
+                removed.append(name)
+        if unused:
+            self.data = {stage: entry for stage, entry in self.data.items() if stage in self.used}
+            atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
+        return removed
 
 
 @contextlib.contextmanager

@@ -467,4 +467,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         bench = bench_stage(run, out / "baseline.onnx", out / "slim.onnx")
         parts = {"exports": exports, "precision": precision, "engines": engines, "benchmark": bench, "artifacts": onnx}
         report_stage(run, slim_model, parts)
+        removed = run.cache.drop_unused()
+        if removed:
+            log(f"removed {', '.join(removed)}: written by an earlier build of other settings, not by this one")
     return run.result
