@@ -591,6 +591,33 @@ def test_diverging_training_stops_without_saving(files, cli):
     assert_refused(cli(*args), "training diverged", before, files["root"])
 
 
+FINETUNE_ONE_EPOCH = [
+    "finetune",
+    "--model",
+    "{ckpt}",
+    "--data",
+    "{root}/ok.npz",
+    "--out",
+    "{root}/f.pt",
+    "--epochs",
+    "1",
+]
+
+
+@pytest.mark.parametrize(
+    "command,needle",
+    [
+        # inputs near 1e30: every step's loss is finite, BatchNorm's running_var overflows (a file the loader refuses)
+        ([*NPZ_TRAIN, "--mean", "0.5", "--std", "1e-30"], "'features.1.running_var' (8,) holds infinity"),
+        ([*FINETUNE_ONE_EPOCH, "--batch-size", "16", "--lr", "1e4"], "The learning rate (10000) is"),
+    ],
+)
+def test_training_that_leaves_non_finite_tensors_saves_nothing(command, needle, files, cli):
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(command, files)), "training diverged", before, files["root"])
+    assert needle in line and "is likely too high" in line
+
+
 def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
     pickled, trust = files["root"] / "pickled.pt", ["--trust-pickle", "--input-shape", "1,8,8"]
     status, out, err = cli("inspect", pickled, *trust)
