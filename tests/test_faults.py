@@ -90,6 +90,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
         _idx(folder / "train-labels-idx1-ubyte.gz", labels)
         _idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
         _idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    (d / "idx_corrupt").mkdir()
+    gray = np.random.default_rng(5).integers(0, 4, (100, 28, 28)) * 64  # compressible: deflate codes, not stored
+    _idx(d / "idx_corrupt" / "train-images-idx3-ubyte.gz", gray)
+    whole = bytearray((d / "idx_corrupt" / "train-images-idx3-ubyte.gz").read_bytes())
+    whole[2000:2100] = bytes(b ^ 0xFF for b in whole[2000:2100])  # damaged deflate data, intact gzip header
+    (d / "idx_corrupt" / "train-images-idx3-ubyte.gz").write_bytes(bytes(whole))
+    _idx(d / "idx_corrupt" / "train-labels-idx1-ubyte.gz", np.arange(100) % 10)
     from PIL import Image
 
     for name, junk in (("zero_byte", b""), ("garbage", b"\x89PNG but not really" * 10)):
@@ -502,7 +509,14 @@ def test_corrupt_or_inconsistent_data_is_one_error(case, files, cli):
     assert_refused(cli(*TRAIN, "--data", files["root"] / name, "--out", out), needle, before, files["root"])
 
 
-@pytest.mark.parametrize("name,needle", [("idx_count", "30 images but 20 labels"), ("idx_label", "only 10 classes")])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("idx_count", "30 images but 20 labels"),
+        ("idx_label", "only 10 classes"),
+        ("idx_corrupt", "train-images-idx3-ubyte.gz is not a readable IDX file"),
+    ],
+)
 def test_inconsistent_idx_files_are_refused(name, needle, files, cli):
     before = _snapshot(files["root"])
     args = [*TRAIN, "--data", "fashion-mnist", "--data-dir", files["root"] / name, "--out", files["root"] / "t.pt"]

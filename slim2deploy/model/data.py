@@ -170,7 +170,7 @@ def _read_idx(path: Path) -> np.ndarray:
         shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return array.reshape(shape)
-    except (OSError, ValueError, struct.error, EOFError) as exc:
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as exc:  # zlib.error: damaged .gz contents
         raise SlimError(f"{path} is not a readable IDX file ({exc}); reinstall dataset-fashion-mnist") from exc
 
 
