@@ -14,10 +14,12 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,16 @@ def _idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: enough for PIL to judge it a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +117,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(d / name / c / f"{i}.png")
         (d / name / "a" / "broken.png").write_bytes(junk)
+    shutil.copytree(d / "garbage", d / "bomb", ignore=shutil.ignore_patterns("broken.png"))
+    (d / "bomb" / "a" / "bomb.png").write_bytes(_png_header(15000, 15000))
     for split, classes in (("train", "ab"), ("val", "ac")):  # val/c would get train/b's label by position
         for c in classes:
             (d / "val_unknown" / split / c).mkdir(parents=True)
@@ -507,6 +521,13 @@ def test_corrupt_or_inconsistent_data_is_one_error(case, files, cli):
     before = _snapshot(files["root"])
     out = files["root"] / "t.pt"
     assert_refused(cli(*TRAIN, "--data", files["root"] / name, "--out", out), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("loader", [[], ["--stream", "--workers", "0"]])
+def test_a_decompression_bomb_is_one_error_in_memory_and_streamed(loader, files, cli):
+    before = _snapshot(files["root"])
+    args = [*TRAIN, "--data", files["root"] / "bomb", "--out", files["root"] / "t.pt", *loader]
+    assert_refused(cli(*args), "bomb.png is not a readable image (Image size (225000000 pixels)", before, files["root"])
 
 
 @pytest.mark.parametrize(
