@@ -86,6 +86,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "one_image": {"x": x[:1], "y": y[:1]},
         "identical": {"x": np.repeat(x[:1], 64, 0), "y": y},
         "one_hot": {"x": x, "y": np.eye(3)[y]},
+        "zero_size": {"x": np.zeros((64, 1, 0, 8), np.uint8), "y": y},
+        "wide_ints": {"x": x.astype(np.int64) * 4, "y": y},
+        "float_255": {"x": x.astype(np.float32), "y": y},
+        "float_normalised": {"x": (x.astype(np.float32) / 255 - 0.5) / 0.25, "y": y},
     }
     for name, arrays in layout.items():
         np.savez(d / f"{name}.npz", **arrays)
@@ -250,6 +254,10 @@ DATA_CASES = {
     "npz of identical images": ("identical.npz", "64 images that are all identical"),
     "npz one-hot labels": ("one_hot.npz", "y.argmax(axis=1)"),
     "val class folder unknown to training": ("val_unknown", "class folders c that"),
+    "npz images with a zero-sized dimension": ("zero_size.npz", "(64, 1, 0, 8) have a dimension of size 0"),
+    "npz integer pixels beyond 255": ("wide_ints.npz", "integer pixels must be 8-bit values 0..255, found 0..1016"),
+    "npz float pixels 0..255": ("float_255.npz", "float images must lie in [0, 1], found 0..254; divide by 255"),
+    "npz float pixels normalised": ("float_normalised.npz", "found -2..1.98431; scale them, un-normalised, to [0, 1]"),
 }
 
 CHECKPOINT_CASES = {
@@ -521,6 +529,17 @@ def test_corrupt_or_inconsistent_data_is_one_error(case, files, cli):
     before = _snapshot(files["root"])
     out = files["root"] / "t.pt"
     assert_refused(cli(*TRAIN, "--data", files["root"] / name, "--out", out), needle, before, files["root"])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.uint16, np.uint32])
+def test_integer_pixels_within_0_255_read_as_uint8(dtype, files, tmp_path):
+    """A careless astype keeps the pixel values: every data path divides them by 255 as for uint8."""
+    from slim2deploy.model.data import load_dataset
+
+    arrays = dict(np.load(files["root"] / "ok.npz"))
+    np.savez(tmp_path / "wide.npz", x=arrays["x"].astype(dtype), y=arrays["y"])
+    as_uint8, wide = load_dataset(str(files["root"] / "ok.npz")), load_dataset(str(tmp_path / "wide.npz"))
+    assert torch.equal(as_uint8.x, wide.x) and as_uint8.mean == wide.mean and as_uint8.std == wide.std
 
 
 @pytest.mark.parametrize("loader", [[], ["--stream", "--workers", "0"]])
