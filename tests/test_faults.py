@@ -865,6 +865,7 @@ def misfit(files) -> dict[str, Path]:
     x = rng.integers(0, 255, (32, 1, 8, 8)).astype(np.uint8)
     np.savez(d / "ten_classes.npz", x=x, y=np.arange(32) % 10)
     np.savez(d / "rgb.npz", x=x.repeat(3, 1), y=np.arange(32) % 3)
+    np.savez(d / "rgb_2x2.npz", x=x.repeat(3, 1)[:, :, :2, :2], y=np.arange(32) % 3)
     np.savez(d / "huge_label.npz", x=x, y=np.where(np.arange(32) == 0, 2**40, np.arange(32) % 3))
     calib = rng.standard_normal((8, 1, 8, 8)).astype(np.float32)
     np.savez(d / "calib_ok.npz", x=calib)
@@ -897,6 +898,20 @@ MISFIT_CASES = {
     "calib for a model from 3-channel data": (
         ["calib", "--model", "{ckpt}", "--data", "{root}/rgb.npz", "--n", "8", "--out", "{root}/c.npz"],
         "(3, 8, 8)",
+    ),
+    "train a model on images smaller than its first kernel": (
+        [
+            "train",
+            "--arch",
+            "torchvision:squeezenet1_0",
+            "--data",
+            "{root}/rgb_2x2.npz",
+            "--out",
+            "{root}/t.pt",
+            "--batch-size",
+            "8",
+        ],
+        "the model does not run on (3, 2, 2) images (C, H, W): Calculated padded input size",
     ),
     "a label that is no class index": (
         [*TRAIN, "--data", "{root}/huge_label.npz", "--out", "{root}/t.pt"],
