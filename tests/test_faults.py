@@ -869,6 +869,7 @@ def misfit(files) -> dict[str, Path]:
     np.savez(d / "huge_label.npz", x=x, y=np.where(np.arange(32) == 0, 2**40, np.arange(32) % 3))
     calib = rng.standard_normal((8, 1, 8, 8)).astype(np.float32)
     np.savez(d / "calib_ok.npz", x=calib)
+    np.savez(d / "calib_other.npz", x=calib, mean=np.zeros(1, np.float32), std=np.ones(1, np.float32))
     (d / "inbuild").mkdir()
     (d / "inbuild" / "m.pt").write_bytes(files["ckpt"].read_bytes())
     torch.save(load_checkpoint(files["ckpt"]).state_dict, d / "sd.pt")
@@ -912,6 +913,14 @@ MISFIT_CASES = {
             "8",
         ],
         "the model does not run on (3, 2, 2) images (C, H, W): Calculated padded input size",
+    ),
+    "export int8 with a calibration set normalised for another model": (
+        [*INT8[:-1], "{root}/calib_other.npz"],
+        "calib_other.npz records mean [0.] but the model's mean is [0.5]",
+    ),
+    "build int8 with a calibration set normalised for another model": (
+        [*RATIO_BUILD, "--precision", "int8", "--calib", "{root}/calib_other.npz"],
+        "re-make it with 'slim2deploy calib --model MODEL'",
     ),
     "a label that is no class index": (
         [*TRAIN, "--data", "{root}/huge_label.npz", "--out", "{root}/t.pt"],

@@ -92,6 +92,13 @@ class Checkpoint:
     def is_pruned(self) -> bool:
         return self.plan is not None
 
+    @property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The per-channel (mean, std) the model's inputs are normalised with; None where not recorded."""
+        if "mean" not in self.meta:
+            return None
+        return tuple(map(float, self.meta["mean"])), tuple(map(float, self.meta["std"]))
+
 
 def _plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
