@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
 from slim2deploy.base.files import check_outputs  # noqa: E402
-from slim2deploy.cli.common import OnlyWhen, at_least, number, refuse_ignored_flags  # noqa: E402
+from slim2deploy.cli.common import OnlyWhen, Parser, at_least, number, refuse_ignored_flags  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
 from slim2deploy.runtime.ort import ORT_OPT_LEVELS  # noqa: E402
@@ -72,7 +72,7 @@ ONLY_WHEN = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
     p.add_argument("--batch", type=_batches, default=[1], help="batch sizes, comma-separated (default: 1)")

@@ -13,7 +13,7 @@ import importlib.util
 import sys
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.cli.common import HelpFormatter, refuse_ignored_flags
+from slim2deploy.cli.common import HelpFormatter, Parser, refuse_ignored_flags
 
 # Order is the order shown in --help: the pipeline, first to last.
 COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
@@ -30,7 +30,7 @@ def _available_commands() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="slim2deploy",
         description="Network Slimming for deployment: sparse-train, prune channels for real, "
         "export ONNX (fp32/fp16/int8) and TensorRT engines, and benchmark against the baseline.",

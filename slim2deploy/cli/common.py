@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.latency import DEFAULT_MARGIN
@@ -15,6 +15,14 @@ from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEF
 if TYPE_CHECKING:
     from slim2deploy.pipeline.budget import Budget
     from slim2deploy.prune.select import Selection
+
+
+class Parser(argparse.ArgumentParser):
+    """A parser whose mistakes are one line, like every other refusal: argparse's own error() puts the
+    whole usage block above it, which buries the line that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):
