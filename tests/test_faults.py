@@ -14,10 +14,12 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,16 @@ def _idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: enough for PIL to judge it a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +88,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "one_image": {"x": x[:1], "y": y[:1]},
         "identical": {"x": np.repeat(x[:1], 64, 0), "y": y},
         "one_hot": {"x": x, "y": np.eye(3)[y]},
+        "zero_size": {"x": np.zeros((64, 1, 0, 8), np.uint8), "y": y},
+        "wide_ints": {"x": x.astype(np.int64) * 4, "y": y},
+        "float_255": {"x": x.astype(np.float32), "y": y},
+        "float_normalised": {"x": (x.astype(np.float32) / 255 - 0.5) / 0.25, "y": y},
     }
     for name, arrays in layout.items():
         np.savez(d / f"{name}.npz", **arrays)
@@ -92,6 +108,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
         _idx(folder / "train-labels-idx1-ubyte.gz", labels)
         _idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
         _idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    (d / "idx_corrupt").mkdir()
+    gray = np.random.default_rng(5).integers(0, 4, (100, 28, 28)) * 64  # compressible: deflate codes, not stored
+    _idx(d / "idx_corrupt" / "train-images-idx3-ubyte.gz", gray)
+    whole = bytearray((d / "idx_corrupt" / "train-images-idx3-ubyte.gz").read_bytes())
+    whole[2000:2100] = bytes(b ^ 0xFF for b in whole[2000:2100])  # damaged deflate data, intact gzip header
+    (d / "idx_corrupt" / "train-images-idx3-ubyte.gz").write_bytes(bytes(whole))
+    _idx(d / "idx_corrupt" / "train-labels-idx1-ubyte.gz", np.arange(100) % 10)
     from PIL import Image
 
     for name, junk in (("zero_byte", b""), ("garbage", b"\x89PNG but not really" * 10)):
@@ -100,6 +123,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(d / name / c / f"{i}.png")
         (d / name / "a" / "broken.png").write_bytes(junk)
+    shutil.copytree(d / "garbage", d / "bomb", ignore=shutil.ignore_patterns("broken.png"))
+    (d / "bomb" / "a" / "bomb.png").write_bytes(_png_header(15000, 15000))
     for split, classes in (("train", "ab"), ("val", "ac")):  # val/c would get train/b's label by position
         for c in classes:
             (d / "val_unknown" / split / c).mkdir(parents=True)
@@ -242,6 +267,10 @@ DATA_CASES = {
     "npz of identical images": ("identical.npz", "64 images that are all identical"),
     "npz one-hot labels": ("one_hot.npz", "y.argmax(axis=1)"),
     "val class folder unknown to training": ("val_unknown", "class folders c that"),
+    "npz images with a zero-sized dimension": ("zero_size.npz", "(64, 1, 0, 8) have a dimension of size 0"),
+    "npz integer pixels beyond 255": ("wide_ints.npz", "integer pixels must be 8-bit values 0..255, found 0..1016"),
+    "npz float pixels 0..255": ("float_255.npz", "float images must lie in [0, 1], found 0..254; divide by 255"),
+    "npz float pixels normalised": ("float_normalised.npz", "found -2..1.98431; scale them, un-normalised, to [0, 1]"),
 }
 
 CHECKPOINT_CASES = {
@@ -537,7 +566,32 @@ def test_corrupt_or_inconsistent_data_is_one_error(case, files, cli):
     assert_refused(cli(*TRAIN, "--data", files["root"] / name, "--out", out), needle, before, files["root"])
 
 
-@pytest.mark.parametrize("name,needle", [("idx_count", "30 images but 20 labels"), ("idx_label", "only 10 classes")])
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.uint16, np.uint32])
+def test_integer_pixels_within_0_255_read_as_uint8(dtype, files, tmp_path):
+    """A careless astype keeps the pixel values: every data path divides them by 255 as for uint8."""
+    from slim2deploy.model.data import load_dataset
+
+    arrays = dict(np.load(files["root"] / "ok.npz"))
+    np.savez(tmp_path / "wide.npz", x=arrays["x"].astype(dtype), y=arrays["y"])
+    as_uint8, wide = load_dataset(str(files["root"] / "ok.npz")), load_dataset(str(tmp_path / "wide.npz"))
+    assert torch.equal(as_uint8.x, wide.x) and as_uint8.mean == wide.mean and as_uint8.std == wide.std
+
+
+@pytest.mark.parametrize("loader", [[], ["--stream", "--workers", "0"]])
+def test_a_decompression_bomb_is_one_error_in_memory_and_streamed(loader, files, cli):
+    before = _snapshot(files["root"])
+    args = [*TRAIN, "--data", files["root"] / "bomb", "--out", files["root"] / "t.pt", *loader]
+    assert_refused(cli(*args), "bomb.png is not a readable image (Image size (225000000 pixels)", before, files["root"])
+
+
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("idx_count", "30 images but 20 labels"),
+        ("idx_label", "only 10 classes"),
+        ("idx_corrupt", "train-images-idx3-ubyte.gz is not a readable IDX file"),
+    ],
+)
 def test_inconsistent_idx_files_are_refused(name, needle, files, cli):
     before = _snapshot(files["root"])
     args = [*TRAIN, "--data", "fashion-mnist", "--data-dir", files["root"] / name, "--out", files["root"] / "t.pt"]
@@ -652,6 +706,33 @@ def test_diverging_training_stops_without_saving(files, cli):
     before = _snapshot(files["root"])
     args = [*TRAIN, "--data", files["root"] / "ok.npz", "--out", files["root"] / "t.pt", "--lr", "1e30"]
     assert_refused(cli(*args), "training diverged", before, files["root"])
+
+
+FINETUNE_ONE_EPOCH = [
+    "finetune",
+    "--model",
+    "{ckpt}",
+    "--data",
+    "{root}/ok.npz",
+    "--out",
+    "{root}/f.pt",
+    "--epochs",
+    "1",
+]
+
+
+@pytest.mark.parametrize(
+    "command,needle",
+    [
+        # inputs near 1e30: every step's loss is finite, BatchNorm's running_var overflows (a file the loader refuses)
+        ([*NPZ_TRAIN, "--mean", "0.5", "--std", "1e-30"], "'features.1.running_var' (8,) holds infinity"),
+        ([*FINETUNE_ONE_EPOCH, "--batch-size", "16", "--lr", "1e4"], "The learning rate (10000) is"),
+    ],
+)
+def test_training_that_leaves_non_finite_tensors_saves_nothing(command, needle, files, cli):
+    before = _snapshot(files["root"])
+    line = assert_refused(cli(*_args(command, files)), "training diverged", before, files["root"])
+    assert needle in line and "is likely too high" in line
 
 
 def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
@@ -868,9 +949,11 @@ def misfit(files) -> dict[str, Path]:
     x = rng.integers(0, 255, (32, 1, 8, 8)).astype(np.uint8)
     np.savez(d / "ten_classes.npz", x=x, y=np.arange(32) % 10)
     np.savez(d / "rgb.npz", x=x.repeat(3, 1), y=np.arange(32) % 3)
+    np.savez(d / "rgb_2x2.npz", x=x.repeat(3, 1)[:, :, :2, :2], y=np.arange(32) % 3)
     np.savez(d / "huge_label.npz", x=x, y=np.where(np.arange(32) == 0, 2**40, np.arange(32) % 3))
     calib = rng.standard_normal((8, 1, 8, 8)).astype(np.float32)
     np.savez(d / "calib_ok.npz", x=calib)
+    np.savez(d / "calib_other.npz", x=calib, mean=np.zeros(1, np.float32), std=np.ones(1, np.float32))
     (d / "inbuild").mkdir()
     (d / "inbuild" / "m.pt").write_bytes(files["ckpt"].read_bytes())
     torch.save(load_checkpoint(files["ckpt"]).state_dict, d / "sd.pt")
@@ -900,6 +983,28 @@ MISFIT_CASES = {
     "calib for a model from 3-channel data": (
         ["calib", "--model", "{ckpt}", "--data", "{root}/rgb.npz", "--n", "8", "--out", "{root}/c.npz"],
         "(3, 8, 8)",
+    ),
+    "train a model on images smaller than its first kernel": (
+        [
+            "train",
+            "--arch",
+            "torchvision:squeezenet1_0",
+            "--data",
+            "{root}/rgb_2x2.npz",
+            "--out",
+            "{root}/t.pt",
+            "--batch-size",
+            "8",
+        ],
+        "the model does not run on (3, 2, 2) images (C, H, W): Calculated padded input size",
+    ),
+    "export int8 with a calibration set normalised for another model": (
+        [*INT8[:-1], "{root}/calib_other.npz"],
+        "calib_other.npz records mean [0.] but the model's mean is [0.5]",
+    ),
+    "build int8 with a calibration set normalised for another model": (
+        [*RATIO_BUILD, "--precision", "int8", "--calib", "{root}/calib_other.npz"],
+        "re-make it with 'slim2deploy calib --model MODEL'",
     ),
     "a label that is no class index": (
         [*TRAIN, "--data", "{root}/huge_label.npz", "--out", "{root}/t.pt"],

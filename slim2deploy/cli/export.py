@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     check_opset(args.opset)
     ckpt = with_input_shape(load_checkpoint(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.model)
     model = model_from_checkpoint(ckpt, trust_code=args.trust_pickle)
-    calib_x = load_calib(args.calib, ckpt.input_shape) if args.calib else None
+    calib_x = load_calib(args.calib, ckpt.input_shape, ckpt.stats) if args.calib else None
     eval_x = eval_y = None
     if args.eval_data and args.precision == "int8":
         from slim2deploy.model.data import load_dataset

@@ -93,6 +93,13 @@ class Checkpoint:
     def is_pruned(self) -> bool:
         return self.plan is not None
 
+    @property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The per-channel (mean, std) the model's inputs are normalised with; None where not recorded."""
+        if "mean" not in self.meta:
+            return None
+        return tuple(map(float, self.meta["mean"])), tuple(map(float, self.meta["std"]))
+
 
 def _plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
@@ -156,8 +163,12 @@ def _stats_problems(meta: dict[str, Any], channels: int) -> list[str]:
     return problems
 
 
-def check_tensors(state: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights with NaN or infinity, or a BatchNorm running_var below zero: they give silent garbage."""
+def tensor_fault(state: dict[str, torch.Tensor]) -> str | None:
+    """What makes weights unusable, if anything: NaN or infinity, or a BatchNorm running_var below zero.
+
+    Shared by the checkpoint loader and the training loop, so a tensor a diverged run would save is
+    exactly one the loader would refuse.
+    """
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
@@ -165,16 +176,20 @@ def check_tensors(state: dict[str, torch.Tensor], source: str) -> None:
         if not bool(finite.all()):
             bad = tensor[~finite]
             kinds = " and ".join(k for k, n in (("NaN", bad.isnan().sum()), ("infinity", bad.isinf().sum())) if n)
-            raise SlimError(
-                f"{source}: tensor {name!r} {tuple(tensor.shape)} holds {kinds} ({bad.numel()} of "
-                f"{tensor.numel()} values); the weights are damaged (edited, or saved from a diverged run): "
-                "re-create the file or use an earlier one"
-            )
+            return f"tensor {name!r} {tuple(tensor.shape)} holds {kinds} ({bad.numel()} of {tensor.numel()} values)"
         if name.endswith("running_var") and bool((tensor < 0).any()):
-            raise SlimError(
-                f"{source}: tensor {name!r} {tuple(tensor.shape)} has negative values, which a BatchNorm variance "
-                "cannot have; the weights are damaged (edited?): re-create the file or use an earlier one"
-            )
+            return f"tensor {name!r} {tuple(tensor.shape)} has negative values, which a BatchNorm variance cannot have"
+    return None
+
+
+def check_tensors(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse damaged weights (see ``tensor_fault``): they give silent garbage."""
+    fault = tensor_fault(state)
+    if fault is not None:
+        raise SlimError(
+            f"{source}: {fault}; the weights are damaged (edited, or saved from a diverged run): "
+            "re-create the file or use an earlier one"
+        )
 
 
 def _kind(tensor: torch.Tensor) -> str:

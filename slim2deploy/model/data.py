@@ -6,7 +6,8 @@ Sources (``--data``):
 - a directory of images: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or class folders
   directly, split 90/10 by a fixed seed); labels follow the training class folders by name.
 - a ``.npz`` file with ``x_train, y_train, x_val, y_val`` (or ``x, y``, split 90/10); ``x`` is
-  N x C x H x W (or N x H x W), uint8 in [0, 255] or float already scaled to [0, 1].
+  N x C x H x W (or N x H x W), uint8 in [0, 255] (or any integer dtype within 0..255) or float
+  already scaled to [0, 1]; anything else is refused (``check_pixels``).
 
 Everything is small enough to sit in memory, which keeps the training loop simple and makes
 distributed sharding and augmentation exactly reproducible (see ``batches``).
@@ -100,10 +101,13 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
         raise SlimError(f"{source}: {len(x)} images but {len(y)} labels; every image needs exactly one label")
     if len(y) == 0:
         raise SlimError(f"{source}: no images")
+    if 0 in x.shape:
+        raise SlimError(f"{source}: images of shape {x.shape} have a dimension of size 0; every image needs pixels")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise SlimError(f"{source}: images have dtype {x.dtype}; use uint8 pixels or float values in [0, 1]")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise SlimError(f"{source}: images contain NaN or infinite values; fix or drop those images")
+    check_pixels(x, source)
     check_varied(x, source)
     if np.issubdtype(y.dtype, np.floating):
         if not (np.isfinite(y).all() and (y == np.round(y)).all()):
@@ -120,6 +124,33 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, num_classes: int | N
     if num_classes is not None and high >= num_classes:
         raise SlimError(f"{source}: label {high} but only {num_classes} classes (indices 0..{num_classes - 1})")
     return y.astype(np.int64)
+
+
+def check_pixels(x: np.ndarray, source: str) -> None:
+    """One pixel rule for every source (see ``to_unit``): integers are 8-bit values 0..255, floats lie in [0, 1].
+
+    Integers of any dtype within 0..255 are the same numbers as uint8 and are read as such (an
+    ``astype(np.int64)`` changes nothing). Anything else would be a guess: 0..255 floats used as
+    they are give a model 255 times the inputs it was trained for, silently (46% instead of 92%).
+    """
+    low, high = x.min().item(), x.max().item()
+    if np.issubdtype(x.dtype, np.integer):
+        if low < 0 or high > 255:
+            raise SlimError(
+                f"{source}: integer pixels must be 8-bit values 0..255, found {low}..{high}; "
+                "scale them to 0..255 and cast to uint8"
+            )
+    elif low < 0 or high > 1:
+        looks_8bit = low >= 0 and high <= 255
+        hint = "divide by 255 (or cast to uint8)" if looks_8bit else "scale them, un-normalised, to [0, 1]"
+        raise SlimError(f"{source}: float images must lie in [0, 1], found {low:g}..{high:g}; {hint}")
+
+
+def to_unit(x: np.ndarray) -> torch.Tensor:
+    """Pixels that passed ``check_pixels`` as float32 in [0, 1]: integers are divided by 255, floats kept."""
+    if np.issubdtype(x.dtype, np.integer):
+        return torch.from_numpy(x.astype(np.float32)) / 255.0
+    return torch.from_numpy(x.astype(np.float32))
 
 
 def check_layout(shape: tuple[int, ...], source: str) -> None:
@@ -170,7 +201,7 @@ def _read_idx(path: Path) -> np.ndarray:
         shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return array.reshape(shape)
-    except (OSError, ValueError, struct.error, EOFError) as exc:
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as exc:  # zlib.error: damaged .gz contents
         raise SlimError(f"{path} is not a readable IDX file ({exc}); reinstall dataset-fashion-mnist") from exc
 
 
@@ -195,8 +226,7 @@ def check_stats(stats: Stats, shape: tuple[int, ...], source: str) -> None:
 
 
 def _normalise(x: np.ndarray, stats: Stats, source: str) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
-    t = torch.from_numpy(np.array(x, copy=True))
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    t = to_unit(x)
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
+from slim2deploy.model.checkpoint import tensor_fault
 from slim2deploy.model.data import batches
 from slim2deploy.model.folder import AnyData, FolderData
 
@@ -399,15 +400,20 @@ def fit(
         train_loss, train_acc, lr = train_one_epoch(
             net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc
         )
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
-            raise SlimError(
-                f"training diverged: {bad[0]} has NaN or infinite weights after epoch {epoch + 1}; nothing was "
-                "saved for this epoch. Lower --lr or --sparsity"
-            )
+        # buffers too: a huge --sparsity can leave the weights finite but blow up BatchNorm's running_var,
+        # which the checkpoint loader would then refuse (and inference turns into garbage)
+        fault = tensor_fault(model.state_dict())
         val_loss, val_acc = (float("nan"), float("nan"))
-        if val_ds is not None and info.is_main:
+        if fault is None and val_ds is not None and info.is_main:
             val_loss, val_acc = evaluate(model, val_ds, cfg.eval_batch_size, info.device)
+            if not math.isfinite(val_loss):
+                fault = f"the validation loss is {val_loss}"
+        if fault is not None:
+            cause = f"The learning rate ({cfg.lr:g})" + (f" or the sparsity ({cfg.sparsity:g})" if cfg.sparsity else "")
+            raise SlimError(
+                f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "
+                f"{cause} is likely too high: lower it, or check the data and --mean/--std for extreme values"
+            )
         result = EpochResult(
             epoch=epoch + 1,
             lr=lr,

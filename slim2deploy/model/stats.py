@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.model.checkpoint import first_line
 
 
 @dataclass
@@ -93,8 +94,9 @@ def check_memory(needed: int, flag: str, value: object, what: str) -> None:
 def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Bytes one image needs at once in a forward pass, at least: the largest input plus output of
     any layer, from one forward pass of a batch of one (on the meta device it would cost no memory
-    but import torch._dynamo, two seconds a process). 0 for a model that does not run at this shape:
-    the run's own errors stand."""
+    but import torch._dynamo, two seconds a process). That pass is also the one general check that the
+    model takes images of this shape (too small for its pooling, another channel count): refused here,
+    before any work, instead of as a traceback from deep inside training."""
     largest = 0
 
     def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> None:
@@ -111,8 +113,11 @@ def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device))
-    except Exception:  # noqa: BLE001 - a model that does not run here: no estimate, the run's own errors stand
-        return 0
+    except Exception as exc:  # noqa: BLE001 - whatever a model raises for inputs it cannot take
+        raise SlimError(
+            f"the model does not run on {tuple(input_shape)} images (C, H, W): {first_line(exc)}; give images "
+            "of the size and channel count it takes (for a folder, --image-size)"
+        ) from exc
     finally:
         model.train(was_training)
         for h in handles:

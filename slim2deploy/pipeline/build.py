@@ -194,7 +194,7 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
     if isinstance(cfg.selection, Budget):
         check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
-    calib_x = load_calib(cfg.calib, ckpt.input_shape) if cfg.calib else None
+    calib_x = load_calib(cfg.calib, ckpt.input_shape, ckpt.stats) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
     if eval_ds is not None:
         source = cfg.data or str(ckpt.meta.get("dataset"))
