@@ -88,3 +88,33 @@ def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path
         holder.wait()
     assert sorted(p.name for p in out.iterdir()) == [".lock", "slim.onnx"]
     assert (out / "slim.onnx").read_bytes() == b"from the first build"
+
+
+def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_pruning(tmp_path: Path) -> None:
+    """The fine-tune batch is checked before the prune stage: its images alone (a lower bound for any
+    slim model) must fit in memory. A streamed folder of tiny files, read at a large size, has enough."""
+    import numpy as np
+    from PIL import Image
+
+    from slim2deploy.base.environment import physical_memory
+    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+    from slim2deploy.model.zoo import create_model
+
+    side, ram = 2048, physical_memory()
+    assert ram is not None
+    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.0625}
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "preprocess": {"stream": True, "image_size": side, "crop": side}}
+    ckpt = checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, side, side), 2, meta=meta)
+    model = save_checkpoint(ckpt, tmp_path / "big.pt")
+    first = tmp_path / "one.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(first)
+    n = 2 * ram // (3 * side * side * 4) + 2  # images enough for one batch of twice the memory
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(n // 2 + 1):
+            os.link(first, tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--ratio", "0.5", "--out", str(out), "--no-bench", "--engine", "off"]
+    flags = ["--finetune-epochs", "1", "--data", str(tmp_path / "data"), "--batch-size", str(10 * n)]
+    _one_error(run_cli("build", *args, *flags), "--batch-size")
+    assert not out.exists()

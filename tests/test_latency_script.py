@@ -145,3 +145,21 @@ def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_pa
     assert runner["options"]["folded_conv_bn"] == 8  # every conv of VGG-11 is followed by its BatchNorm
     usage = run_script("--help").stdout
     assert "{" + ",".join(device_choices()) + "}" in usage and "{" + ",".join(TORCH_MODES) + "}" in usage
+
+
+@pytest.mark.parametrize("share", [2.0, 0.5])
+def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, tmp_path, share):
+    """--batch N on an .onnx: refused when one tensor of the batch alone exceeds the memory: the input
+    (share 2: twice the memory) or, where the input would fit (share 0.5), an activation of the graph
+    that onnx shape inference sizes. Nothing is written."""
+    from test_runtime import SAMPLE
+
+    base, _ = models
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    batch = int(share * ram / (4 * SAMPLE[0] * SAMPLE[1] * SAMPLE[2]))
+    out = tmp_path / "r.json"
+    proc = run_script(str(base), "--batch", f"1,{batch}", *FAST, "--json", str(out))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: --batch {batch}: one batch through")
+    assert "use a smaller --batch" in proc.stderr and "batch 1: warm-up" not in proc.stderr
+    assert not out.exists()

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slim2deploy.base.errors import SlimError
+
 # library -> the distributions that provide it, preferred first
 DISTRIBUTIONS = {
     "numpy": ("numpy",),
@@ -105,3 +107,21 @@ def tensorrt_version() -> str | None:
     except ImportError:
         return None
     return getattr(trt, "__version__", None)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, flag: str, value: object, what: str) -> None:
+    """Refuse, before allocating, a flag value whose ``needed`` bytes (a lower bound) exceed the RAM."""
+    total = physical_memory()
+    if total is not None and needed > total:
+        raise SlimError(
+            f"{flag} {value}: {what} needs at least {needed / 2**30:,.1f} GiB, but this machine has "
+            f"{total / 2**30:,.1f} GiB of memory; use a smaller {flag}"
+        )

@@ -77,3 +77,54 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
             k = a[0] if trans_a and node.op_type == "Gemm" else a[-1]
             macs += math.prod(out) * k
     return {"params": int(params), "macs": int(macs // batch)}
+
+
+def batch_bytes(path: str | os.PathLike[str]) -> tuple[int | None, int] | None:
+    """(the input's static batch or None, bytes per sample of the largest single tensor) of an ONNX graph.
+
+    The tensor is the input or, from onnx shape inference, the largest activation whose first
+    dimension is the input's dynamic batch and whose other dimensions are known: a lower bound on
+    what one sample needs at once (weights and tensors of unknown size are left out). A static-batch
+    graph counts its input only. None without onnx or for a file onnx cannot read (the runtime
+    then says what is wrong); the weights themselves are never loaded.
+    """
+    try:
+        import onnx
+        from onnx import helper, shape_inference
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnx raises protobuf and OS errors of several types
+        return None
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+        return None
+
+    def per_sample(v: onnx.ValueInfoProto) -> int | None:
+        t = v.type.tensor_type
+        rest = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim[1:]]
+        if not t.shape.dim or min(rest, default=1) < 1 or t.elem_type == 0:
+            return None
+        return math.prod(rest) * helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+
+    inp = inputs[0]
+    first = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
+    own = per_sample(inp)
+    if own is None or first is None:
+        return None
+    if first.HasField("dim_value") and first.dim_value > 0:
+        return first.dim_value, own
+    batch = first.dim_param or "slim2deploy_batch"
+    first.dim_param = batch
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - without shapes the input alone is the bound
+        return None, own
+    largest = own
+    for v in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param == batch and (size := per_sample(v)) is not None:
+            largest = max(largest, size)
+    return None, largest

@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
+from slim2deploy.deploy.onnx_info import batch_bytes
 from slim2deploy.measure.environment import environment
 from slim2deploy.measure.memory import peak_rss
 from slim2deploy.measure.results import BatchResult, Comparison, LatencyStats, ModelResult, ModelSize, Speedup
 from slim2deploy.runtime.base import Runner
-from slim2deploy.runtime.registry import open_runner
+from slim2deploy.runtime.registry import open_runner, runner_kind
 
 
 def _file_bytes(path: Path) -> int:
@@ -169,6 +171,21 @@ def _check_same_input(runners: Sequence[Runner]) -> None:
             )
 
 
+def check_onnx_batches(paths: Sequence[Path], batches: Sequence[int], flag: str = "--batch") -> None:
+    """Refuse, before any session is made, a batch whose largest single tensor in an ONNX graph (its
+    input, or an activation onnx shape inference sizes) exceeds the memory: a lower bound, so
+    nothing that fits is refused. A static-batch graph is checked at its own batch only (it skips
+    the others)."""
+    for path in paths:
+        if runner_kind(path) != "onnx" or (found := batch_bytes(path)) is None:
+            continue
+        static, per_sample = found
+        runs = [b for b in batches if static is None or b == static]
+        if runs:
+            what = f"one batch through {path.name} (its largest tensor, {per_sample:,} bytes a sample)"
+            check_memory(max(runs) * per_sample, flag, max(runs), what)
+
+
 def benchmark(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -181,13 +198,15 @@ def benchmark(
     names: Sequence[str] | None = None,
     measure_rss: bool = True,
     log: Callable[[str], None] | None = None,
+    batch_flag: str = "--batch",
     **runner_options: Any,
 ) -> Comparison:
     """Measure every model in ``paths`` (plus ``baseline``, placed first) interleaved.
 
     ``runner_options`` go to ``open_runner`` (device, threads, opt_level, precision,
     mode, channels_last, cuda_graph, ...). Batches a model cannot run (an engine's profile) are
-    recorded as skipped for that model.
+    recorded as skipped for that model. ``batch_flag`` names the batches in the message refusing one
+    too large for the memory.
     """
     all_paths = [Path(p) for p in paths]
     if baseline is not None:
@@ -201,6 +220,7 @@ def benchmark(
     model_names = list(names) if names else _unique_names(all_paths)
     if len(model_names) != len(all_paths):
         raise SlimError(f"got {len(model_names)} names for {len(all_paths)} models")
+    check_onnx_batches(all_paths, batches, batch_flag)
     runners = [open_runner(p, **runner_options) for p in all_paths]
     try:
         for r in runners:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import first_line
 
@@ -71,24 +71,6 @@ def layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[LayerCost
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of convs and linears for one sample (FLOPs ~= 2 x MACs)."""
     return sum(c.macs for c in layer_costs(model, example_input))
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM on this machine, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(needed: int, flag: str, value: object, what: str) -> None:
-    """Refuse, before allocating, a flag value whose ``needed`` bytes (a lower bound) exceed the RAM."""
-    total = physical_memory()
-    if total is not None and needed > total:
-        raise SlimError(
-            f"{flag} {value}: {what} needs at least {needed / 2**30:,.1f} GiB, but this machine has "
-            f"{total / 2**30:,.1f} GiB of memory; use a smaller {flag}"
-        )
 
 
 def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.stats import check_memory, count_params
+from slim2deploy.model.stats import count_params
 
 VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from slim2deploy.base.cache import Shape, StageCache, exclusive_dir, stage_key
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text, sha256_file
 from slim2deploy.deploy.calib import load_calib
@@ -194,6 +195,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
     if isinstance(cfg.selection, Budget):
         check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
+    if cfg.finetune_epochs:
+        check_finetune_batch(cfg, ckpt)
     calib_x = load_calib(cfg.calib, ckpt.input_shape, ckpt.stats) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
     if eval_ds is not None:
@@ -210,6 +213,21 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
         ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
         _digest(check_x), _digest(measured_on, eval_y),
     )  # fmt: skip
+
+
+def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> None:
+    """Refuse, before pruning, fine-tuning data that does not fit the model and a ``--batch-size`` whose
+    images alone exceed the memory. The slim model is not known yet, so only its input counts (a lower
+    bound: nothing that fits is refused); fine-tuning checks the whole batch through the slim model."""
+    assert cfg.data is not None  # validate() insists on it
+    stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
+    opts = data_options(ckpt.meta, None, None, None, cfg.seed)
+    train_ds = load_data(cfg.data, "train", cfg.data_dir, opts.pop("image_size"), stats, **opts)
+    train_ds = train_ds.subset(cfg.limit_train)
+    check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, cfg.data, ckpt.meta.get("classes"))
+    batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has
+    image = math.prod(ckpt.input_shape) * 4  # float32
+    check_memory(image * batch, "--batch-size", cfg.batch_size, f"one batch of {batch:,} float32 images")
 
 
 def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
@@ -409,7 +427,7 @@ def bench_stage(run: Run, baseline: Path, slim: Path) -> dict[str, Any] | None:
         run.stage(6, "bench", f"ONNX Runtime CPU, batches {list(cfg.bench_batches)}, baseline vs slim interleaved ...")
         comparison = benchmark.compare(
             baseline, slim, batches=cfg.bench_batches, iterations=cfg.bench_iterations, rounds=cfg.bench_rounds,
-            warmup_s=cfg.bench_warmup_s, threads=cfg.threads, device="cpu",
+            warmup_s=cfg.bench_warmup_s, threads=cfg.threads, device="cpu", batch_flag="--bench-batch",
         )  # fmt: skip
         write_reports(comparison, out, stem="benchmark")
 
