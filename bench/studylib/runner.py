@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slim2deploy.base.cache import StageCache, stage_key
@@ -41,6 +42,13 @@ from studylib.latency import LatencyStudy
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = ROOT / "calib" / "fashion-mnist-512.npz"
+
+
+def calib_for(checkpoint: Path, calib: Path = CALIB) -> np.ndarray:
+    """The calibration set checked against the model's checkpoint as 'slim2deploy export --calib' checks it:
+    its input shape and its mean/std, so a set normalised for another model is refused, not used."""
+    ckpt = load_checkpoint(checkpoint)
+    return load_calib(calib, ckpt.input_shape, ckpt.stats)
 
 
 class Study:
@@ -223,7 +231,8 @@ class Study:
         return rows
 
     def export_all(self, rows: list[Row], models: dict[str, torch.nn.Module]) -> None:
-        calib_x = load_calib(CALIB, tuple(self.train_ds.input_shape))
+        # every set is checked before the first export, each against its own model
+        calib = {r.name: calib_for(self.checkpoints[r.name]) for r in rows if r.name in models}
         x, y = self.val_ds.x.numpy(), self.val_ds.y.numpy()
         for row in rows:
             if row.name not in models:
@@ -231,7 +240,9 @@ class Study:
             fp32 = self.dir / f"{row.name}.onnx"
             files = [variant_path(fp32, p) for p in ("fp32", "fp16", "int8")]
 
-            def export(model: torch.nn.Module = models[row.name], fp32: Path = fp32) -> dict[str, Any]:
+            def export(
+                model: torch.nn.Module = models[row.name], fp32: Path = fp32, calib_x: np.ndarray = calib[row.name]
+            ) -> dict[str, Any]:
                 got = export_variants(model, self.example, fp32, ("fp32", "fp16", "int8"), x, y, calib_x=calib_x)
                 fp16, int8 = got["fp16"], got["int8"]
                 return {"bytes": got["fp32"]["bytes"], "fp32": fp16["reference_accuracy"], "fp16": fp16["accuracy"],
