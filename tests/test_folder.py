@@ -179,3 +179,30 @@ def test_val_labels_follow_the_training_classes_by_name(tmp_path):
     Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(tmp_path / "val" / "d" / "0.png")
     with pytest.raises(SlimError, match="class folders d that .*train lacks"):
         load_data(str(tmp_path), "val")
+
+
+def test_every_listed_format_is_read_and_other_files_are_named_in_one_note(tmp_path):
+    """PNG, JPEG, BMP, GIF, TIFF and WebP images are all read; a text or JSON file beside them is skipped
+    with one note by extension, a hidden file (macOS '._x.png' junk included) silently."""
+    from conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    formats = [".png", ".jpg", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
+    for c in ("a", "b"):
+        d = tmp_path / "data" / "train" / c
+        d.mkdir(parents=True)
+        for i, ext in enumerate(formats):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(d / f"{i}{ext}")
+        (d / "._0.png").write_bytes(b"AppleDouble, not a PNG")
+        (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "data" / "train" / "a" / "labels.txt").write_text("a\n")
+    (tmp_path / "data" / "train" / "b" / "notes.txt").write_text("b\n")
+    (tmp_path / "data" / "train" / "b" / "meta.json").write_text("{}")
+    out = tmp_path / "c.npz"
+    n = 2 * len(formats)
+    proc = run_cli("calib", "--data", str(tmp_path / "data"), "--n", str(n), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("note: skipped 3 files under "), proc.stderr
+    assert "that are not images (.txt: 2, .json: 1); the loader reads .bmp, .gif" in notes[0]
+    assert np.load(out)["x"].shape == (n, 3, 8, 8)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,10 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# what a folder loader reads (Pillow opens each as a still image; a GIF's first frame); other files are
+# skipped with one note saying how many, hidden files (".DS_Store", "._x.png") silently
+IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+_NOTED: set[tuple[Path, str]] = set()  # (folder, note) already printed: one note per folder and process
 
 
 @dataclass
@@ -308,17 +313,35 @@ def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[st
                 f"{base} has class folders {', '.join(unknown)} that {train_base} lacks; labels follow the "
                 f"training classes ({', '.join(classes)}): rename or remove those folders"
             )
-    files = [
-        (p, classes.index(c))
-        for c in _class_folders(base)
-        for p in sorted((base / c).iterdir())
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    files, skipped = [], Counter[str]()
+    for c in _class_folders(base):
+        for p in sorted((base / c).iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((p, classes.index(c)))
+            elif p.is_file():
+                skipped[p.suffix.lower() or "no extension"] += 1
+    _note_skipped(base, skipped)
     if not files:
         raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
     if base == root:
         files = [files[i] for i in _split_90_10(len(files), split, root)]
     return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
+
+
+def _note_skipped(base: Path, skipped: Counter[str]) -> None:
+    """One stderr line per folder naming the files a loader does not read, by extension."""
+    if not skipped:
+        return
+    n = sum(skipped.values())
+    kinds = ", ".join(f"{ext}: {count}" for ext, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    reads = ", ".join(sorted(IMAGE_EXTENSIONS))
+    files = f"{n} file{'s' * (n != 1)}"
+    note = f"note: skipped {files} under {base} that are not images ({kinds}); the loader reads {reads}"
+    if (base, note) not in _NOTED:
+        _NOTED.add((base, note))
+        print(note, file=sys.stderr)
 
 
 def open_rgb(path: Path) -> Any:
