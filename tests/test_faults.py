@@ -672,6 +672,23 @@ def test_a_build_rerun_with_other_settings_removes_the_earlier_runs_other_output
     assert not [k for k in json.loads((tmp_path / "b" / "build.json").read_text()) if k.startswith("fp16")]
 
 
+def test_a_build_rerun_keeps_an_earlier_output_the_user_changed_since(files, cli, tmp_path):
+    """An output of the earlier settings that was edited since is the user's now: kept, and said so."""
+    args = ["build", "--model", files["ckpt"], "--out", tmp_path / "b", "--no-bench", "--engine", "off"]
+    assert cli(*args, "--ratio", "0.5", "--precision", "fp32,fp16")[0] == 0
+    edited = tmp_path / "b" / "slim.fp16.onnx"
+    edited.write_bytes(edited.read_bytes() + b"edited")
+    status, out, err = cli(*args, "--ratio", "0.3", "--precision", "fp32")
+    assert status == 0, err
+    line = [ln for ln in out.splitlines() if "earlier build" in ln]
+    assert line == [
+        "removed baseline.fp16.onnx: written by an earlier build of other settings, not by this one; "
+        "kept slim.fp16.onnx: written by an earlier build of other settings, but changed since"
+    ]
+    assert edited.read_bytes().endswith(b"edited") and not (tmp_path / "b" / "baseline.fp16.onnx").exists()
+    assert "slim.fp16.onnx" not in (tmp_path / "b" / "build.json").read_text()  # no longer the build's
+
+
 def test_build_engine_require_without_tensorrt_is_refused_before_any_work(files, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now fails, even on a GPU machine
     before = _snapshot(files["root"])

@@ -126,24 +126,30 @@ class StageCache:
         self.done(stage, key, outputs, info)
         return info, True
 
-    def drop_unused(self) -> list[str]:
-        """Forget the stages this run did not reach and delete the files only they wrote; their names.
+    def drop_unused(self) -> tuple[list[str], list[str]]:
+        """Forget the stages this run did not reach and delete the files only they wrote; returns the
+        names deleted and the names kept because they changed since (edited or replaced by the user:
+        their sha256 is no longer the one recorded, so they are no longer the build's to delete).
 
         Call it when a run has finished: an output of an earlier run's settings (an fp16 graph of
         another pruning ratio, say) would otherwise sit beside this run's outputs as if it were one.
         """
         kept = {name for stage in self.used for name in self.data[stage]["outputs"]}
         unused = [entry for stage, entry in self.data.items() if stage not in self.used]
-        removed = []
+        removed, changed = [], []
         for name in sorted({name for entry in unused for name in entry["outputs"]} - kept):
             path = self.path.parent / name
-            if path.is_file():
+            if not path.is_file():
+                continue
+            if sha256_file(path) in {entry["outputs"].get(name) for entry in unused}:
                 path.unlink()
                 removed.append(name)
+            else:
+                changed.append(name)
         if unused:
             self.data = {stage: entry for stage, entry in self.data.items() if stage in self.used}
             atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
-        return removed
+        return removed, changed
 
 
 @contextlib.contextmanager

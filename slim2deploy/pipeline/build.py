@@ -485,7 +485,12 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         bench = bench_stage(run, out / "baseline.onnx", out / "slim.onnx")
         parts = {"exports": exports, "precision": precision, "engines": engines, "benchmark": bench, "artifacts": onnx}
         report_stage(run, slim_model, parts)
-        removed = run.cache.drop_unused()
+        removed, changed = run.cache.drop_unused()
+        said = []
         if removed:
-            log(f"removed {', '.join(removed)}: written by an earlier build of other settings, not by this one")
+            said.append(f"removed {', '.join(removed)}: written by an earlier build of other settings, not by this one")
+        if changed:
+            said.append(f"kept {', '.join(changed)}: written by an earlier build of other settings, but changed since")
+        if said:
+            log("; ".join(said))
     return run.result
