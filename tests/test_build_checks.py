@@ -118,3 +118,35 @@ def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_
     flags = ["--finetune-epochs", "1", "--data", str(tmp_path / "data"), "--batch-size", str(10 * n)]
     _one_error(run_cli("build", *args, *flags), "--batch-size")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", "{tmp}/b", "--bench-batch", f"1,{10**12}"],
+        ["profile", "--model", str(DEMO), "--out", "{tmp}/t.json", "--no-cache", "--batch", str(10**12)],
+        ["prune", "--model", str(DEMO), "--speedup", "2", "--out", "{tmp}/s.pt", "--profile-batch", str(10**12)],
+    ],
+)
+def test_a_batch_check_reuses_the_forward_pass_that_checked_the_checkpoint(tmp_path: Path, capsys, command) -> None:
+    """Rebuilding the model runs it once on one image (to check the checkpoint); the batch checks reuse
+    what that pass measured instead of running the model again. The refusal itself is unchanged."""
+    import torch
+
+    from slim2deploy.cli import main
+
+    passes = []
+
+    def whole_model(module: torch.nn.Module, _inputs: object, _out: object) -> None:
+        if type(module).__name__ == "VGG":
+            passes.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(whole_model)
+    try:
+        status = main([a.replace("{tmp}", str(tmp_path)) for a in command])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert status == 2 and "one batch through the model needs at least" in err, err
+    assert len(passes) == 1
+    assert not list(tmp_path.iterdir())

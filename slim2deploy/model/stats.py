@@ -73,12 +73,11 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     return sum(c.macs for c in layer_costs(model, example_input))
 
 
-def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Bytes one image needs at once in a forward pass, at least: the largest input plus output of
-    any layer, from one forward pass of a batch of one (on the meta device it would cost no memory
-    but import torch._dynamo, two seconds a process). That pass is also the one general check that the
-    model takes images of this shape (too small for its pooling, another channel count): refused here,
-    before any work, instead of as a traceback from deep inside training."""
+def forward_bytes(model: nn.Module, input_shape: Sequence[int]) -> tuple[object, int]:
+    """One forward pass of a zero batch of one, in eval mode without gradients: the model's output and
+    the bytes one image needs at once, at least (the largest input plus output of any layer). On the
+    meta device it would cost no memory but import torch._dynamo, two seconds a process. Whatever the
+    model raises on an input it cannot take is raised as is."""
     largest = 0
 
     def hook(_mod: nn.Module, inputs: tuple[object, ...], out: object) -> None:
@@ -94,19 +93,32 @@ def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     model.eval()  # BatchNorm in training mode refuses a batch of one
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
+            out = model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out, largest
+
+
+def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Bytes one image needs at once in a forward pass (``forward_bytes``). That pass is also the one
+    general check that the model takes images of this shape (too small for its pooling, another channel
+    count): refused here, before any work, instead of as a traceback from deep inside training."""
+    try:
+        return forward_bytes(model, input_shape)[1]
     except Exception as exc:  # noqa: BLE001 - whatever a model raises for inputs it cannot take
         raise SlimError(
             f"the model does not run on {tuple(input_shape)} images (C, H, W): {first_line(exc)}; give images "
             "of the size and channel count it takes (for a folder, --image-size)"
         ) from exc
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return largest
+
+
+def check_memory_for(per_image: int, batch: int, flag: str) -> None:
+    """Refuse a batch of images needing ``per_image`` bytes each at once that cannot be in memory."""
+    check_memory(per_image * batch, flag, batch, "one batch through the model")
 
 
 def check_batch(model: nn.Module, input_shape: Sequence[int], batch: int, flag: str) -> None:
     """Refuse a batch whose images cannot be in memory at once, before any is allocated."""
-    check_memory(image_bytes(model, input_shape) * batch, flag, batch, "one batch through the model")
+    check_memory_for(image_bytes(model, input_shape), batch, flag)

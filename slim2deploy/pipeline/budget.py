@@ -32,7 +32,6 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint
-from slim2deploy.model.stats import check_batch
 from slim2deploy.pipeline.profile import model_artifact, profile, read_table, refine
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import DEFAULT_MARGIN, LatencyTable
@@ -154,8 +153,9 @@ def prune_to_budget(
     """What ``slim2deploy prune --speedup/--latency-ms`` does; ``target`` overrides ``budget.target``."""
     rails = budget.rails
     target = target or make_target(budget.target, budget.batch, budget.precision, budget.threads)
-    ckpt, model = load_for_pruning(src, trust_code, input_shape)
-    check_batch(model, ckpt.input_shape, budget.batch, "--profile-batch")
+    ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
+    rebuilt.check_batch(budget.batch, "--profile-batch")
+    model = rebuilt.model
     x = torch.zeros(1, *ckpt.input_shape)
     traced = trace_groups(model, x, fold=fold, exact=exact)
     goal_ms = budget.latency_ms

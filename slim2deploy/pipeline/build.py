@@ -46,12 +46,12 @@ from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
-from slim2deploy.model.stats import check_batch, count_macs, count_params
+from slim2deploy.model.stats import check_memory_for, count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, check_table, prune_to_budget
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import data_options, finetune_checkpoint
-from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.rebuild import model_from_checkpoint, rebuild
 from slim2deploy.prune.select import Selection
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
@@ -173,6 +173,7 @@ class Inputs:
 
     ckpt: Checkpoint
     baseline: torch.nn.Module
+    image_bytes: int  # what one image needs at once through the baseline, from the pass that checked it
     example: torch.Tensor
     calib_x: np.ndarray | None
     eval_ds: AnyData | None
@@ -192,7 +193,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
         )
     if ckpt.is_pruned:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned sparse-trained checkpoint")
-    baseline = model_from_checkpoint(ckpt, trust_code=cfg.trust_pickle)
+    rebuilt = rebuild(ckpt, trust_code=cfg.trust_pickle)
+    baseline = rebuilt.model
     if isinstance(cfg.selection, Budget):
         check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
     if cfg.finetune_epochs:
@@ -210,7 +212,8 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     check_x = np.concatenate(parts)
     measured_on = check_x if eval_x is None else eval_x
     return Inputs(
-        ckpt, baseline, torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x, measured_on, eval_y,
+        ckpt, baseline, rebuilt.bytes_per_image(), torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x,
+        measured_on, eval_y,
         _digest(check_x), _digest(measured_on, eval_y),
     )  # fmt: skip
 
@@ -238,7 +241,7 @@ def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
     }
     for flag, batch in batches.items():
         if batch is not None:
-            check_batch(inputs.baseline, inputs.ckpt.input_shape, batch, flag)
+            check_memory_for(inputs.image_bytes, batch, flag)
 
 
 def _digest(*arrays: np.ndarray | None) -> str:

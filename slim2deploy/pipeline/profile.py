@@ -23,7 +23,6 @@ from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
-from slim2deploy.model.stats import check_batch
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.plan import PruningPlan
@@ -224,8 +223,9 @@ def profile_checkpoint(
     """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
-    ckpt, model = load_for_pruning(src, trust_code, input_shape)
-    check_batch(model, ckpt.input_shape, batch, "--batch")
+    ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
+    rebuilt.check_batch(batch, "--batch")
+    model = rebuilt.model
     traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), exact=exact)
     cells = CellCache(tgt, cache)
     table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)

@@ -10,7 +10,7 @@ from torch import nn
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
 from slim2deploy.prune.plan import PruningPlan
-from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.rebuild import Rebuilt, rebuild
 from slim2deploy.prune.select import Selection, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
@@ -32,7 +32,8 @@ def prune_checkpoint(
     A trusted pickled module (``input_shape`` given) has no architecture name to replay the plan
     on, so its slim copy is saved pickled inside the checkpoint and needs trust to load again.
     """
-    ckpt, model = load_for_pruning(src, trust_code, input_shape)
+    ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
+    model = rebuilt.model
     x = torch.zeros(1, *ckpt.input_shape)
     plan = select(trace_groups(model, x, fold=fold, exact=exact), selection)
     slim = apply_plan(model, plan)
@@ -43,15 +44,14 @@ def prune_checkpoint(
 
 def load_for_pruning(
     src: str | Path, trust_code: bool = False, input_shape: tuple[int, int, int] | None = None
-) -> tuple[Checkpoint, nn.Module]:
+) -> tuple[Checkpoint, Rebuilt]:
     """A sparse-trained checkpoint and its model; a pruned checkpoint is refused."""
     ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     if ckpt.is_pruned:
         raise SlimError(
             f"{src} is already pruned; prune the sparse-trained checkpoint it came from with a larger ratio instead"
         )
-    model = model_from_checkpoint(ckpt, trust_code=trust_code)
-    return ckpt, model
+    return ckpt, rebuild(ckpt, trust_code=trust_code)
 
 
 def save_pruned(

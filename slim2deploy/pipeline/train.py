@@ -24,10 +24,9 @@ from slim2deploy.model.loop import (
     shutdown_distributed,
 )
 from slim2deploy.model.sparsity import Masks
-from slim2deploy.model.stats import check_batch
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import pretrained_stats, split_name
-from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.rebuild import Rebuilt, rebuild
 from slim2deploy.prune.trace import prunable_masks
 
 
@@ -152,7 +151,8 @@ def train_command(
         ckpt = load_checkpoint(resume, trust_pickle=trust_code)
         check_resumed(ckpt, resume, arch, width, stats)
         resume_point = ResumePoint.of(ckpt, resume)
-        model = model_from_checkpoint(ckpt, trust_code=trust_code)
+        rebuilt = rebuild(ckpt, trust_code=trust_code)
+        model = rebuilt.model
         arch, arch_kwargs = ckpt.arch, ckpt.arch_kwargs
         stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"]))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
@@ -173,6 +173,7 @@ def train_command(
         model, arch_kwargs, report = build_with_weights(
             arch, arch_kwargs, weights=weights, pretrained=pretrained, trust_pickle=trust_code
         )
+        rebuilt = Rebuilt(model, train_ds.input_shape)  # no pass yet: the batch check below measures it
         if report is not None and info.is_main:
             tqdm.write(report.summary())
     val_ds = load_data(data, "val", data_dir, image_size, (train_ds.mean, train_ds.std), **data_kw).subset(limit_val)
@@ -181,7 +182,7 @@ def train_command(
     if val_ds.input_shape != train_ds.input_shape:
         raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
     # a batch is never more images than the data has: only what the loader will really stack is checked
-    check_batch(model, train_ds.input_shape, min(cfg.batch_size, len(train_ds)), "--batch-size")
+    rebuilt.check_batch(min(cfg.batch_size, len(train_ds)), "--batch-size")
 
     meta = {
         "dataset": train_ds.name,
@@ -260,7 +261,8 @@ def finetune_checkpoint(
     cfg.validate()  # a bad --epochs or --batch-size is refused before the data is read
     info = DistInfo(device=pick_device(device))
     ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
-    model = model_from_checkpoint(ckpt, trust_code=trust_code)
+    rebuilt = rebuild(ckpt, trust_code=trust_code)
+    model = rebuilt.model
     stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
     data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
     size = data_kw.pop("image_size")
@@ -268,7 +270,7 @@ def finetune_checkpoint(
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
         check_fits(ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
-    check_batch(model, ckpt.input_shape, min(batch_size, len(train_ds)), "--batch-size")
+    rebuilt.check_batch(min(batch_size, len(train_ds)), "--batch-size")
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
     )

@@ -8,26 +8,54 @@ classes are involved unless the user trusted a pickled module.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, dtype_problem, first_line
+from slim2deploy.model.stats import check_memory_for, forward_bytes, image_bytes
 from slim2deploy.model.zoo import create_model, is_user_factory
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.surgery import apply_plan
 
 
+@dataclass
+class Rebuilt:
+    """A model rebuilt from its checkpoint, with the bytes one image needs at once in its forward pass
+    (``stats.forward_bytes``), measured once per command: by the pass that checked the checkpoint,
+    else (a pickled module, which has none) by the first batch check that asks."""
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    measured: int | None = None
+
+    def bytes_per_image(self) -> int:
+        if self.measured is None:
+            self.measured = image_bytes(self.model, self.input_shape)
+        return self.measured
+
+    def check_batch(self, batch: int, flag: str) -> None:
+        """``stats.check_batch`` on this model and its checkpoint's input shape, without another pass."""
+        check_memory_for(self.bytes_per_image(), batch, flag)
+
+
 def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly (see ``rebuild``)."""
+    return rebuild(ckpt, trust_code=trust_code).model
+
+
+def rebuild(ckpt: Checkpoint, *, trust_code: bool = False) -> Rebuilt:
     """Rebuild the (possibly pruned) model in eval mode, weights loaded strictly.
 
     Every command that builds a model from a checkpoint comes through here, so one forward pass on a
     zero input of the checkpoint's ``input_shape`` checks that the recorded shape fits the model, and
-    its output width that the recorded ``num_classes`` does (labels are checked against that count).
+    its output width that the recorded ``num_classes`` does (labels are checked against that count);
+    the same pass measures what one image needs in memory, for the batch checks.
     """
     if ckpt.module is not None:
-        return copy.deepcopy(ckpt.module).eval()
+        return Rebuilt(copy.deepcopy(ckpt.module).eval(), tuple(ckpt.input_shape))
     if is_user_factory(ckpt.arch) and not trust_code:
         raise SlimError(
             f"the checkpoint's model comes from {ckpt.arch!r}; importing it runs that module's code. "
@@ -45,8 +73,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.M
     model.load_state_dict(ckpt.state_dict, strict=True)
     model.eval()
     try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *ckpt.input_shape))
+        out, measured = forward_bytes(model, ckpt.input_shape)
     except Exception as exc:  # noqa: BLE001 - a model may raise anything on an input it does not take
         raise SlimError(
             f"the checkpoint's input_shape {list(ckpt.input_shape)} does not fit its model {ckpt.arch} "
@@ -58,7 +85,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> nn.M
             f"the checkpoint records num_classes {ckpt.num_classes} but its model {ckpt.arch} gives outputs of "
             f"shape {width}; the file is inconsistent (was it edited by hand?): re-create it"
         )
-    return model
+    return Rebuilt(model, tuple(ckpt.input_shape), measured)
 
 
 def _mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], shown: int = 3) -> str:
