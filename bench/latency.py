@@ -71,7 +71,7 @@ ONLY_WHEN = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")

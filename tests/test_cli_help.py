@@ -63,3 +63,21 @@ def test_ignored_flag_rules_name_real_flags() -> None:
         flags = {s for a in parser._actions for s in a.option_strings}
         missing = [rule.flag for rule in getattr(modules[command], "ONLY_WHEN", ()) if rule.flag not in flags]
         assert not missing, f"{command}: rules for flags it does not have: {missing}"
+
+
+def test_the_parser_records_every_flag_its_groups_and_exclusive_groups_add() -> None:
+    """given_flags reads Parser.arguments, not argparse's private list: both must hold the same flags."""
+    for command, parser in _subparsers().items():
+        recorded = sorted(s for a in parser.arguments for s in a.option_strings)
+        assert recorded == sorted(s for a in parser._actions for s in a.option_strings), command
+
+
+def test_given_flags_are_the_ones_typed_whatever_their_value() -> None:
+    from slim2deploy.cli.common import given_flags
+
+    train = _subparsers()["train"]
+    before = [(a.dest, a.default) for a in train.arguments]
+    argv = ["--data", "x.npz", "--out", "t.pt", "--in-memory", "--epochs", str(train.get_default("epochs"))]
+    assert given_flags(train, argv) == {"--data", "--out", "--in-memory", "--epochs"}  # a default typed counts
+    assert given_flags(train, ["--data", "x.npz", "--out", "t.pt", "--stream"]) == {"--data", "--out", "--stream"}
+    assert [(a.dest, a.default) for a in train.arguments] == before  # the parser is left as it was

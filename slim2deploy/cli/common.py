@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.latency import DEFAULT_MARGIN
@@ -17,12 +17,46 @@ if TYPE_CHECKING:
     from slim2deploy.prune.select import Selection
 
 
+_Group = TypeVar("_Group", argparse._ArgumentGroup, argparse._MutuallyExclusiveGroup)
+
+
 class Parser(argparse.ArgumentParser):
     """A parser whose mistakes are one line, like every other refusal: argparse's own error() puts the
-    whole usage block above it, which buries the line that says what is wrong."""
+    whole usage block above it, which buries the line that says what is wrong.
+
+    It also keeps, in ``arguments``, every argument added to it or to its groups (the ``Action`` that
+    ``add_argument`` returns), so the flags a command line gives can be told apart from defaults
+    (``given_flags``) without reading argparse's private lists. Subcommand parsers made by its
+    ``add_subparsers`` are of this class too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.arguments: list[argparse.Action] = []  # before argparse's __init__, which adds --help
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return self._record(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        return self._recording(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *, required: bool = False) -> argparse._MutuallyExclusiveGroup:
+        return self._recording(super().add_mutually_exclusive_group(required=required))
+
+    def _record(self, action: argparse.Action) -> argparse.Action:
+        self.arguments.append(action)
+        return action
+
+    def _recording(self, group: _Group) -> _Group:
+        """``group``, whose ``add_argument`` (and whose own mutually exclusive groups') records here too:
+        argparse adds a group's arguments to the parser without going through its ``add_argument``."""
+        add, nest = group.add_argument, group.add_mutually_exclusive_group
+        group.add_argument = lambda *a, **k: self._record(add(*a, **k))  # type: ignore[method-assign]
+        group.add_mutually_exclusive_group = lambda **k: self._recording(nest(**k))  # type: ignore[method-assign]
+        return group
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -389,31 +423,29 @@ class OnlyWhen:
     fix: str
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def given_flags(parser: Parser, argv: Sequence[str]) -> set[str]:
     """The option strings ``argv`` sets itself, not through a default (a flag given with its default
-    value counts as given): ``argv`` parsed once more with every default suppressed."""
-    actions = parser._actions
-    saved = [action.default for action in actions]
-    try:
-        for action in actions:
-            action.default = argparse.SUPPRESS
-        given, _ = parser.parse_known_args(list(argv))
-    finally:
-        for action, default in zip(actions, saved, strict=True):
-            action.default = default
+    value counts as given): ``argv`` parsed once more into a namespace that already holds a marker for
+    every argument, which argparse's defaults do not overwrite (documented under ``default``), so
+    only what ``argv`` sets replaces it. The parser is not changed. (Every flag here stores a value;
+    an append or count action would need a marker it can add to.)"""
+    unset = object()
+    arguments = parser.arguments
+    given, _ = parser.parse_known_args(list(argv), argparse.Namespace(**{a.dest: unset for a in arguments}))
     found: set[str] = set()
-    for action in actions:
-        if not action.option_strings or action.dest not in vars(given):
+    for action in arguments:
+        value = getattr(given, action.dest, unset)
+        if not action.option_strings or value is unset:
             continue
         # --stream and --in-memory share one dest: a switch is given when its own constant is there
-        if action.nargs == 0 and getattr(given, action.dest) != action.const:
+        if action.nargs == 0 and value != action.const:
             continue
         found.update(action.option_strings)
     return found
 
 
 def refuse_ignored_flags(
-    parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace, rules: Sequence[OnlyWhen]
+    parser: Parser, argv: Sequence[str], args: argparse.Namespace, rules: Sequence[OnlyWhen]
 ) -> None:
     """One SlimError for the first flag in ``argv`` that ``rules`` say the others make ineffective."""
     if not rules:
