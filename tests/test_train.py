@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -105,7 +106,8 @@ def test_issue_command_shows_progress_and_inspect_reads_it(tmp_path):
         str(out),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "train 1/1" in proc.stderr and "batch/s" in proc.stderr  # the progress bar
+    # the progress bar; tqdm shows s/batch instead of batch/s when a batch takes over a second (loaded machine)
+    assert "train 1/1" in proc.stderr and re.search(r"batch/s|s/batch", proc.stderr)
     assert "gamma<1e-2" in proc.stderr or "gamma<1e-2" in proc.stdout
     ckpt = load_checkpoint(out)
     assert ckpt.meta["val_acc"] > 0.5  # one short epoch on real data learns something
