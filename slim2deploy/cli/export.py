@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         from slim2deploy.model.data import load_dataset
         from slim2deploy.model.folder import check_fits
 
-        stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
+        stats = ckpt.stats
         held_out = load_dataset(args.eval_data, "test", args.data_dir, stats=stats).subset(args.eval_n)
         check_fits(held_out, ckpt.input_shape, ckpt.num_classes, args.eval_data, ckpt.meta.get("classes"))
         eval_x, eval_y = held_out.x.numpy(), held_out.y.numpy()

@@ -117,8 +117,3 @@ def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
 def check_memory_for(per_image: int, batch: int, flag: str) -> None:
     """Refuse a batch of images needing ``per_image`` bytes each at once that cannot be in memory."""
     check_memory(per_image * batch, flag, batch, "one batch through the model")
-
-
-def check_batch(model: nn.Module, input_shape: Sequence[int], batch: int, flag: str) -> None:
-    """Refuse a batch whose images cannot be in memory at once, before any is allocated."""
-    check_memory_for(image_bytes(model, input_shape), batch, flag)

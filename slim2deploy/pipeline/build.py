@@ -223,9 +223,8 @@ def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> None:
     images alone exceed the memory. The slim model is not known yet, so only its input counts (a lower
     bound: nothing that fits is refused); fine-tuning checks the whole batch through the slim model."""
     assert cfg.data is not None  # validate() insists on it
-    stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
     opts = data_options(ckpt.meta, None, None, None, cfg.seed)
-    train_ds = load_data(cfg.data, "train", cfg.data_dir, opts.pop("image_size"), stats, **opts)
+    train_ds = load_data(cfg.data, "train", cfg.data_dir, opts.pop("image_size"), ckpt.stats, **opts)
     train_ds = train_ds.subset(cfg.limit_train)
     check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, cfg.data, ckpt.meta.get("classes"))
     batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has

@@ -263,7 +263,7 @@ def finetune_checkpoint(
     ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
     rebuilt = rebuild(ckpt, trust_code=trust_code)
     model = rebuilt.model
-    stats = (tuple(ckpt.meta["mean"]), tuple(ckpt.meta["std"])) if "mean" in ckpt.meta else None
+    stats = ckpt.stats
     data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
     size = data_kw.pop("image_size")
     train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)

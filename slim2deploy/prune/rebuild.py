@@ -37,7 +37,7 @@ class Rebuilt:
         return self.measured
 
     def check_batch(self, batch: int, flag: str) -> None:
-        """``stats.check_batch`` on this model and its checkpoint's input shape, without another pass."""
+        """Refuse a batch of this model's input shape that cannot be in memory at once, without another pass."""
         check_memory_for(self.bytes_per_image(), batch, flag)
 
 
