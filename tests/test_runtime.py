@@ -67,6 +67,11 @@ def test_ort_runner_matches_torch_and_reports_metadata(onnx_pair):
         assert info.input_name == "input" and info.sample_shape == SAMPLE
         assert (info.min_batch, info.max_batch, info.device) == (1, None, "cpu")
         assert info.options["providers"] == ["CPUExecutionProvider"]
+        # sessions timed interleaved must not busy-wait while another runs (bench/ort_spinning.py)
+        opts = runner._session.get_session_options()
+        for pool in ("intra_op", "inter_op"):
+            assert opts.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+        assert info.options["spinning"] is False
         out = runner.infer(x)
         assert np.array_equal(out, runner.infer({"input": x}))
         assert runner.last_compute_ms is None  # CPU: no separate device time

@@ -38,6 +38,9 @@ from slim2deploy.runtime.registry import open_runner
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy" / "latency"
 PRECISIONS = ("fp32", "fp16")
+# how cells and models are timed; part of the cache key, so cells timed another way are not reused
+# (2: ONNX Runtime thread pools without spinning, see runtime.ort.ort_session)
+TIMING_METHOD = 2
 
 
 class Target(abc.ABC):
@@ -78,6 +81,7 @@ class Target(abc.ABC):
             "batch": self.batch,
             "precision": self.precision,
             "threads": self.threads or 0,
+            "timing": TIMING_METHOD,
         }
 
     def describe(self) -> str:

@@ -109,7 +109,14 @@ def ort_session(
     threads: int | None = None,
     inter_op_threads: int | None = None,
 ) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session for ``path``; ``optimization`` is auto (the file's hint) or an explicit level."""
+    """An ONNX Runtime session for ``path``; ``optimization`` is auto (the file's hint) or an explicit level.
+
+    Thread-pool spinning is off. ONNX Runtime's default keeps a session's idle pool threads
+    busy-waiting for the next run, which pays off for one session alone; but every measurement
+    here keeps several sessions open and times them interleaved, and the pools of the sessions not
+    running take the cores from the one that is. Measured on the 2-core CPU machine (see
+    ``bench/ort_spinning.py``): a 64->64 3x3 conv at b64 varied 1.6-5.6 ms between rounds with
+    spinning, 1.1-1.4 ms without; a latency table profiled with spinning was off by 1.6x."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -128,6 +135,8 @@ def ort_session(
         opts.intra_op_num_threads = threads
     if inter_op_threads:
         opts.inter_op_num_threads = inter_op_threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     providers = providers_for(device, ort.get_available_providers())
     try:
@@ -210,6 +219,7 @@ class OrtRunner(Runner):
                 "providers": used,
                 "opt_level": level,
                 "threads": self.threads or 0,
+                "spinning": False,
                 "onnxruntime": ort.__version__,
             },
         )
