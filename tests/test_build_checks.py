@@ -150,3 +150,43 @@ def test_a_batch_check_reuses_the_forward_pass_that_checked_the_checkpoint(tmp_p
     assert status == 2 and "one batch through the model needs at least" in err, err
     assert len(passes) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    """build reads the training split before pruning (to check it and the batch) and fine-tunes on that
+    same data; reading it again in the fine-tune stage decoded a whole image folder twice."""
+    import numpy as np
+    from PIL import Image
+
+    from slim2deploy.cli import main
+    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+    from slim2deploy.model.zoo import create_model
+    from slim2deploy.pipeline import build as build_mod
+    from slim2deploy.pipeline import train as train_mod
+
+    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.0625}
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    ckpt = checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, 32, 32), 2, meta=meta)
+    model = save_checkpoint(ckpt, tmp_path / "tiny.pt")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    splits: list[str] = []
+    for module in (build_mod, train_mod):
+        real = module.load_data
+
+        def counted(name, split, *args, _real=real, **kw):
+            splits.append(split)
+            return _real(name, split, *args, **kw)
+
+        monkeypatch.setattr(module, "load_data", counted)
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--ratio", "0.5", "--out", str(out), "--no-bench", "--engine", "off"]
+    flags = ["--finetune-epochs", "1", "--data", str(tmp_path / "data"), "--batch-size", "4", "--precision", "fp32"]
+    status = main(["build", *args, *flags])
+    assert status == 0, capsys.readouterr().err
+    assert (out / "slim-finetuned.pt").is_file()
+    assert splits.count("train") == 1, splits

@@ -177,6 +177,7 @@ class Inputs:
     example: torch.Tensor
     calib_x: np.ndarray | None
     eval_ds: AnyData | None
+    train_ds: AnyData | None  # the fine-tuning data (None without fine-tuning)
     check_x: np.ndarray  # parity inputs: random plus real images
     eval_x: np.ndarray  # what precision agreement is measured on (held-out data, else check_x)
     eval_y: np.ndarray | None
@@ -197,8 +198,7 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     baseline = rebuilt.model
     if isinstance(cfg.selection, Budget):
         check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
-    if cfg.finetune_epochs:
-        check_finetune_batch(cfg, ckpt)
+    train_ds = check_finetune_batch(cfg, ckpt) if cfg.finetune_epochs else None
     calib_x = load_calib(cfg.calib, ckpt.input_shape, ckpt.stats) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt.meta)
     if eval_ds is not None:
@@ -212,16 +212,17 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
     check_x = np.concatenate(parts)
     measured_on = check_x if eval_x is None else eval_x
     return Inputs(
-        ckpt, baseline, rebuilt.bytes_per_image(), torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, check_x,
-        measured_on, eval_y,
+        ckpt, baseline, rebuilt.bytes_per_image(), torch.zeros(1, *ckpt.input_shape), calib_x, eval_ds, train_ds,
+        check_x, measured_on, eval_y,
         _digest(check_x), _digest(measured_on, eval_y),
     )  # fmt: skip
 
 
-def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> None:
+def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData:
     """Refuse, before pruning, fine-tuning data that does not fit the model and a ``--batch-size`` whose
     images alone exceed the memory. The slim model is not known yet, so only its input counts (a lower
-    bound: nothing that fits is refused); fine-tuning checks the whole batch through the slim model."""
+    bound: nothing that fits is refused); fine-tuning checks the whole batch through the slim model.
+    Returns the training data, which the fine-tune stage uses rather than reading it again."""
     assert cfg.data is not None  # validate() insists on it
     opts = data_options(ckpt.meta, None, None, None, cfg.seed)
     train_ds = load_data(cfg.data, "train", cfg.data_dir, opts.pop("image_size"), ckpt.stats, **opts)
@@ -230,6 +231,7 @@ def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> None:
     batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has
     image = math.prod(ckpt.input_shape) * 4  # float32
     check_memory(image * batch, "--batch-size", cfg.batch_size, f"one batch of {batch:,} float32 images")
+    return train_ds
 
 
 def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
@@ -342,7 +344,7 @@ def finetune_stage(run: Run, slim_path: Path) -> Path:
     )  # fmt: skip
 
     def work() -> dict[str, Any]:
-        history = finetune_checkpoint(slim_path, ft_path, **options)  # type: ignore[arg-type]
+        history = finetune_checkpoint(slim_path, ft_path, **options, train_data=run.inputs.train_ds)  # type: ignore[arg-type]
         run.stage(2, "finetune", f"{cfg.finetune_epochs} epochs on {cfg.data}: {ft_path}")
         return {"val_acc": history[-1].val_acc}
 

@@ -250,10 +250,13 @@ def finetune_checkpoint(
     crop: int | None = None,
     workers: int | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    train_data: AnyData | None = None,
 ) -> list[EpochResult]:
     """Fine-tune the (pruned) model in ``src`` without the sparsity penalty and save it to ``dst``.
 
-    The plan travels with the weights, so ``dst`` rebuilds the same slim architecture.
+    The plan travels with the weights, so ``dst`` rebuilds the same slim architecture. ``train_data``:
+    the training split already loaded with these options and ``limit_train`` (``build`` reads it
+    before pruning, to check it); else it is read here.
     """
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, deterministic=deterministic
@@ -266,7 +269,9 @@ def finetune_checkpoint(
     stats = ckpt.stats
     data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
     size = data_kw.pop("image_size")
-    train_ds = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
+    if train_data is None:
+        train_data = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
+    train_ds = train_data
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
         check_fits(ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
