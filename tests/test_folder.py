@@ -206,3 +206,24 @@ def test_every_listed_format_is_read_and_other_files_are_named_in_one_note(tmp_p
     assert len(notes) == 1 and notes[0].startswith("note: skipped 3 files under "), proc.stderr
     assert "that are not images (.txt: 2, .json: 1); the loader reads .bmp, .gif" in notes[0]
     assert np.load(out)["x"].shape == (n, 3, 8, 8)
+
+
+def test_hidden_folders_are_not_classes(tmp_path, capsys):
+    """A '.ipynb_checkpoints' (or '.git') folder beside the class folders is not a class: as the first
+    folder by name it would take label 0 and shift every real class by one. One note says so; data
+    with only hidden folders is still 'no class sub-folders'."""
+    rng = np.random.default_rng(0)
+    for c in (".ipynb_checkpoints", "a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    for stream in (False, True):
+        ds = load_data(str(tmp_path / "data"), "train", stream=stream, workers=0)
+        labels = ds.y.tolist() if isinstance(ds, Dataset) else ds.labels.tolist()
+        assert ds.classes == ["a", "b"] and sorted(set(labels)) == [0, 1] and ds.num_classes == 2
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert notes == [f"note: {tmp_path / 'data'}: hidden folder .ipynb_checkpoints not read as classes"]
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / ".git").mkdir()
+    with pytest.raises(SlimError, match="has no class sub-folders"):
+        load_data(str(tmp_path / "only"), "train")

@@ -287,7 +287,15 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
 
 
 def _class_folders(base: Path) -> list[str]:
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    """The class folders under ``base``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not
+    classes: as the first folders by name they would take label 0 and shift every real class by one."""
+    folders = [d.name for d in base.iterdir() if d.is_dir()]
+    classes = sorted(name for name in folders if not name.startswith("."))
+    hidden = sorted(set(folders) - set(classes))
+    note = f"note: {base}: hidden folder{'s' * (len(hidden) > 1)} {', '.join(hidden)} not read as classes"
+    if hidden and (base, note) not in _NOTED:
+        _NOTED.add((base, note))
+        print(note, file=sys.stderr)
     if not classes:
         raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
     return classes
