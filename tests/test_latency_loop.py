@@ -21,7 +21,7 @@ from torch import nn
 from slim2deploy.base.errors import SlimError
 from slim2deploy.measure.targets import CellCache, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.pipeline.budget import MISS_TOLERANCE, Budget, prune_to_budget
+from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, Budget, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.rails import Rails
@@ -367,3 +367,25 @@ def test_or_smallest_prunes_to_the_rails_floor_when_the_goal_is_out_of_reach(tmp
         DEMO, tmp_path / "c.pt", Budget(speedup=1.01, cache=None, margin=0.0), target=target, log=None
     )
     assert result.chosen["measured_ms"] < smallest.chosen["measured_ms"]
+
+
+def test_a_model_far_faster_than_the_goal_is_widened_and_the_slowest_that_meets_it_kept(tmp_path):
+    """The machine got faster after profiling: the table over-predicts, the first try meets the goal with
+    room to spare (channels given away for nothing), and the loop loosens the budget the same way it
+    tightens it; of the tries the slowest one within the goal is kept."""
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path,
+                    log=None)  # fmt: skip
+    full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
+    target.load = 0.75
+    budget = Budget(latency_ms=0.6 * full_ms, table=str(table_path), tries=4)
+    result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
+    first, chosen = result.tries[0], result.chosen
+    assert first["measured_ms"] < first["goal_ms"] * (1 - OVERSHOOT)
+    assert len(result.tries) > 1 and result.met
+    met = [t for t in result.tries if t["measured_ms"] <= t["goal_ms"] * (1 + MISS_TOLERANCE)]
+    assert chosen["measured_ms"] == max(t["measured_ms"] for t in met) > first["measured_ms"]
+    assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(chosen["measured_ms"])
+    measured = [t["measured_ms"] for t in result.tries]
+    assert len(set(measured)) == len(measured)  # no model was measured twice

@@ -7,8 +7,12 @@ that got faster or slower since profiling does not count as a prediction error. 
 misses the goal by more than ``MISS_TOLERANCE``, the measured ratio over the table's predicted
 one becomes a correction factor (what layer-by-layer profiling misses near this solution --
 fusions, layout changes -- taken from the model itself, as NetAdapt does), the budget handed to
-the selector is divided by it, and the selection repeated (at most ``Budget.tries`` times). The
-goal for ``--speedup S`` is the interleaved baseline measurement divided by S.
+the selector is divided by it, and the selection repeated (at most ``Budget.tries`` times). A model
+that meets the goal but measures more than ``OVERSHOOT`` under it is corrected the same way, the
+other way round: it kept fewer channels than the goal needs (the table over-predicted, or the
+machine got faster). Of the tries, the slowest that meets the goal is kept (else the closest
+miss); a corrected budget that selects a model already measured ends the loop. The goal for
+``--speedup S`` is the interleaved baseline measurement divided by S.
 
 Every selection aims ``Budget.margin`` under the goal: a model predicted exactly at the goal is
 measured on either side of it (timing noise of a few percent), so one aimed at it would meet
@@ -43,6 +47,18 @@ from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
 
 MISS_TOLERANCE = 0.03
+# a model that meets the goal but measures more than this fraction under it gave away channels (and
+# accuracy) for nothing: the budget is loosened by the same correction and the selection repeated
+OVERSHOOT = 0.10
+
+
+def _closer(miss: float, best: float) -> bool:
+    """Whether a try measured at ``miss`` x the goal is better than the best so far: the slowest model
+    that meets the goal (the most channels kept), else the smallest miss."""
+    met, best_met = miss <= 1 + MISS_TOLERANCE, best <= 1 + MISS_TOLERANCE
+    if met != best_met:
+        return met
+    return miss > best if met else miss < best
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,7 @@ def prune_to_budget(
             for steps, g in zip(table.steps, traced.groups, strict=True)
         ]
         at_floor = False
+        tried: set[tuple[int, ...]] = set()
         factor = 1.0  # measured / predicted ratio to the unpruned model, from the last try
         for attempt in range(budget.tries):
             selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
@@ -193,6 +210,8 @@ def prune_to_budget(
                 budget_ms, at_floor = table.predict(floor), True
                 selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
                 plan = select(traced, selection)
+            if tuple(len(g.keep) for g in plan.groups) in tried:
+                break  # the corrected budget selects a model already measured: nothing new to learn
             slim = apply_plan(model, plan)
             base = base or model_artifact(model, ckpt, Path(src), target, work, "baseline")
             slim_ckpt = work / f"slim{attempt}.pt"
@@ -218,9 +237,10 @@ def prune_to_budget(
                     f"(unpruned {base_ms:.4g} ms, goal {goal:.4g} ms)"
                 )
             miss = slim_ms / goal
-            if best is None or (best[0] > 1 + MISS_TOLERANCE and miss < best[0]) or miss <= 1 + MISS_TOLERANCE:
+            if best is None or _closer(miss, best[0]):
                 best = (miss, plan, slim, selection, row)
-            if miss <= 1 + MISS_TOLERANCE or at_floor:
+            tried.add(tuple(counts))
+            if at_floor or 1 - OVERSHOOT <= miss <= 1 + MISS_TOLERANCE:
                 break
             if ratio > 0:
                 factor = (slim_ms / base_ms) / ratio
