@@ -349,6 +349,7 @@ def finetune_stage(run: Run, slim_path: Path) -> Path:
         return {"val_acc": history[-1].val_acc}
 
     run.cached(2, "finetune", stage_key(sha256_file(slim_path), options), [ft_path], work, "unchanged, skipped")
+    run.inputs.train_ds = None  # not held in memory through export and engine building
     run.result.artifacts["slim_finetuned"] = str(ft_path)
     return ft_path
 
