@@ -65,6 +65,7 @@ ONLY_WHEN = (
         "add --torch-mode compiled",
     ),
     OnlyWhen("--ort-opt-level", _runs("onnx"), "to .onnx models (ONNX Runtime)", "time an .onnx model"),
+    OnlyWhen("--ort-spinning", _runs("onnx"), "to .onnx models (ONNX Runtime)", "time an .onnx model"),
     OnlyWhen(
         "--cuda-graph", _runs("torch", "tensorrt"), "to torch checkpoints and TensorRT engines", "time one of those"
     ),
@@ -100,6 +101,13 @@ def build_parser() -> Parser:
         default="auto",
         help="ONNX Runtime graph optimisation; auto (default): the level the file records (basic for "
         "TensorRT-bound int8 Q/DQ graphs), else all",
+    )
+    p.add_argument(
+        "--ort-spinning",
+        action="store_true",
+        help="let ONNX Runtime's thread pools spin between runs (ORT's default, what one deployed session "
+        "gets); off unless given, because the idle sessions of models timed together take the cores from the "
+        "one being timed. One model only",
     )
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="torch checkpoints only")
     p.add_argument(
@@ -137,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds"
             )
         inputs = [*args.models, *([args.baseline] if args.baseline else [])]
+        if args.ort_spinning and len(inputs) > 1:
+            raise SlimError(
+                f"--ort-spinning times one model alone, not {len(inputs)}: timed together, the spinning thread "
+                "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
+                "give one model, or drop --ort-spinning"
+            )
         check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
         result = benchmark(
             args.models,
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.backend,
             threads=args.threads,
             opt_level=args.ort_opt_level,
+            spinning=args.ort_spinning,
             precision=args.precision,
             mode=args.torch_mode,
             compile_mode=args.compile_mode,

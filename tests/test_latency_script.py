@@ -163,3 +163,19 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: --batch {batch}: one batch through")
     assert "use a smaller --batch" in proc.stderr and "batch 1: warm-up" not in proc.stderr
     assert not out.exists()
+
+
+def test_ort_spinning_is_for_one_model_alone(models, tmp_path):
+    """ONNX Runtime sessions run without thread-pool spinning (interleaved sessions would take each
+    other's cores); --ort-spinning turns ORT's default back on for one model timed alone, recorded in
+    the JSON, and is refused for models timed together."""
+    base, slim = models
+    for flags, spinning in (([], False), (["--ort-spinning"], True)):
+        out = tmp_path / f"spin{spinning}.json"
+        proc = run_script(str(slim), *FAST, "--no-rss", *flags, "--json", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())["models"][0]["runner"]["options"]["spinning"] is spinning
+    proc = run_script(str(slim), "--baseline", str(base), *FAST, "--ort-spinning", "--json", str(tmp_path / "x.json"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--ort-spinning times one model alone, not 2" in lines[0]
+    assert not (tmp_path / "x.json").exists()

@@ -108,15 +108,17 @@ def ort_session(
     device: str = "cpu",
     threads: int | None = None,
     inter_op_threads: int | None = None,
+    spinning: bool = False,
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session for ``path``; ``optimization`` is auto (the file's hint) or an explicit level.
 
-    Thread-pool spinning is off. ONNX Runtime's default keeps a session's idle pool threads
-    busy-waiting for the next run, which pays off for one session alone; but every measurement
-    here keeps several sessions open and times them interleaved, and the pools of the sessions not
-    running take the cores from the one that is. Measured on the 2-core CPU machine (see
-    ``bench/ort_spinning.py``): a 64->64 3x3 conv at b64 varied 1.6-5.6 ms between rounds with
-    spinning, 1.1-1.4 ms without; a latency table profiled with spinning was off by 1.6x."""
+    Thread-pool spinning is off unless ``spinning`` (for one session timed alone). ONNX Runtime's
+    default keeps a session's idle pool threads busy-waiting for the next run, which pays off for one
+    session alone; but every measurement here keeps several sessions open and times them
+    interleaved, and the pools of the sessions not running take the cores from the one that is.
+    Measured on the 2-core CPU machine (``bench/ort_spinning.py``): a 64->64 3x3 conv at b64 varied
+    1.9-7.0 ms between rounds with spinning (1.5 ms alone), 1.6-2.0 ms without; a latency table
+    profiled with spinning predicted 2.18 ms for a model that ran 3.53 ms."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -135,8 +137,8 @@ def ort_session(
         opts.intra_op_num_threads = threads
     if inter_op_threads:
         opts.inter_op_num_threads = inter_op_threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for pool in ("intra_op", "inter_op"):
+        opts.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     providers = providers_for(device, ort.get_available_providers())
     try:
@@ -154,6 +156,8 @@ class OrtRunner(Runner):
     ``device``: ``auto`` (CUDA when onnxruntime-gpu sees a GPU, else CPU), ``cpu``, ``cuda`` or
     ``tensorrt`` (TensorRT execution provider, falling back to CUDA/CPU for unsupported nodes).
     ``opt_level``: ``auto`` (the file's hint, else ``all``) or an explicit ORT graph optimisation level.
+    ``spinning``: let the thread pools spin between runs (ORT's default; see ``ort_session``), only
+    for a model timed alone.
     """
 
     backend = "onnxruntime"
@@ -168,8 +172,15 @@ class OrtRunner(Runner):
         opt_level: str = "auto",
         threads: int | None = None,
         inter_op_threads: int | None = None,
+        spinning: bool = False,
     ) -> None:
-        options = {"device": device, "opt_level": opt_level, "threads": threads, "inter_op_threads": inter_op_threads}
+        options = {
+            "device": device,
+            "opt_level": opt_level,
+            "threads": threads,
+            "inter_op_threads": inter_op_threads,
+            "spinning": spinning,
+        }
         super().__init__(path, options)
         if opt_level not in ("auto", *ORT_OPT_LEVELS):
             raise SlimError(f"unknown ONNX Runtime optimisation level {opt_level!r}; use auto, {ORT_OPT_LEVELS}")
@@ -179,6 +190,7 @@ class OrtRunner(Runner):
         self.opt_level = opt_level
         self.threads = threads
         self.inter_op_threads = inter_op_threads
+        self.spinning = spinning
         self._session: Any = None
 
     def _activate(self) -> RunnerInfo:
@@ -186,7 +198,7 @@ class OrtRunner(Runner):
 
         assert self.path is not None
         level = resolve_level(self.path, self.opt_level)
-        self._session = ort_session(self.path, level, self.device, self.threads, self.inter_op_threads)
+        self._session = ort_session(self.path, level, self.device, self.threads, self.inter_op_threads, self.spinning)
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise SlimError(f"{self.name} has {len(inputs)} inputs; slim2deploy runs single-input models")
@@ -219,7 +231,7 @@ class OrtRunner(Runner):
                 "providers": used,
                 "opt_level": level,
                 "threads": self.threads or 0,
-                "spinning": False,
+                "spinning": self.spinning,
                 "onnxruntime": ort.__version__,
             },
         )
