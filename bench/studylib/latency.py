@@ -25,7 +25,7 @@ from slim2deploy.base.cache import stage_key
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.deploy.export import export_onnx
-from slim2deploy.measure.targets import Target, make_target
+from slim2deploy.measure.targets import TIMING_METHOD, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
@@ -102,8 +102,8 @@ class LatencyStudy:
             res = prune_to_budget(sparse_ckpt, lat_ckpt, budget, table_out=table_path, log=s.log)
             return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
 
-        pruned = s.cached("latency-prune", stage_key(src_key, self.speedup, cfg.threads), [lat_ckpt, table_path],
-                          budget_prune)  # fmt: skip
+        prune_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD)
+        pruned = s.cached("latency-prune", prune_key, [lat_ckpt, table_path], budget_prune)
         table = LatencyTable.from_json(table_path.read_text())
         ckpt = load_checkpoint(lat_ckpt)
         lat_model = model_from_checkpoint(ckpt)
@@ -120,7 +120,7 @@ class LatencyStudy:
             torch.manual_seed(cfg.seed + 2)
             return create_model(s.setup.arch, **{**s.arch_kwargs, "width": s.setup.width * factor})
 
-        timing_key = [cfg.threads, self.timing, self.steps, sha256_file(lat_ckpt)]
+        timing_key = [cfg.threads, self.timing, self.steps, sha256_file(lat_ckpt), TIMING_METHOD]
         gamma = s.cached("latency-match-gamma", stage_key(src_key, timing_key), [],
                          lambda: self.match("gamma", 0.0, 0.95, True, gamma_model, ref))  # fmt: skip
         uniform = s.cached("latency-match-uniform", stage_key(timing_key),  [],
@@ -160,8 +160,8 @@ class LatencyStudy:
         def measure() -> dict[str, Any]:
             return {"ms": self.target.latencies(files, **self.timing)}
 
-        measured = s.cached("latency-bench", stage_key([sha256_file(f) for f in files], self.timing, cfg.threads),
-                            files, measure)  # fmt: skip
+        bench_key = stage_key([sha256_file(f) for f in files], self.timing, cfg.threads, TIMING_METHOD)
+        measured = s.cached("latency-bench", bench_key, files, measure)
         for r, ms in zip(rows, measured["ms"], strict=True):
             r["measured_ms"] = round(ms, 4)
             r["speedup"] = round(measured["ms"][0] / ms, 3)

@@ -43,6 +43,7 @@ from slim2deploy.measure import benchmark
 from slim2deploy.measure.report import EXPORT_INFO, PRECISION_INFO, PRUNE_INFO, write_build_report
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
+from slim2deploy.measure.targets import TIMING_METHOD
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
@@ -220,27 +221,24 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
 
 def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData:
     """Refuse, before pruning, fine-tuning data that does not fit the model and a ``--batch-size`` whose
-    images alone exceed the memory. The slim model is not known yet, so only its input counts (a lower
-    bound: nothing that fits is refused); fine-tuning checks the whole batch through the slim model.
-    Returns the training data, which the fine-tune stage uses rather than reading it again."""
+    images alone exceed the memory (a lower bound: the slim model is not known yet; fine-tuning checks
+    the batch through it). Returns the training data: the fine-tune stage uses it, not a second read."""
     assert cfg.data is not None  # validate() insists on it
     opts = data_options(ckpt.meta, None, None, None, cfg.seed)
-    train_ds = load_data(cfg.data, "train", cfg.data_dir, opts.pop("image_size"), ckpt.stats, **opts)
-    train_ds = train_ds.subset(cfg.limit_train)
+    size = opts.pop("image_size")
+    train_ds = load_data(cfg.data, "train", cfg.data_dir, size, ckpt.stats, **opts).subset(cfg.limit_train)
     check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, cfg.data, ckpt.meta.get("classes"))
     batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has
-    image = math.prod(ckpt.input_shape) * 4  # float32
-    check_memory(image * batch, "--batch-size", cfg.batch_size, f"one batch of {batch:,} float32 images")
+    need = math.prod(ckpt.input_shape) * 4 * batch  # float32
+    check_memory(need, "--batch-size", cfg.batch_size, f"one batch of {batch:,} float32 images")
     return train_ds
 
 
 def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
     """Refuse a batch flag whose one batch cannot be in memory, before any stage allocates it."""
-    batches = {
-        "--profile-batch": cfg.selection.batch if isinstance(cfg.selection, Budget) else None,
-        "--bench-batch": max(cfg.bench_batches) if cfg.bench else None,
-    }
-    for flag, batch in batches.items():
+    profile = cfg.selection.batch if isinstance(cfg.selection, Budget) else None
+    bench = max(cfg.bench_batches) if cfg.bench else None
+    for flag, batch in (("--profile-batch", profile), ("--bench-batch", bench)):
         if batch is not None:
             check_memory_for(inputs.image_bytes, batch, flag)
 
@@ -325,7 +323,8 @@ def prune_stage(run: Run) -> Path:
         run.stage(1, "prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")
         return {"seconds": round(seconds, 2), "latency": latency}
 
-    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *([] if cfg.exact else ["approximate"]))
+    extra = ([] if cfg.exact else ["approximate"]) + ([TIMING_METHOD] if isinstance(cfg.selection, Budget) else [])
+    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)  # timed: how it was timed
     run.cached(1, "prune", key, [slim_path, plan_path], work, "unchanged, skipped", PRUNE_INFO)
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
     return slim_path

@@ -21,7 +21,7 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
-from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
+from slim2deploy.measure.targets import DEFAULT_CACHE, TIMING_METHOD, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
@@ -196,6 +196,11 @@ def read_table(path: str | Path, traced: PruningPlan, ckpt: Checkpoint, target: 
     except OSError as exc:
         raise SlimError(f"cannot read the latency table {path}: {exc.strerror}") from exc
     table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
+    if table.meta.get("timing") != TIMING_METHOD:
+        raise SlimError(
+            f"{path}: the latency table was timed by an older method of this tool (ONNX Runtime thread pools left "
+            "spinning while other sessions were timed, which skews its cells); run 'slim2deploy profile' again"
+        )
     how = {"target": target.name, "batch": target.batch, "precision": target.precision, "threads": target.threads}
     try:
         table.check_measured_for(ckpt.arch, ckpt.input_shape, how)
