@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.measure.targets import CellCache, Target, make_target
+from slim2deploy.measure.targets import TIMING_METHOD, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, Budget, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
@@ -389,3 +389,28 @@ def test_a_model_far_faster_than_the_goal_is_widened_and_the_slowest_that_meets_
     assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(chosen["measured_ms"])
     measured = [t["measured_ms"] for t in result.tries]
     assert len(set(measured)) == len(measured)  # no model was measured twice
+
+
+def test_tries_are_ranked_at_or_under_the_goal_first():
+    """The kept try: the slowest at or under the goal, then the least over it within the tolerance,
+    then the smallest miss."""
+    from slim2deploy.pipeline.budget import _rank
+
+    order = [0.98, 0.95, 0.80, 1.0 + MISS_TOLERANCE / 2, 1.0 + MISS_TOLERANCE, 1.2, 1.5]
+    assert sorted(order, key=_rank, reverse=True) == order
+
+
+def test_a_table_timed_by_an_older_method_is_refused(tmp_path):
+    """Tables profiled before ONNX Runtime sessions stopped spinning (no 'timing' in their meta) have
+    skewed cells; --table refuses them with what to do."""
+    target = WidthTarget()
+    table_path = tmp_path / "table.json"
+    prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path,
+                    log=None)  # fmt: skip
+    table = LatencyTable.from_json(table_path.read_text())
+    assert table.meta["timing"] == TIMING_METHOD
+    del table.meta["timing"]
+    table_path.write_text(table.to_json())
+    with pytest.raises(SlimError, match="timed by an older method .* run 'slim2deploy profile' again"):
+        prune_to_budget(DEMO, tmp_path / "b.pt", Budget(speedup=1.5, table=str(table_path)), target=target, log=None)
+    assert not (tmp_path / "b.pt").exists()

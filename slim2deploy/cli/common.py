@@ -335,7 +335,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency budget (with --speedup or --latency-ms)")
     g.add_argument("--table", default=None, metavar="TABLE.json", help="reuse a 'slim2deploy profile' table")
     g.add_argument("--save-table", default=None, metavar="FILE", help="write the latency table used")
-    g.add_argument("--tries", type=int, default=4, help="measure-and-tighten rounds when the slim model misses")
+    g.add_argument("--tries", type=int, default=4, help="measured tries (over the goal: tighten; far under: widen)")
     g.add_argument(
         "--margin",
         type=number(at_least=0, below=0.5),

@@ -1,4 +1,4 @@
-"""Pruning to a latency budget on a target, closed loop: profile, select, cut, measure, tighten.
+"""Pruning to a latency budget on a target, closed loop: profile, select, cut, measure, correct.
 
 The table predicts; the target decides. After surgery the slim model is measured on the target
 interleaved with the unpruned one. Predictions are compared as ratios to that baseline: the
@@ -8,10 +8,11 @@ misses the goal by more than ``MISS_TOLERANCE``, the measured ratio over the tab
 one becomes a correction factor (what layer-by-layer profiling misses near this solution --
 fusions, layout changes -- taken from the model itself, as NetAdapt does), the budget handed to
 the selector is divided by it, and the selection repeated (at most ``Budget.tries`` times). A model
-that meets the goal but measures more than ``OVERSHOOT`` under it is corrected the same way, the
-other way round: it kept fewer channels than the goal needs (the table over-predicted, or the
-machine got faster). Of the tries, the slowest that meets the goal is kept (else the closest
-miss); a corrected budget that selects a model already measured ends the loop. The goal for
+that meets the goal but measures more than ``OVERSHOOT`` under the aim (the goal less the margin)
+is corrected the same way, the other way round: it kept fewer channels than the goal needs (the
+table over-predicted, or the machine got faster). Of the tries, the slowest at or under the goal is
+kept (then one within the tolerance over it, the least over; else the closest miss); a corrected
+budget that selects a model already measured ends the loop. The goal for
 ``--speedup S`` is the interleaved baseline measurement divided by S.
 
 Every selection aims ``Budget.margin`` under the goal: a model predicted exactly at the goal is
@@ -47,18 +48,19 @@ from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
 
 MISS_TOLERANCE = 0.03
-# a model that meets the goal but measures more than this fraction under it gave away channels (and
-# accuracy) for nothing: the budget is loosened by the same correction and the selection repeated
+# a model that meets the goal but measures more than this fraction (of the goal) under the aim gave
+# away channels (and accuracy) for nothing: the budget is loosened by the same correction and the
+# selection repeated
 OVERSHOOT = 0.10
 
 
-def _closer(miss: float, best: float) -> bool:
-    """Whether a try measured at ``miss`` x the goal is better than the best so far: the slowest model
-    that meets the goal (the most channels kept), else the smallest miss."""
-    met, best_met = miss <= 1 + MISS_TOLERANCE, best <= 1 + MISS_TOLERANCE
-    if met != best_met:
-        return met
-    return miss > best if met else miss < best
+def _rank(miss: float) -> tuple[int, float]:
+    """How good a try measured at ``miss`` x the goal is (larger is better): at or under the goal, the
+    slowest (the most channels kept); then within the tolerance over it, the least over; then the
+    smallest miss."""
+    if miss <= 1:
+        return (2, miss)
+    return (1, -miss) if miss <= 1 + MISS_TOLERANCE else (0, -miss)
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,9 @@ def prune_to_budget(
                 selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
                 plan = select(traced, selection)
             if tuple(len(g.keep) for g in plan.groups) in tried:
-                break  # the corrected budget selects a model already measured: nothing new to learn
+                if log:  # nothing new to learn from measuring it again
+                    log(f"try {attempt + 1}: the corrected budget selects a model already measured; stopping")
+                break
             slim = apply_plan(model, plan)
             base = base or model_artifact(model, ckpt, Path(src), target, work, "baseline")
             slim_ckpt = work / f"slim{attempt}.pt"
@@ -237,11 +241,14 @@ def prune_to_budget(
                     f"(unpruned {base_ms:.4g} ms, goal {goal:.4g} ms)"
                 )
             miss = slim_ms / goal
-            if best is None or _closer(miss, best[0]):
+            if best is None or _rank(miss) > _rank(best[0]):
                 best = (miss, plan, slim, selection, row)
             tried.add(tuple(counts))
-            if at_floor or 1 - OVERSHOOT <= miss <= 1 + MISS_TOLERANCE:
+            if at_floor or aim - OVERSHOOT <= miss <= 1 + MISS_TOLERANCE:
                 break
+            if log and attempt + 1 < budget.tries:
+                how = "over the goal: tightening" if miss > 1 else "faster than the goal needs: widening"
+                log(f"try {attempt + 1}: {abs(miss - 1):.0%} {how} the budget by the measured/predicted ratio")
             if ratio > 0:
                 factor = (slim_ms / base_ms) / ratio
                 budget_ms = table.full_ms * (goal / base_ms) / factor * aim
