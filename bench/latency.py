@@ -145,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds"
             )
         inputs = [*args.models, *([args.baseline] if args.baseline else [])]
-        if args.ort_spinning and len(inputs) > 1:
+        distinct = {Path(m).resolve() for m in inputs}  # a baseline given as a model too is timed once
+        if args.ort_spinning and len(distinct) > 1:
             raise SlimError(
-                f"--ort-spinning times one model alone, not {len(inputs)}: timed together, the spinning thread "
+                f"--ort-spinning times one model alone, not {len(distinct)}: timed together, the spinning thread "
                 "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
                 "give one model, or drop --ort-spinning"
             )

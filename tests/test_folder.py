@@ -223,6 +223,8 @@ def test_hidden_folders_are_not_classes(tmp_path, capsys):
         assert ds.classes == ["a", "b"] and sorted(set(labels)) == [0, 1] and ds.num_classes == 2
     notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert notes == [f"note: {tmp_path / 'data'}: hidden folder .ipynb_checkpoints not read as classes"]
+    # the in-memory / streaming choice counts only what is read: 20 images of 3x8x8 float32
+    assert folder.decoded_bytes(tmp_path / "data", 8, None) == 20 * 3 * 8 * 8 * 4
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / ".git").mkdir()
     with pytest.raises(SlimError, match="has no class sub-folders"):

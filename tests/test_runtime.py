@@ -75,6 +75,10 @@ def test_ort_runner_matches_torch_and_reports_metadata(onnx_pair):
         out = runner.infer(x)
         assert np.array_equal(out, runner.infer({"input": x}))
         assert runner.last_compute_ms is None  # CPU: no separate device time
+    with OrtRunner(path, device="cpu", threads=1, spinning=True) as alone:  # ORT's default, for one model alone
+        opts = alone._session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert alone.info.options["spinning"] is True
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)

@@ -184,7 +184,11 @@ def _estimate_stats(ds: FolderData) -> tuple[tuple[float, ...], tuple[float, ...
 
 def decoded_bytes(root: Path, image_size: int | None, crop: int | None) -> int:
     """What the whole folder would take as one float32 tensor (the in-memory loader's layout)."""
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]  # hidden files and folders are not read (data.scan_folder)
     if not files:
         return 0
     side = crop or image_size
