@@ -10,8 +10,8 @@ fusions, layout changes -- taken from the model itself, as NetAdapt does), the b
 the selector is divided by it, and the selection repeated (at most ``Budget.tries`` times). A model
 that meets the goal but measures more than ``OVERSHOOT`` under the aim (the goal less the margin)
 is corrected the same way, the other way round: it kept fewer channels than the goal needs (the
-table over-predicted, or the machine got faster). Of the tries, the slowest at or under the goal is
-kept (then one within the tolerance over it, the least over; else the closest miss); a corrected
+table over-predicted, or the machine got faster). Of the tries that meet the goal (within the
+tolerance) the one measured nearest the aim is kept, else the closest miss; a corrected
 budget that selects a model already measured ends the loop. The goal for
 ``--speedup S`` is the interleaved baseline measurement divided by S.
 
@@ -54,13 +54,12 @@ MISS_TOLERANCE = 0.03
 OVERSHOOT = 0.10
 
 
-def _rank(miss: float) -> tuple[int, float]:
-    """How good a try measured at ``miss`` x the goal is (larger is better): at or under the goal, the
-    slowest (the most channels kept); then within the tolerance over it, the least over; then the
-    smallest miss."""
-    if miss <= 1:
-        return (2, miss)
-    return (1, -miss) if miss <= 1 + MISS_TOLERANCE else (0, -miss)
+def _rank(miss: float, aim: float) -> tuple[int, float]:
+    """How good a try measured at ``miss`` x the goal is (larger is better): one that meets the goal
+    (within the tolerance), nearest the aim (``aim`` x the goal: where the selection was pointed; a
+    slower one keeps channels the margin was there to give up, a faster one gave up channels for
+    nothing); else the smallest miss."""
+    return (1, -abs(miss - aim)) if miss <= 1 + MISS_TOLERANCE else (0, -miss)
 
 
 @dataclass(frozen=True)
@@ -241,7 +240,7 @@ def prune_to_budget(
                     f"(unpruned {base_ms:.4g} ms, goal {goal:.4g} ms)"
                 )
             miss = slim_ms / goal
-            if best is None or _rank(miss) > _rank(best[0]):
+            if best is None or _rank(miss, aim) > _rank(best[0], aim):
                 best = (miss, plan, slim, selection, row)
             tried.add(tuple(counts))
             if at_floor or aim - OVERSHOOT <= miss <= 1 + MISS_TOLERANCE:
