@@ -292,10 +292,9 @@ def _class_folders(base: Path) -> list[str]:
     folders = [d.name for d in base.iterdir() if d.is_dir()]
     classes = sorted(name for name in folders if not name.startswith("."))
     hidden = sorted(set(folders) - set(classes))
-    note = f"note: {base}: hidden folder{'s' * (len(hidden) > 1)} {', '.join(hidden)} not read as classes"
-    if hidden and (base, note) not in _NOTED:
-        _NOTED.add((base, note))
-        print(note, file=sys.stderr)
+    if hidden:
+        folders_text = f"folder{'s' * (len(hidden) > 1)} {', '.join(hidden)}"
+        _note_once(base, f"note: {base}: hidden {folders_text} not read as classes")
     if not classes:
         raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
     return classes
@@ -346,7 +345,11 @@ def _note_skipped(base: Path, skipped: Counter[str]) -> None:
     kinds = ", ".join(f"{ext}: {count}" for ext, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
     reads = ", ".join(sorted(IMAGE_EXTENSIONS))
     files = f"{n} file{'s' * (n != 1)}"
-    note = f"note: skipped {files} under {base} that are not images ({kinds}); the loader reads {reads}"
+    _note_once(base, f"note: skipped {files} under {base} that are not images ({kinds}); the loader reads {reads}")
+
+
+def _note_once(base: Path, note: str) -> None:
+    """Print ``note`` about the folder ``base`` to stderr, once per process."""
     if (base, note) not in _NOTED:
         _NOTED.add((base, note))
         print(note, file=sys.stderr)

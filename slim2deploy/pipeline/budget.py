@@ -211,7 +211,8 @@ def prune_to_budget(
                 budget_ms, at_floor = table.predict(floor), True
                 selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
                 plan = select(traced, selection)
-            if tuple(len(g.keep) for g in plan.groups) in tried:
+            counts = [len(g.keep) for g in plan.groups]
+            if tuple(counts) in tried:
                 if log:  # nothing new to learn from measuring it again
                     log(f"try {attempt + 1}: the corrected budget selects a model already measured; stopping")
                 break
@@ -222,7 +223,6 @@ def prune_to_budget(
             art = model_artifact(slim, ckpt, slim_ckpt, target, work, f"slim{attempt}")
             base_ms, slim_ms = target.latencies([base, art])
             goal = goal_ms if goal_ms is not None else base_ms / float(budget.speedup or 1)
-            counts = [len(g.keep) for g in plan.groups]
             ratio = table.predict(counts) / table.full_ms  # the table's slim/unpruned (full_ms > 0: checked)
             to_measured = factor * base_ms / table.full_ms  # table ms -> ms of this run's baseline
             row = {

@@ -269,9 +269,11 @@ def finetune_checkpoint(
     stats = ckpt.stats
     data_kw = data_options(ckpt.meta, image_size, stream, crop, seed, workers)
     size = data_kw.pop("image_size")
-    if train_data is None:
-        train_data = load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
-    train_ds = train_data
+    train_ds = (
+        train_data
+        if train_data is not None
+        else load_data(data, "train", data_dir, size, stats, **data_kw).subset(limit_train)
+    )
     val_ds = load_data(data, "val", data_dir, size, stats, **data_kw).subset(limit_val)
     for ds in (train_ds, val_ds):
         check_fits(ds, ckpt.input_shape, ckpt.num_classes, data, ckpt.meta.get("classes"))
