@@ -28,9 +28,23 @@ _EXPORTS = {
     "Rails": "slim2deploy.prune.rails",
     "summarize": "slim2deploy.prune.summary",
     "apply_plan": "slim2deploy.prune.surgery",
+    "slim": "slim2deploy.pipeline.api",
+    "export": "slim2deploy.pipeline.api",
+    "finetune_checkpoint": "slim2deploy.pipeline.train",
+    "train_command": "slim2deploy.pipeline.train",
+    "import_model": "slim2deploy.pipeline.import_model",
+    "build": "slim2deploy.pipeline.build",
+    "BuildConfig": "slim2deploy.pipeline.build",
+    "Budget": "slim2deploy.pipeline.budget",
+    "open_runner": "slim2deploy.runtime.registry",
+    "benchmark": "slim2deploy.measure.benchmark",
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

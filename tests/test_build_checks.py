@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -14,20 +13,29 @@ from conftest import ROOT, run_cli
 from test_cache import _hold_lock
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.cli import build as build_cli
 from slim2deploy.pipeline.build import validate
 
 DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
-BAD_FLAGS = {
-    "bench_iterations": (["--bench-iterations", "0"], "--bench-iterations must be at least 1"),
-    "bench_rounds": (["--bench-rounds", "-1"], "--bench-rounds must be at least 1"),
-    "bench_batch": (["--bench-batch", "8,0"], "--bench-batch must be positive"),
-    "engine_batch": (["--batch", "0,64"], "--batch must be positive"),
-    "workspace": (["--workspace-mib", "0"], "workspace must be a positive"),
-    "opt_level": (["--builder-opt-level", "9"], "optimisation level must be 0..5"),
-    "eval_limit": (["--eval-limit", "0"], "--eval-limit must be at least 1"),
-    "limit_train": (["--limit-train", "0"], "--limit-train must be at least 1"),
-    "threads": (["--threads", "0"], "--threads must be at least 1"),
+BAD_FLAGS = {  # refused by argparse, the flag named
+    "bench_iterations": (["--bench-iterations", "0"], "--bench-iterations"),
+    "bench_rounds": (["--bench-rounds", "-1"], "--bench-rounds"),
+    "bench_batch": (["--bench-batch", "8,0"], "--bench-batch"),
+    "engine_batch": (["--engine-batch", "0,64"], "--engine-batch"),
+    "workspace": (["--workspace-mib", "0"], "--workspace-mib"),
+    "eval_limit": (["--eval-limit", "0"], "--eval-limit"),
+    "limit_train": (["--limit-train", "0"], "--limit-train"),
+    "threads": (["--threads", "0"], "--threads"),
+}
+BAD_SETTINGS = {  # what validate() refuses in a BuildConfig made in Python, the parameter named
+    "bench_iterations": ({"bench_iterations": 0}, "`bench_iterations` must be at least 1"),
+    "bench_batches": ({"bench_batches": (8, 0)}, "`bench_batch` must be positive"),
+    "engine_batches": ({"engine_batches": (0, 64)}, "`engine_batch` must be positive"),
+    "workspace": ({"workspace_mib": 0}, "workspace must be a positive"),
+    "opt_level": ({"builder_opt_level": 9}, "optimisation level must be 0..5"),
+    "eval_limit": ({"eval_limit": 0}, "`eval_limit` must be at least 1"),
+    "finetune_without_data": ({"finetune_epochs": 2}, "fine-tuning needs `data`"),
+    "int8_without_calib": ({"precisions": ("fp32", "int8")}, "int8 needs a calibration set: `calib`"),
+    "flavour": ({"int8_flavour": "gpu"}, "unknown int8 flavour"),
 }
 
 
@@ -39,13 +47,24 @@ def _one_error(proc, needle: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_validate_refuses_each_bad_flag(case: str) -> None:
+def test_argparse_refuses_each_bad_flag_by_name(case: str, capsys) -> None:
+    from slim2deploy.cli import main
+
     flags, needle = BAD_FLAGS[case]
-    args = build_cli.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
-        ["--model", str(DEMO), "--ratio", "0.5", *flags]
-    )
+    with pytest.raises(SystemExit) as exited:
+        main(["build", "--model", str(DEMO), "--ratio", "0.5", *flags])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_validate_refuses_each_bad_setting_by_its_parameter(case: str) -> None:
+    from slim2deploy.pipeline.build import BuildConfig
+    from slim2deploy.prune.select import by_ratio
+
+    settings, needle = BAD_SETTINGS[case]
     with pytest.raises(SlimError, match=re.escape(needle)):
-        validate(build_cli.config_from_args(args))
+        validate(BuildConfig(model=str(DEMO), selection=by_ratio(0.5), **settings))
 
 
 @pytest.mark.parametrize("case", ["bench_iterations", "eval_limit"])
@@ -124,7 +143,7 @@ def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_
     "command",
     [
         ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", "{tmp}/b", "--bench-batch", f"1,{10**12}"],
-        ["profile", "--model", str(DEMO), "--out", "{tmp}/t.json", "--no-cache", "--batch", str(10**12)],
+        ["profile", "--model", str(DEMO), "--out", "{tmp}/t.json", "--no-cache", "--profile-batch", str(10**12)],
         ["prune", "--model", str(DEMO), "--speedup", "2", "--out", "{tmp}/s.pt", "--profile-batch", str(10**12)],
     ],
 )
@@ -159,10 +178,9 @@ def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsy
     from PIL import Image
 
     from slim2deploy.cli import main
+    from slim2deploy.model import preprocess
     from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
     from slim2deploy.model.zoo import create_model
-    from slim2deploy.pipeline import build as build_mod
-    from slim2deploy.pipeline import train as train_mod
 
     kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.0625}
     meta = {"mean": [0.5] * 3, "std": [0.25] * 3}
@@ -175,17 +193,17 @@ def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsy
             pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
     splits: list[str] = []
-    for module in (build_mod, train_mod):
-        real = module.load_data
+    real = preprocess.load_data
 
-        def counted(name, split, *args, _real=real, **kw):
-            splits.append(split)
-            return _real(name, split, *args, **kw)
+    def counted(name, split, *args, **kw):
+        splits.append(split)
+        return real(name, split, *args, **kw)
 
-        monkeypatch.setattr(module, "load_data", counted)
+    monkeypatch.setattr(preprocess, "load_data", counted)
     out = tmp_path / "out"
     args = ["--model", str(model), "--ratio", "0.5", "--out", str(out), "--no-bench", "--engine", "off"]
     flags = ["--finetune-epochs", "1", "--data", str(tmp_path / "data"), "--batch-size", "4", "--precision", "fp32"]
+    flags += ["--max-drop", "100"]  # random pixels: nothing to keep
     status = main(["build", *args, *flags])
     assert status == 0, capsys.readouterr().err
     assert (out / "slim-finetuned.pt").is_file()

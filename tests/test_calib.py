@@ -97,5 +97,5 @@ def test_calib_command_writes_a_set_and_rejects_bad_n(tmp_path):
     assert res.returncode == 0, res.stderr
     assert load_calib(out, (1, 28, 28)).shape == (20, 1, 28, 28)
     bad = run_cli("calib", "--n", "0", "--out", str(tmp_path / "bad.npz"))
-    assert bad.returncode == 2 and "at least one image" in bad.stderr
+    assert bad.returncode == 2 and "--n: must be at least 1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.npz").exists()

@@ -62,7 +62,7 @@ def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case):
         torch.save(create_model("vgg11", width=0.125).state_dict(), target)
     elif case == "directory":
         target.mkdir()
-    proc = run_cli("inspect", str(target))
+    proc = run_cli("inspect", "--model", str(target))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
@@ -89,10 +89,10 @@ def test_malicious_pickle_is_not_executed_without_trust(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"format": "slim2deploy.checkpoint/1", "state_dict": {}, "x": _Payload(marker)}, evil)
-    with pytest.raises(SlimError, match="--trust-pickle"):
+    with pytest.raises(SlimError, match="trust_code"):
         load_checkpoint(evil)
-    proc = run_cli("inspect", str(evil))
-    assert proc.returncode != 0 and "--trust-pickle" in proc.stderr
+    proc = run_cli("inspect", "--model", str(evil))
+    assert proc.returncode != 0 and "--trust-code" in proc.stderr
     assert not marker.exists()
 
 
@@ -103,7 +103,7 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
     with pytest.raises(SlimError, match="pickled"):
         load_checkpoint(path)
     with pytest.warns(UserWarning, match="runs any code"):
-        ckpt = load_checkpoint(path, trust_pickle=True)
+        ckpt = load_checkpoint(path, trust_code=True)
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(model_from_checkpoint(ckpt)(x), model(x))
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from slim2deploy.cli import COMMANDS, _module, build_parser
 
@@ -52,13 +50,11 @@ def test_help_runs_as_a_command() -> None:
 
 
 def test_ignored_flag_rules_name_real_flags() -> None:
-    """Each ONLY_WHEN rule (cli.common.OnlyWhen) names a flag its command has: a typo would never fire."""
-    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    parsers = {**_subparsers(), "bench/latency.py": bench.build_parser()}
-    modules = {**{c: importlib.import_module(_module(c)) for c in COMMANDS}, "bench/latency.py": bench}
+    """Each ONLY_WHEN rule (cli.rules.OnlyWhen) names a flag its command has: a typo would never fire."""
+    from slim2deploy.cli import latency
+
+    parsers = {**_subparsers(), "bench/latency.py": latency.build_parser()}
+    modules = {**{c: importlib.import_module(_module(c)) for c in COMMANDS}, "bench/latency.py": latency}
     for command, parser in parsers.items():
         flags = {s for a in parser._actions for s in a.option_strings}
         missing = [rule.flag for rule in getattr(modules[command], "ONLY_WHEN", ()) if rule.flag not in flags]
@@ -73,7 +69,7 @@ def test_the_parser_records_every_flag_its_groups_and_exclusive_groups_add() -> 
 
 
 def test_given_flags_are_the_ones_typed_whatever_their_value() -> None:
-    from slim2deploy.cli.common import given_flags
+    from slim2deploy.cli.rules import given_flags
 
     train = _subparsers()["train"]
     before = [(a.dest, a.default) for a in train.arguments]

@@ -99,7 +99,7 @@ def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path) ->
     model = create_model("resnet164", **kwargs)
     ckpt = tmp_path / "m.pt"
     save_checkpoint(checkpoint_for(model, "resnet164", kwargs, (1, 28, 28), 4), ckpt)
-    proc = run_cli("inspect", str(ckpt), "--json", str(tmp_path / "m.json"))
+    proc = run_cli("inspect", "--model", str(ckpt), "--json", str(tmp_path / "m.json"))
     assert proc.returncode == 0, proc.stderr
     assert "BatchNorm-scored channels" in proc.stdout and "unprunable groups" in proc.stdout
     cov = json.loads((tmp_path / "m.json").read_text())["coverage"]

@@ -194,6 +194,22 @@ def cli(files, capsys):
     return run
 
 
+def _own_flags(line: str) -> set[str] | None:
+    """The flags of the command an error line comes from (None: the top-level parser's own line)."""
+    import argparse
+
+    from slim2deploy.cli import build_parser
+    from slim2deploy.cli.latency import build_parser as latency_parser
+
+    found = re.match(r"slim2deploy (\w+): error: ", line)
+    if found is None:
+        parser = latency_parser() if line.startswith("error: ") else None
+    else:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[found.group(1)]
+    return None if parser is None else {s for a in parser._actions for s in a.option_strings}
+
+
 def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, str], root: Path) -> str:
     status, _, err = result
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -202,6 +218,9 @@ def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, 
     assert "Traceback" not in err
     assert needle in errors[0], errors[0]
     assert _snapshot(root) == before, "a refused command changed files"
+    own = _own_flags(errors[0])
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", errors[0]))
+    assert own is None or named <= own, f"the error names flags its command does not have: {named - own}"
     return errors[0]
 
 
@@ -219,8 +238,8 @@ OUTPUT_CASES = {
     "export --out is the input": (["export", "--model", "{ckpt}", "--out", "{ckpt}"], "is also an input"),
     "export --json folder": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--json", "{dir}"], "--json"),
     "build --out is a file": (["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{file}"], "is a file"),
-    "inspect --json folder": (["inspect", "{ckpt}", "--json", "{dir}"], "is a folder"),
-    "inspect --plot is the checkpoint": (["inspect", "{ckpt}", "--plot", "{ckpt}"], "is also an input"),
+    "inspect --json folder": (["inspect", "--model", "{ckpt}", "--json", "{dir}"], "is a folder"),
+    "inspect --plot is the checkpoint": (["inspect", "--model", "{ckpt}", "--plot", "{ckpt}"], "is also an input"),
     "train --out folder, before any epoch": (["train", "--data", "{root}/ok.npz", "--out", "{dir}"], "is a folder"),
     "train --history under a file": (
         ["train", "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--history", "{file}/h.json"],
@@ -295,7 +314,7 @@ CHECKPOINT_CASES = {
     "3 means for 1 channel": ("mean_per_rgb.pt", "meta.mean must be"),
     "std without mean": ("std_alone.pt", "meta has std but not mean"),
     "input_shape that the model does not take": ("input_channels.pt", "input_shape [3, 8, 8] does not fit"),
-    "pickled module without trust": ("pickled.pt", "--trust-pickle"),
+    "pickled module without trust": ("pickled.pt", "--trust-code"),
     "num_classes past the model's outputs": ("classes_past_outputs.pt", "num_classes 5 but its model vgg11 gives"),
     "more class names than classes": ("more_names_than_classes.pt", "meta.classes names 4 classes but num_classes"),
     "integer weights": ("int_state.pt", "wrong type: features.0.weight is int64 but the model's is float32"),
@@ -349,7 +368,7 @@ DAMAGED_CASES = {
         "'features.1.weight' (8,) holds NaN",
     ),
 }
-SLOW = ["--speedup", "0.5", "--no-cache", "--batch", "2"]  # a speed-up below 1: a slow-down
+SLOW = ["--speedup", "0.5", "--no-cache", "--profile-batch", "2"]  # a speed-up below 1: a slow-down
 RATIO_BUILD = ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--no-bench"]
 FLAG_CASES = {
     "opset too old": (["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "5"], "13..20"),
@@ -371,9 +390,12 @@ FLAG_CASES = {
         "--weight-decay",
     ),
     "image size 0": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--image-size", "0"], "--image-size"),
-    "input shape malformed": (["inspect", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
-    "pickled module without input shape": (["inspect", "{root}/pickled.pt", "--trust-pickle"], "--input-shape C,H,W"),
-    "input shape contradicts the checkpoint": (["inspect", "{ckpt}", "--input-shape", "3,8,8"], "differs"),
+    "input shape malformed": (["inspect", "--model", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
+    "pickled module without input shape": (
+        ["inspect", "--model", "{root}/pickled.pt", "--trust-code"],
+        "--input-shape C,H,W",
+    ),
+    "input shape contradicts the checkpoint": (["inspect", "--model", "{ckpt}", "--input-shape", "3,8,8"], "differs"),
     "profile --speedup at or below 1": (["profile", "--model", "{ckpt}", "--out", "{root}/t.json", *SLOW], "--speedup"),
     "profile --speedup nan, before profiling": (
         ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--speedup", "nan", "--no-cache"],
@@ -399,8 +421,8 @@ FLAG_CASES = {
         "--profile-batch",
     ),
     "profile --batch huge": (
-        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--no-cache", "--batch", str(10**12)],
-        "--batch",
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--no-cache", "--profile-batch", str(10**12)],
+        "--profile-batch",
     ),
     "train --width nan names the flag": (
         [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--width", "nan"],
@@ -415,7 +437,7 @@ FLAG_CASES = {
         "batch of 1",
     ),
     "limit-val 0": (
-        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--limit-val", "0"],
+        [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--eval-limit", "0"],
         "argument --limit-val: must be at least",
     ),
     "finetune --epochs 0, before the data is read": (
@@ -435,11 +457,11 @@ FLAG_CASES = {
         "--image-size 4 is smaller than the input's 8 pixels",
     ),
     "export --eval-n 0": (
-        ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--eval-n", "0"],
+        ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--eval-limit", "0"],
         "argument --eval-n: must be at least",
     ),
     "profile --batch 0": (
-        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--batch", "0"],
+        ["profile", "--model", "{ckpt}", "--out", "{root}/t.json", "--profile-batch", "0"],
         "argument --batch: must be at least",
     ),
     "calib --workers -1": (
@@ -456,18 +478,18 @@ EXPORT = ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx"]
 PRUNE = ["prune", "--model", "{ckpt}", "--out", "{root}/s.pt"]
 BUILD = ["build", "--model", "{ckpt}", "--out", "{root}/b"]
 NPZ_TRAIN = [*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt"]
-# a flag that the other flags make ineffective: refused (cli.common.OnlyWhen) before any work
+# a flag that the other flags make ineffective: refused (cli.rules.OnlyWhen) before any work
 IGNORED_FLAG_CASES = {
     "export --fp16-io at fp32": ([*EXPORT, "--fp16-io"], "--fp16-io applies only to fp16 exports"),
     "export --fp16-io abbreviated, at int8": ([*EXPORT, "--precision", "int8", "--fp16"], "--fp16-io applies only"),
-    "export --eval-data at fp32": ([*EXPORT, "--eval-data", "{root}/ok.npz"], "--eval-data applies only to int8"),
+    "export --data at fp32": ([*EXPORT, "--data", "{root}/ok.npz"], "--data applies only to int8"),
     "export --calib-method at fp16": (
         [*EXPORT, "--precision", "fp16", "--calib-method", "entropy"],
         "--calib-method applies only to int8",
     ),
     "export --int8-flavour at fp32": ([*EXPORT, "--int8-flavour", "cpu"], "--int8-flavour applies only to int8"),
     "export --eval-n without --eval-data": (
-        [*EXPORT, "--precision", "int8", "--calib", "{root}/ok.npz", "--eval-n", "10"],
+        [*EXPORT, "--precision", "int8", "--calib", "{root}/ok.npz", "--eval-limit", "10"],
         "--eval-n applies only with --eval-data",
     ),
     "export --data-dir with npz held-out data": (
@@ -477,7 +499,7 @@ IGNORED_FLAG_CASES = {
             "int8",
             "--calib",
             "{root}/ok.npz",
-            "--eval-data",
+            "--data",
             "{root}/ok.npz",
             "--data-dir",
             "{dir}",
@@ -625,9 +647,9 @@ def test_a_calibration_set_of_identical_images_is_refused(command, files, cli):
 def test_edited_or_foreign_checkpoints_are_one_error(case, files, cli):
     name, needle = CHECKPOINT_CASES[case]
     before = _snapshot(files["root"])
-    line = assert_refused(cli("inspect", files["root"] / name), needle, before, files["root"])
+    line = assert_refused(cli("inspect", "--model", files["root"] / name), needle, before, files["root"])
     if case != "pickled module without trust":
-        assert "--trust-pickle" not in line  # never steer users into turning safety off for a damaged file
+        assert "--trust-code" not in line  # never steer users into turning safety off for a damaged file
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED_CASES))
@@ -753,28 +775,28 @@ def test_training_that_leaves_non_finite_tensors_saves_nothing(command, needle, 
 
 
 def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
-    pickled, trust = files["root"] / "pickled.pt", ["--trust-pickle", "--input-shape", "1,8,8"]
-    status, out, err = cli("inspect", pickled, *trust)
+    pickled, trust = files["root"] / "pickled.pt", ["--trust-code", "--input-shape", "1,8,8"]
+    status, out, err = cli("inspect", "--model", pickled, *trust)
     assert status == 0 and "features.1" in out, err
     slim = tmp_path / "slim.pt"
     status, out, err = cli("prune", "--model", pickled, *trust, "--ratio", "0.5", "--out", slim)
     assert status == 0, err
-    with pytest.raises(SlimError, match="--trust-pickle"):
+    with pytest.raises(SlimError, match="--trust-code"):
         load_checkpoint(slim)  # the slim copy is pickled too: still needs the opt-in
     with pytest.warns(UserWarning):
-        reloaded = load_checkpoint(slim, trust_pickle=True)
+        reloaded = load_checkpoint(slim, trust_code=True)
     assert reloaded.input_shape == (1, 8, 8) and reloaded.num_classes == 3 and reloaded.is_pruned
     table = tmp_path / "t.json"
-    status, out, err = cli("profile", "--model", pickled, *trust, "--batch", "2", "--no-cache", "--out", table)
+    status, out, err = cli("profile", "--model", pickled, *trust, "--profile-batch", "2", "--no-cache", "--out", table)
     assert status == 0 and "latency steps up" in out, err
-    status, out, err = cli("export", "--model", slim, "--trust-pickle", "--out", tmp_path / "slim.onnx")
+    status, out, err = cli("export", "--model", slim, "--trust-code", "--out", tmp_path / "slim.onnx")
     assert status == 0 and "parity" in out, err
     status, out, err = cli(
         "finetune", "--model", pickled, *trust, "--data", files["root"] / "ok.npz", "--epochs", "1",
         "--batch-size", "16", "--out", tmp_path / "ft.pt",
     )  # fmt: skip
     assert status == 0, err
-    status, out, err = cli("build", "--model", pickled, "--trust-pickle", "--ratio", "0.5", "--out", tmp_path / "b")
+    status, out, err = cli("build", "--model", pickled, "--trust-code", "--ratio", "0.5", "--out", tmp_path / "b")
     assert status == 2 and "one by one" in err
 
 
@@ -785,7 +807,7 @@ def table16(files) -> Path:
     model = create_model("vgg11", **KWARGS)
     big = save_checkpoint(checkpoint_for(model, "vgg11", KWARGS, (1, 16, 16), 3), files["root"] / "model16.pt")
     table = files["root"] / "t16.json"
-    assert main(["profile", "--model", str(big), "--batch", "2", "--no-cache", "--out", str(table)]) == 0
+    assert main(["profile", "--model", str(big), "--profile-batch", "2", "--no-cache", "--out", str(table)]) == 0
     return table
 
 
@@ -830,9 +852,9 @@ def _latency():
     "extra,needle",
     [
         (["--input-sets", "0"], "--input-sets"),
-        (["--iters", "0"], "--iters"),
-        (["--rounds", "0"], "--rounds"),
-        (["--warmup-s", "nan"], "--warmup-s"),
+        (["--bench-iterations", "0"], "--bench-iterations"),
+        (["--bench-rounds", "0"], "--bench-rounds"),
+        (["--bench-warmup-s", "nan"], "--bench-warmup-s"),
         (["--json", "{dir}"], "is a folder"),
         (["--json", "{root}/l.json/"], "ends in a path separator"),
     ],
@@ -867,7 +889,7 @@ def test_latency_script_refuses_a_baseline_of_another_input_shape(files, table16
     """model16 takes 1x16x16 inputs, the checkpoint 1x8x8: a speed-up between them is not one."""
     before = _snapshot(files["root"])
     args = [str(files["ckpt"]), "--baseline", str(files["root"] / "model16.pt"), "--quiet", "--no-rss"]
-    status = _latency().main([*args, "--iters", "1", "--rounds", "1"])
+    status = _latency().main([*args, "--bench-iterations", "1", "--bench-rounds", "1"])
     line = assert_refused((status, "", capsys.readouterr().err), "[1, 8, 8] but the baseline", before, files["root"])
     assert "[1, 16, 16]" in line
 
@@ -880,13 +902,15 @@ def test_latency_script_refuses_an_onnx_input_with_a_zero_dimension(files, cli, 
     graph.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
     onnx.save(graph, tmp_path / "zero.onnx")
     before = _snapshot(tmp_path)
-    status = _latency().main([str(tmp_path / "zero.onnx"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"])
+    status = _latency().main(
+        [str(tmp_path / "zero.onnx"), "--quiet", "--no-rss", "--bench-iterations", "1", "--bench-rounds", "1"]
+    )
     assert_refused((status, "", capsys.readouterr().err), "a dimension that is not positive", before, tmp_path)
 
 
 def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
     status = _latency().main(
-        [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--iters", "1", "--rounds", "1"]
+        [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--bench-iterations", "1", "--bench-rounds", "1"]
     )
     line = capsys.readouterr().err.strip()
     assert status == 2 and "slim2deploy export" in line and "--input-shape" in line
@@ -918,7 +942,7 @@ def test_full_disk_is_one_error_and_leaves_no_temp_file(command, files, tmp_path
     out.mkdir()
     args = {
         "prune": ["prune", "--model", str(files["ckpt"]), "--ratio", "0.5", "--out", str(out / "slim.pt")],
-        "inspect": ["inspect", str(files["ckpt"]), "--plot", str(out / "g.png")],
+        "inspect": ["inspect", "--model", str(files["ckpt"]), "--plot", str(out / "g.png")],
     }[command]
     proc = subprocess.run(
         [sys.executable, "-m", "slim2deploy", *args],
@@ -937,8 +961,8 @@ def test_full_disk_is_one_error_and_leaves_no_temp_file(command, files, tmp_path
 @pytest.mark.parametrize(
     "args",
     [
-        ["inspect", "{root}/random.pt"],
-        ["inspect", "{root}/input_channels.pt"],
+        ["inspect", "--model", "{root}/random.pt"],
+        ["inspect", "--model", "{root}/input_channels.pt"],
         ["prune", "--model", "{root}/nan_gamma.pt", "--ratio", "0.5", "--out", "{root}/s.pt"],
         [*CALIB, "{root}/mean_text.pt"],
         ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"],
@@ -995,8 +1019,8 @@ MISFIT_CASES = {
         ["build", "--model", "{ckpt}", "--ratio", "0.5", "--out", "{root}/b", "--data", "{root}/rgb.npz"],
         "(3, 8, 8) images",
     ),
-    "export int8 evaluated on 3-channel data": ([*INT8, "--eval-data", "{root}/rgb.npz"], "(3, 8, 8) images"),
-    "export int8 evaluated on other classes": ([*INT8, "--eval-data", "{root}/ten_classes.npz"], "10 classes"),
+    "export int8 evaluated on 3-channel data": ([*INT8, "--data", "{root}/rgb.npz"], "(3, 8, 8) images"),
+    "export int8 evaluated on other classes": ([*INT8, "--data", "{root}/ten_classes.npz"], "10 classes"),
     "calib for a model from 3-channel data": (
         ["calib", "--model", "{ckpt}", "--data", "{root}/rgb.npz", "--n", "8", "--out", "{root}/c.npz"],
         "(3, 8, 8)",

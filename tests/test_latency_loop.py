@@ -252,7 +252,7 @@ def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
         str(DEMO),
         "--target",
         "ort-cpu",
-        "--batch",
+        "--profile-batch",
         "16",
         "--cache",
         str(cache),

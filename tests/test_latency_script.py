@@ -15,12 +15,12 @@ from test_runtime import export_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "latency.py"
-FAST = ["--warmup-s", "0.05", "--iters", "12", "--rounds", "3", "--threads", "1"]
+FAST = ["--bench-warmup-s", "0.05", "--bench-iterations", "12", "--bench-rounds", "3", "--threads", "1"]
 
 
 def run_script(*args: str, python: str = sys.executable, extra: list[str] | None = None, cwd: Path | None = None):
-    # no PYTHONPATH: the script must find the package by itself, as in a bare checkout
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the checkout on PYTHONPATH, as the script's docstring tells a machine without slim2deploy installed
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [python, *(extra or []), str(SCRIPT), *args],
         capture_output=True,
@@ -44,7 +44,7 @@ def test_script_prints_table_and_writes_reports(models, tmp_path):
         str(slim),
         "--baseline",
         str(base),
-        "--batch",
+        "--bench-batch",
         "1,4",
         *FAST,
         "--json",
@@ -68,8 +68,8 @@ def test_script_errors_are_one_line(tmp_path):
     proc = run_script(str(tmp_path / "missing.onnx"), *FAST)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no such model file")
-    proc = run_script(str(tmp_path / "x.onnx"), "--batch", "0,4")
-    assert proc.returncode == 2 and "batch sizes must be positive" in proc.stderr
+    proc = run_script(str(tmp_path / "x.onnx"), "--bench-batch", "0,4")
+    assert proc.returncode == 2 and "expected positive whole numbers" in proc.stderr
 
 
 def test_script_never_imports_torch(models):
@@ -110,7 +110,7 @@ def test_script_runs_on_onnx_in_a_venv_without_torch(models, tmp_path):
         str(slim),
         "--baseline",
         str(base),
-        "--batch",
+        "--bench-batch",
         "1,2",
         *FAST,
         "--json",
@@ -138,7 +138,7 @@ def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_pa
     ckpt = tmp_path / "vgg.pt"
     save_checkpoint(checkpoint_for(create_model("vgg11", **kwargs).eval(), "vgg11", kwargs, (1, 28, 28), 10), ckpt)
     out = tmp_path / "r.json"
-    proc = run_script(str(ckpt), *FAST, "--backend", "cpu", "--torch-mode", "folded", "--json", str(out))
+    proc = run_script(str(ckpt), *FAST, "--device", "cpu", "--torch-mode", "folded", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     runner = json.loads(out.read_text())["models"][0]["runner"]
     assert runner["backend"] == "torch" and runner["options"]["mode"] == "folded"
@@ -158,10 +158,10 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     batch = int(share * ram / (4 * SAMPLE[0] * SAMPLE[1] * SAMPLE[2]))
     out = tmp_path / "r.json"
-    proc = run_script(str(base), "--batch", f"1,{batch}", *FAST, "--json", str(out))
+    proc = run_script(str(base), "--bench-batch", f"1,{batch}", *FAST, "--json", str(out))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: --batch {batch}: one batch through")
-    assert "use a smaller --batch" in proc.stderr and "batch 1: warm-up" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: --bench-batch {batch}: one batch through")
+    assert "use a smaller --bench-batch" in proc.stderr and "batch 1: warm-up" not in proc.stderr
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,10 +84,41 @@ def test_finetune_trains_the_slim_model_and_keeps_its_plan(
     np.savez(data, x=rng.random((80, 1, 28, 28), dtype=np.float32), y=rng.integers(0, 4, 80))
     r = _cli(
         "finetune", "--model", str(slim), "--data", str(data), "--epochs", "1", "--batch-size", "16",
-        "--out", str(tuned), "--device", "cpu",
+        "--out", str(tuned), "--device", "cpu", "--max-drop", "100",  # random labels: no accuracy to keep
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     before, after = load_checkpoint(slim), load_checkpoint(tuned)
     assert after.plan == before.plan
     assert any(not torch.equal(before.state_dict[k], after.state_dict[k]) for k in before.state_dict)
     model_from_checkpoint(after)
+
+
+def test_keep_leaves_the_layers_named_whole_and_says_what_it_cost(sparse_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kept.pt"
+    r = _cli("prune", "--model", str(sparse_ckpt), "--ratio", "0.5", "--keep", "layer3.*", "--keep", "conv1",
+             "--min-channels", "1", "--round-to", "1", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "keep 'layer3.*', 'conv1'" in r.stdout
+    assert re.search(r"without it this selection would have removed [1-9]\d* of them", r.stdout), r.stdout
+    plan = PruningPlan.from_dict(load_checkpoint(out).plan)
+    kept = [g for g in plan.groups if any(x.startswith("kept whole") for x in g.reasons)]
+    assert kept and all(not g.pruned for g in kept)
+    assert all(any(m.module.startswith("layer3.") or m.module == "conv1" for m in g.members) for g in kept)
+    assert any(g.pruned for g in plan.groups)  # the rest is still pruned
+    r = _cli("prune", "--model", str(sparse_ckpt), "--ratio", "0.5", "--keep", "no_such_layer*", "--out", str(out))
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--keep 'no_such_layer*' matches no layer" in lines[0]
+
+
+def test_the_python_api_offers_what_the_cli_does(sparse_ckpt: Path, tmp_path: Path) -> None:
+    import slim2deploy
+
+    for name in ("slim", "export", "load_checkpoint", "model_from_checkpoint", "build", "finetune_checkpoint"):
+        assert name in dir(slim2deploy)
+    said: list[str] = []
+    plan = slim2deploy.slim(sparse_ckpt, tmp_path / "s.pt", ratio=0.3, keep=["conv1"], log=said.append)
+    assert plan.removed_channels > 0 and "total" in said[-1]
+    reports = slim2deploy.export(tmp_path / "s.pt", tmp_path / "s.onnx", precisions=["fp32", "fp16"])
+    assert set(reports) == {"fp32", "fp16"} and (tmp_path / "s.fp16.onnx").exists()
+    with pytest.raises(slim2deploy.SlimError, match="`ratio`"):
+        slim2deploy.slim(sparse_ckpt, tmp_path / "t.pt", ratio=0.3, speedup=2)

@@ -150,13 +150,13 @@ def test_missing_and_unexpected_keys_are_reported_and_a_foreign_file_is_refused(
     assert not (tmp_path / "f.pt").exists()
 
 
-def test_a_pickled_module_is_only_read_with_trust_pickle(tmp_path):
+def test_a_pickled_module_is_only_read_with_trust_code(tmp_path):
     path = tmp_path / "module.pth"
     torch.save(create_model("vgg11", width=0.125), path)
-    with pytest.raises(SlimError, match="--trust-pickle"):
+    with pytest.raises(SlimError, match="trust_code"):
         read_state_dict(path)
     with pytest.warns(UserWarning, match="unpickling"):
-        assert "classifier.weight" in read_state_dict(path, trust_pickle=True)
+        assert "classifier.weight" in read_state_dict(path, trust_code=True)
 
 
 def test_shape_clash_outside_the_classifier_names_the_tensor(tmp_path):

@@ -98,7 +98,7 @@ def test_issue_command_shows_progress_and_inspect_reads_it(tmp_path):
         "1",
         "--limit-train",
         "5000",
-        "--limit-val",
+        "--eval-limit",
         "1000",
         "--sparsity",
         "1e-4",
@@ -112,7 +112,7 @@ def test_issue_command_shows_progress_and_inspect_reads_it(tmp_path):
     ckpt = load_checkpoint(out)
     assert ckpt.meta["val_acc"] > 0.5  # one short epoch on real data learns something
     plot = tmp_path / "g.png"
-    insp = run_cli("inspect", str(out), "--plot", str(plot))
+    insp = run_cli("inspect", "--model", str(out), "--plot", str(plot))
     assert insp.returncode == 0, insp.stderr
     assert "features.1" in insp.stdout and "<1e-2" in insp.stdout and "MACs" in insp.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

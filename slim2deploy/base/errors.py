@@ -8,14 +8,16 @@ import os
 class SlimError(Exception):
     """A user-facing error: the message says what is wrong and what to do about it.
 
-    The CLI prints it as one line and exits with status 2; library callers can catch it.
+    The CLI prints it as one line and exits with status 2; library callers can catch it. A setting the user
+    can change is named by its Python parameter in backquotes (`batch_size`): that is what an API user
+    passes, and the CLI prints the command's flag for it instead (``cli.as_flags``).
     """
 
 
 class NeedsTrust(SlimError):
     """A file holds pickled Python objects, which run code when loaded; refused without an opt-in.
 
-    A SlimError of its own so that a tool without ``--trust-pickle`` (bench/latency.py) can give
+    A SlimError of its own so that a tool without a trust flag (bench/latency.py) can give
     other advice than the flag.
     """
 
@@ -24,6 +26,6 @@ class NeedsTrust(SlimError):
         self.what = what
         super().__init__(
             f"{path} contains {what}; unpickling it can run arbitrary code, so it is refused. If you trust "
-            "the file's origin, pass --trust-pickle (trust_pickle=True); better, save a state_dict and create "
+            "the file's origin, pass `trust_code`; better, save a state_dict and create "
             "a slim2deploy checkpoint from it"
         )

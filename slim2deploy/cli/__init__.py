@@ -13,7 +13,8 @@ import importlib.util
 import sys
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.cli.common import HelpFormatter, Parser, refuse_ignored_flags
+from slim2deploy.cli.parser import HelpFormatter, Parser
+from slim2deploy.cli.rules import refuse_ignored_flags
 
 # Order is the order shown in --help: the pipeline, first to last.
 COMMANDS = ["import", "train", "inspect", "profile", "prune", "finetune", "calib", "export", "build"]
@@ -61,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    # the subcommand's own flags follow its name (the top level takes only --help and --version)
+    own = argv[argv.index(args.command) + 1 :]
+    args._parser.note_deprecated(own)
     try:
-        # the subcommand's own flags follow its name (the top level takes only --help and --version)
-        refuse_ignored_flags(args._parser, argv[argv.index(args.command) + 1 :], args, args._only_when)
+        refuse_ignored_flags(args._parser, own, args, args._only_when)
         return int(args._run(args) or 0)
     except SlimError as exc:
-        print(f"slim2deploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"slim2deploy {args.command}: error: {args._parser.in_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

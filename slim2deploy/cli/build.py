@@ -5,37 +5,40 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from slim2deploy.cli.common import (
-    BUDGET_RULES,
-    OnlyWhen,
+from slim2deploy.cli.export import add_precision_args
+from slim2deploy.cli.flags import (
+    add_batch_size_arg,
+    add_data_dir_arg,
+    add_distill_args,
+    add_eval_limit_arg,
+    add_max_drop_arg,
+    add_seed_arg,
     add_selection_args,
     add_target_args,
     add_trust_arg,
-    number,
-    seed_value,
     selection_from_args,
 )
+from slim2deploy.cli.parser import at_least, number, positive_ints
+from slim2deploy.cli.rules import BUDGET_RULES, OnlyWhen
+from slim2deploy.model.recipe import FINETUNE_EPOCHS
 
 if TYPE_CHECKING:
     from slim2deploy.pipeline.build import BuildConfig
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+def _finetunes(args: argparse.Namespace) -> bool:
+    return args.data is not None and args.finetune_epochs != 0
 
 
 ONLY_WHEN = (
     *BUDGET_RULES,
     *(
-        OnlyWhen(flag, lambda a: a.finetune_epochs > 0, "to fine-tuning", "add --finetune-epochs N")
-        for flag in ("--finetune-lr", "--batch-size", "--limit-train")
+        OnlyWhen(flag, _finetunes, "to fine-tuning (with --data)", "give --data (and --finetune-epochs above 0)")
+        for flag in ("--finetune-lr", "--batch-size", "--limit-train", "--no-distill")
+    ),
+    *(
+        OnlyWhen(flag, lambda a: _finetunes(a) and not a.no_distill, "to distillation", "drop --no-distill")
+        for flag in ("--distill-weight", "--distill-temperature")
     ),
     *(
         OnlyWhen(flag, lambda a: "int8" in a.precision, "to int8 (--precision ...,int8)", "add int8 to --precision")
@@ -43,7 +46,7 @@ ONLY_WHEN = (
     ),
     *(
         OnlyWhen(flag, lambda a: a.engine != "off", "to TensorRT engines", "drop --engine off")
-        for flag in ("--batch", "--workspace-mib", "--builder-opt-level")
+        for flag in ("--engine-batch", "--workspace-mib", "--builder-opt-level")
     ),
     *(
         OnlyWhen(flag, lambda a: not a.no_bench, "to the benchmark", "drop --no-bench")
@@ -60,30 +63,34 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "baseline/slim ONNX per precision, TensorRT engines (when TensorRT and a GPU are present), "
         "benchmark.{json,md,png} and report.{json,md}. Re-running skips stages whose inputs are unchanged.",
     )
-    p.add_argument("--model", required=True, help="sparse-trained checkpoint (from 'slim2deploy train')")
+    p.add_argument("--model", required=True, metavar="CKPT", help="the unpruned checkpoint (from 'train' or 'import')")
     p.add_argument("--out", default="build", help="output directory")
     add_selection_args(p)
     add_target_args(p)
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after pruning (0: none)")
+    g = p.add_argument_group("fine-tuning and accuracy")
+    g.add_argument(
+        "--data", default=None, help="dataset for fine-tuning and accuracy (default: the checkpoint's, for accuracy)"
+    )
+    add_data_dir_arg(g)
+    g.add_argument(
+        "--finetune-epochs",
+        type=at_least(0),
+        default=None,
+        help=f"epochs of fine-tuning after pruning (default: {FINETUNE_EPOCHS} with --data, none without; 0: none)",
+    )
+    g.add_argument(
+        "--no-distill",
+        action="store_true",
+        help="fine-tune on the labels alone (default: distil from the unpruned model as well)",
+    )
+    add_distill_args(g)
+    add_max_drop_arg(g)
     g.add_argument("--finetune-lr", type=number(above=0), default=0.01, help="initial lr (cosine schedule)")
-    g.add_argument("--batch-size", type=int, default=64, help="fine-tuning images per step")
-    g.add_argument("--data", default=None, help="dataset for fine-tuning and accuracy (default: the checkpoint's)")
-    g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    g.add_argument("--limit-train", type=int, default=None, metavar="N", help="fine-tune on the first N images")
-    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N held-out images")
+    add_batch_size_arg(g)
+    g.add_argument("--limit-train", type=at_least(1), default=None, metavar="N", help="fine-tune on the first N images")
+    add_eval_limit_arg(g, deprecated=())
     g = p.add_argument_group("export and precision")
-    g.add_argument("--precision", type=_names, default=("fp32",), help="comma-separated: fp32, fp16, int8")
-    g.add_argument("--calib", default=None, help="calibration set (.npz) for int8, e.g. calib/fashion-mnist-512.npz")
-    g.add_argument(
-        "--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"], help="int8 range calibration"
-    )
-    g.add_argument(
-        "--int8-flavour",
-        default="tensorrt",
-        choices=["tensorrt", "cpu"],
-        help="tensorrt: symmetric S8S8 Q/DQ for GPUs; cpu: U8S8 reduce-range for ONNX Runtime CPU",
-    )
+    add_precision_args(g, ("fp32",))
     g.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's documented one)")
     g = p.add_argument_group("TensorRT engines")
     g.add_argument(
@@ -92,19 +99,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=["auto", "require", "off"],
         help="auto: build when TensorRT and a GPU are present; require: fail otherwise",
     )
-    g.add_argument("--batch", type=_ints, default=(1, 64), help="engine profile batches (min..max, opt = max)")
-    g.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace (MiB)")
-    g.add_argument("--builder-opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5")
-    g = p.add_argument_group("benchmark (ONNX Runtime CPU)")
-    g.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
-    g.add_argument("--bench-batch", type=_ints, default=(1, 64), help="batch sizes to time")
-    g.add_argument("--bench-iterations", type=int, default=200, help="timed iterations per batch and round")
-    g.add_argument("--bench-rounds", type=int, default=5, help="interleaved rounds")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
-    p.add_argument(
-        "--seed", type=seed_value, default=0, help="seed of fine-tuning and of the images picked for evaluation"
+    g.add_argument(
+        "--engine-batch",
+        type=positive_ints,
+        default=(1, 64),
+        deprecated=("--batch",),
+        help="engine profile batches (min..max, opt = max)",
     )
-    add_trust_arg(p, input_shape=False)
+    g.add_argument("--workspace-mib", type=at_least(1), default=1024, help="TensorRT builder workspace (MiB)")
+    g.add_argument("--builder-opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5")
+    g = p.add_argument_group("benchmark (ONNX Runtime CPU: every precision built, against the fp32 baseline)")
+    g.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
+    g.add_argument("--bench-batch", type=positive_ints, default=(1, 64), help="batch sizes to time")
+    g.add_argument("--bench-iterations", type=at_least(1), default=200, help="timed iterations per batch and round")
+    g.add_argument("--bench-rounds", type=at_least(1), default=5, help="interleaved rounds")
+    g.add_argument(
+        "--threads", type=at_least(1), default=None, help="ONNX Runtime intra-op threads (default: runtime's)"
+    )
+    add_seed_arg(p, "seed of fine-tuning and of the images picked for evaluation")
+    add_trust_arg(p, input_shape_flag=False)
     return p
 
 
@@ -119,6 +132,10 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         fold=not args.no_fold,
         exact=not args.approximate,
         finetune_epochs=args.finetune_epochs,
+        distill=not args.no_distill,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        max_drop=args.max_drop,
         finetune_lr=args.finetune_lr,
         batch_size=args.batch_size,
         data=args.data,
@@ -131,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         int8_flavour=args.int8_flavour,
         opset=args.opset,
         engine=args.engine,
-        engine_batches=args.batch,
+        engine_batches=args.engine_batch,
         workspace_mib=args.workspace_mib,
         builder_opt_level=args.builder_opt_level,
         bench=not args.no_bench,
@@ -140,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         bench_rounds=args.bench_rounds,
         threads=args.threads,
         seed=args.seed,
-        trust_pickle=args.trust_pickle,
+        trust_code=args.trust_code,
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import add_source_args, add_trust_arg, at_least, number, parse_input_shape, stats_from_args
+from slim2deploy.cli.flags import add_source_args, add_trust_arg, stats_from_args
+from slim2deploy.cli.parser import at_least, input_shape, number
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,17 +16,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "runs on --input-shape and write a slim2deploy checkpoint that prune, export, build and the "
         "benchmarks take directly. Loading a file reports missing and unexpected keys.",
     )
-    p.add_argument("--arch", required=True, help="torchvision:NAME, timm:NAME, a zoo name or package.module:factory")
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="torchvision:NAME, timm:NAME, a zoo name or package.module:factory (with --trust-code; called as "
+        "factory(num_classes=N, in_channels=C) with the arguments it takes; a class or Class.classmethod works too)",
+    )
     p.add_argument(
         "--input-shape",
-        type=parse_input_shape,
+        type=input_shape,
         required=True,
         metavar="C,H,W",
         help="the model's input, e.g. 3,224,224",
     )
     p.add_argument(
         "--num-classes",
-        type=int,
+        type=at_least(1),
         default=None,
         help="class count; when it differs from the weights', only the classifier is re-initialised "
         "(default: the weights')",
@@ -39,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="checkpoint to write")
     add_source_args(p)
-    add_trust_arg(p, input_shape=False)
+    add_trust_arg(p, input_shape_flag=False)
     return p
 
 
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         stats=stats_from_args(args),
         image_size=args.image_size,
-        trust_code=args.trust_pickle,
+        trust_code=args.trust_code,
+        log=print,
     )
     if report is not None:
         print(report.summary())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import add_trust_arg
+from slim2deploy.cli.flags import add_trust_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,9 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="params, MACs, prunable share and per-BatchNorm gamma statistics of a checkpoint",
         description="Print params, MACs, the share of BatchNorm-scored channels the planner can prune "
         "(with each unprunable structure and why), and per-BatchNorm |gamma| statistics (count, share "
-        "below 1e-2 and 1e-3, min/median/max) of a checkpoint.",
+        "below 1e-2 and 1e-3, min/median/max) of a checkpoint; warn when the gammas say nothing (not sparse-trained).",
     )
-    p.add_argument("checkpoint", help="a slim2deploy checkpoint (.pt)")
+    p.add_argument("--model", metavar="CKPT", default=None, help="a slim2deploy checkpoint (.pt)")
+    # the checkpoint was positional before --model; kept for one release
+    p.add_argument("checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plot", default=None, metavar="PNG", help="write a |gamma| histogram per layer")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     add_trust_arg(p)
@@ -24,18 +26,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from slim2deploy.base.errors import SlimError
     from slim2deploy.base.files import atomic_write_text, check_outputs
     from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
     from slim2deploy.pipeline.inspect import inspect_checkpoint, plot_gammas
 
-    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[args.checkpoint])
-    ckpt = with_input_shape(
-        load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle), args.input_shape, args.checkpoint
-    )
-    info = inspect_checkpoint(ckpt, trust_code=args.trust_pickle)
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise SlimError("give the checkpoint once, with --model")
+        print("note: 'inspect CKPT' is deprecated, use 'inspect --model CKPT'", file=sys.stderr)
+    path = args.model or args.checkpoint
+    if path is None:
+        raise SlimError("give the checkpoint to inspect: --model CKPT")
+    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[path])
+    ckpt = with_input_shape(load_checkpoint(path, trust_code=args.trust_code), args.input_shape, path)
+    info = inspect_checkpoint(ckpt, trust_code=args.trust_code)
     print(info.table())
     if args.json:
         atomic_write_text(args.json, json.dumps(info.to_dict(), indent=2, default=str))
     if args.plot:
-        print(f"wrote {plot_gammas(ckpt, args.plot, trust_code=args.trust_pickle)}")
+        print(f"wrote {plot_gammas(ckpt, args.plot, trust_code=args.trust_code)}")
     return 0

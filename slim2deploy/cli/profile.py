@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import (
-    CACHE_RULES,
+from slim2deploy.cli.flags import (
     add_approximate_arg,
     add_rails_args,
     add_target_args,
     add_trust_arg,
     cache_from_args,
-    number,
     rails_from_args,
 )
+from slim2deploy.cli.parser import number
+from slim2deploy.cli.rules import CACHE_RULES
 
 ONLY_WHEN = CACHE_RULES
 
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="TABLE.json", help="latency table to write")
-    add_target_args(p, batch_flag="--batch")
+    add_target_args(p, deprecated_batch=("--batch",))
     g = p.add_argument_group("kept counts to profile (the rails 'prune' will use)")
     add_rails_args(g, round_to_help="1 profiles every count (slow)")
     add_approximate_arg(g, help="also profile the groups 'prune --approximate' may cut (read raw by another layer)")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         rails=rails_from_args(args),
         cache=cache_from_args(args),
         speedup=args.speedup,
-        trust_code=args.trust_pickle,
+        trust_code=args.trust_code,
         input_shape=args.input_shape,
         exact=not args.approximate,
     )

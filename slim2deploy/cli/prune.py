@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from slim2deploy.cli.common import (
-    BUDGET_RULES,
-    add_selection_args,
-    add_target_args,
-    add_trust_arg,
-    selection_from_args,
-)
+from slim2deploy.cli.flags import add_selection_args, add_target_args, add_trust_arg, selection_from_args
+from slim2deploy.cli.rules import BUDGET_RULES
 
 ONLY_WHEN = BUDGET_RULES
 
@@ -42,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_outputs(
         {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table, "--cache": args.cache},
-        inputs=[args.model],
+        inputs=[args.model, args.table],
         folders=["--cache"],
     )
     selection = selection_from_args(args)
@@ -53,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             selection,
             fold=not args.no_fold,
             exact=not args.approximate,
-            trust_code=args.trust_pickle,
+            trust_code=args.trust_code,
             input_shape=args.input_shape,
             table_out=args.save_table,
         )
@@ -65,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             selection,
             fold=not args.no_fold,
             exact=not args.approximate,
-            trust_code=args.trust_pickle,
+            trust_code=args.trust_code,
             input_shape=args.input_shape,
         )
     print(table)

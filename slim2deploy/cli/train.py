@@ -5,16 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from slim2deploy.cli.common import (
-    DATA_RULES,
-    OnlyWhen,
-    add_data_args,
-    add_source_args,
-    add_train_args,
-    add_trust_arg,
-    number,
-    stats_from_args,
-)
+from slim2deploy.cli.flags import add_data_args, add_source_args, add_train_args, add_trust_arg, stats_from_args
+from slim2deploy.cli.parser import number
+from slim2deploy.cli.rules import DATA_RULES, OnlyWhen
 
 ONLY_WHEN = (
     *(
@@ -24,7 +17,17 @@ ONLY_WHEN = (
             "to a new run, not with --resume (it goes on with the checkpoint's weights)",
             "drop --resume",
         )
-        for flag in ("--weights", "--pretrained")
+        for flag in ("--weights", "--pretrained", "--model")
+    ),
+    *(
+        OnlyWhen(
+            flag,
+            lambda a: a.model is None,
+            "to a model built by name, not with --model (the checkpoint has its architecture, weights and "
+            "normalisation)",
+            "drop --model",
+        )
+        for flag in ("--arch", "--width", "--weights", "--pretrained", "--mean", "--std")
     ),
     *(
         OnlyWhen(flag, lambda a: a.sparsity > 0, "with --sparsity above 0", "set --sparsity")
@@ -46,7 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--arch",
         default=None,
         help="zoo name (vgg11/13/16/19, resnet20/56/164, densenet40), torchvision:NAME, timm:NAME "
-        "or package.module:factory (default: vgg11; with --resume, the checkpoint's)",
+        "or package.module:factory (needs --trust-code) (default: vgg11; with --model or --resume, the checkpoint's)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="CKPT",
+        help="start a new run from this slim2deploy checkpoint (from 'import', 'train', 'prune', ...): its "
+        "architecture, weights and normalisation",
     )
     p.add_argument("--width", type=number(above=0), default=None, help="width multiplier of zoo models (default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (updated after every epoch)")
@@ -84,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "'prune --approximate' can remove",
     )
     g.add_argument("--history", default=None, metavar="JSON", help="also write per-epoch results here")
-    add_trust_arg(p, input_shape=False)  # a run resumes from a checkpoint this command wrote: it has its shape
+    add_trust_arg(p, input_shape_flag=False)  # checkpoints this tool wrote record their input shape
     return p
 
 
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from slim2deploy.pipeline.train import train_command
 
     # --resume may name --out (a run continues in place); the data file may not
-    check_outputs({"--out": args.out, "--history": args.history}, inputs=[args.data])
+    check_outputs({"--out": args.out, "--history": args.history}, inputs=[args.data, args.model, args.weights])
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -118,12 +128,13 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         image_size=args.image_size,
         limit_train=args.limit_train,
-        limit_val=args.limit_val,
+        eval_limit=args.eval_limit,
         cfg=cfg,
         out=args.out,
         resume=args.resume,
+        start=args.model,
         device=args.device,
-        trust_code=args.trust_pickle,
+        trust_code=args.trust_code,
         weights=args.weights,
         pretrained=args.pretrained,
         stats=stats_from_args(args),

@@ -44,6 +44,19 @@ _TRT_OPS = ["Conv", "Gemm", "MatMul"]
 _CPU_OPS = [*_TRT_OPS, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"]
 
 
+def resolve_int8_flavour(flavour: str, *, engines: bool) -> tuple[str, str]:
+    """The int8 flavour to write and why: ``auto`` follows the runtime the graph is for -- TensorRT's S8S8 where
+    engines are built from it, else ONNX Runtime CPU's U8S8 (the TensorRT flavour runs 0.3-0.7x the fp32
+    graph's speed on ONNX Runtime CPU, the cpu flavour 1.7-2.4x faster)."""
+    if flavour not in ("auto", *INT8_FLAVOURS):
+        raise SlimError(f"unknown int8 flavour {flavour!r}; use auto, {' or '.join(INT8_FLAVOURS)}")
+    if flavour != "auto":
+        return flavour, "as asked"
+    if engines:
+        return "tensorrt", "auto: TensorRT engines are built from it"
+    return "cpu", "auto: for ONNX Runtime on the CPU, as no TensorRT engines are built here"
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise SlimError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")

@@ -171,7 +171,7 @@ def _check_same_input(runners: Sequence[Runner]) -> None:
             )
 
 
-def check_onnx_batches(paths: Sequence[Path], batches: Sequence[int], flag: str = "--batch") -> None:
+def check_onnx_batches(paths: Sequence[Path], batches: Sequence[int], flag: str = "`bench_batch`") -> None:
     """Refuse, before any session is made, a batch whose largest single tensor in an ONNX graph (its
     input, or an activation onnx shape inference sizes) exceeds the memory: a lower bound, so
     nothing that fits is refused. A static-batch graph is checked at its own batch only (it skips
@@ -198,7 +198,7 @@ def benchmark(
     names: Sequence[str] | None = None,
     measure_rss: bool = True,
     log: Callable[[str], None] | None = None,
-    batch_flag: str = "--batch",
+    batch_flag: str = "`bench_batch`",
     **runner_options: Any,
 ) -> Comparison:
     """Measure every model in ``paths`` (plus ``baseline``, placed first) interleaved.

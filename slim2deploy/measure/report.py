@@ -45,7 +45,7 @@ def build_markdown(report: dict[str, Any]) -> str:
         "",
         f"Model `{report['model']}`, pruned by {report['selection']}"
         + ("; --approximate: groups read raw by another layer could be cut" if cfg.get("exact") is False else "")
-        + (f", fine-tuned {cfg['finetune_epochs']} epochs on {cfg['data']}" if cfg.get("finetune_epochs") else "")
+        + (f", fine-tuned on {cfg['data']}" if acc.get("after_finetune") is not None else "")
         + ".",
         "",
         "| | baseline | slim | slim / baseline |",
@@ -56,11 +56,12 @@ def build_markdown(report: dict[str, Any]) -> str:
     if "baseline" in exports and "slim" in exports:
         b, s = exports["baseline"].get("bytes"), exports["slim"].get("bytes")
         lines.append(f"| ONNX fp32 bytes | {si(b)} | {si(s)} | {_ratio(b, s)} |")
-    if acc:
+    if acc.get("baseline") is not None:
         lines.append(
-            f"| top-1 accuracy (torch, held-out) | {acc['baseline']:.2%} | {acc['slim']:.2%} | "
-            f"{(acc['slim'] - acc['baseline']) * 100:+.2f} pts |"
+            f"| top-1 accuracy (torch, {acc['images']} held-out images) | {acc['baseline']:.2%} | {acc['final']:.2%} | "
+            f"{-acc['drop_points']:+.2f} pts |"
         )
+    lines += ["", *_accuracy_lines(acc)]
     lat = report.get("latency_target")
     if lat:
         lines += [
@@ -111,7 +112,8 @@ def build_markdown(report: dict[str, Any]) -> str:
     if report.get("benchmark"):
         lines += [
             "",
-            "Benchmark: fp32 graphs on ONNX Runtime (CPU), baseline and slim measured interleaved.",
+            "Benchmark: every graph the build made on ONNX Runtime (CPU), measured interleaved against the fp32 "
+            "baseline.",
             "",
             to_markdown(Comparison.from_dict(report["benchmark"])),
         ]
@@ -121,6 +123,31 @@ def build_markdown(report: dict[str, Any]) -> str:
         for prec_name, path in paths.items():
             lines.append(f"- {name} {prec_name}: `{path}`")
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
+    """The three evaluations and the allowance, or why accuracy is unknown."""
+    if acc.get("baseline") is None:
+        return ["## Accuracy", "", "Not measured: no held-out data (give --data); the allowance was not checked."]
+    rows = [("unpruned", acc["baseline"]), ("right after surgery", acc["after_surgery"])]
+    if acc.get("after_finetune") is not None:
+        rows.append(("after fine-tuning", acc["after_finetune"]))
+    lines = [
+        "## Accuracy",
+        "",
+        f"Top-1 on {acc['images']} held-out images (torch):",
+        "",
+        "| model | top-1 |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {value:.2%} |" for name, value in rows]
+    if acc.get("max_drop") is not None:
+        verdict = "within" if acc["within_allowance"] else "**over**"
+        lines += [
+            "",
+            f"Drop {acc['drop_points']:.2f} points: {verdict} the allowance of {acc['max_drop']:g} (--max-drop).",
+        ]
+    return lines
 
 
 def write_build_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tqdm import tqdm
+
 from slim2deploy.base.environment import cpu_model, nvidia_smi, package_version
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
@@ -38,6 +40,7 @@ from slim2deploy.runtime.registry import open_runner
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim2deploy" / "latency"
 PRECISIONS = ("fp32", "fp16")
+CELLS_AT_ONCE = 16  # layer cells timed interleaved together (and saved to the cache) at a time
 # how cells and models are timed; part of the cache key, so cells timed another way are not reused
 # (2: ONNX Runtime thread pools without spinning, see runtime.ort.ort_session)
 TIMING_METHOD = 2
@@ -136,8 +139,8 @@ class OrtCpuTarget(Target):
             paths = []
             for i, (layer, ci, co) in enumerate(cells):
                 paths.append(write_layer_onnx(layer, ci, co, Path(tmp) / f"probe{i}.onnx", self.precision))
-            for start in range(0, len(paths), 16):
-                out += self.latencies(paths[start : start + 16], iterations=15, rounds=3, warmup_s=0.0)
+            for start in range(0, len(paths), CELLS_AT_ONCE):
+                out += self.latencies(paths[start : start + CELLS_AT_ONCE], iterations=15, rounds=3, warmup_s=0.0)
         return out
 
 
@@ -199,8 +202,8 @@ class TorchTarget(Target):
                 )
             )
         out: list[float] = []
-        for start in range(0, len(runners), 16):
-            out += self.time_runners(runners[start : start + 16], iterations=15, rounds=3, warmup_s=0.0)
+        for start in range(0, len(runners), CELLS_AT_ONCE):
+            out += self.time_runners(runners[start : start + CELLS_AT_ONCE], iterations=15, rounds=3, warmup_s=0.0)
         return out
 
 
@@ -280,9 +283,13 @@ class CellCache:
         if unique:
             if log:
                 log(f"timing {len(unique)} layer cells on {target.describe()} ({len(cells) - len(todo)} cached)")
-            for cell, ms in zip(unique, target.layer_ms(unique), strict=True):
-                self.cells[self.cell_key(*cell)] = ms
-            self.save()
+            with tqdm(total=len(unique), desc="profiling", unit="cell", disable=log is None, leave=False) as bar:
+                for start in range(0, len(unique), CELLS_AT_ONCE):  # each chunk timed interleaved
+                    chunk = unique[start : start + CELLS_AT_ONCE]
+                    for cell, ms in zip(chunk, target.layer_ms(chunk), strict=True):
+                        self.cells[self.cell_key(*cell)] = ms
+                    self.save()  # an interrupted profile keeps what it measured
+                    bar.update(len(chunk))
         for layer, ci, co in cells:
             layer.record(ci, co, self.cells[self.cell_key(layer, ci, co)])
         return len(unique)

@@ -5,7 +5,7 @@ A checkpoint is a dict of plain data and tensors saved with ``torch.save`` and r
 rebuilt from its name in the zoo (``arch`` + ``arch_kwargs``); a pruned checkpoint also carries
 the plan, which ``apply_plan`` replays on the freshly built model before the weights are loaded.
 
-Two things run code and so need an explicit opt-in (``trust_code=True``, ``--trust-pickle``):
+Two things run code and so need an explicit opt-in (``trust_code=True``; the CLI's ``--trust-code``):
 a plain pickled ``nn.Module`` (``torch.save(model)``), and an ``arch`` that names a user
 factory ``package.module:factory`` (importing it runs that module). A pickled module has no
 architecture name, so what is made from it (pruned, fine-tuned) is saved as this format with the
@@ -236,8 +236,8 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return Path(path)
 
 
-def _pickled_module(path: Path, trust_pickle: bool) -> Any:
-    if not trust_pickle:
+def _pickled_module(path: Path, trust_code: bool) -> Any:
+    if not trust_code:
         raise NeedsTrust(path, "pickled Python objects (for example a whole nn.Module saved with torch.save(model))")
     warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=3)
     try:
@@ -246,8 +246,8 @@ def _pickled_module(path: Path, trust_pickle: bool) -> Any:
         raise SlimError(f"{path} could not be unpickled ({first_line(exc)}); is the code it needs importable?") from exc
 
 
-def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Read a checkpoint safely; see the module docstring for what needs ``trust_pickle``."""
+def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint:
+    """Read a checkpoint safely; see the module docstring for what needs ``trust_code``."""
     path = Path(path)
     if not path.exists():
         raise SlimError(f"no such checkpoint: {path}")
@@ -261,7 +261,7 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
                 f"{path} is corrupt or not a torch checkpoint (its data cannot be unpickled); re-create or "
                 "re-download it"
             ) from exc
-        obj = _pickled_module(path, trust_pickle)
+        obj = _pickled_module(path, trust_code)
     except (
         RuntimeError,
         EOFError,

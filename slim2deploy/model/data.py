@@ -385,11 +385,14 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
         arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise SlimError(f"images under {base} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
+        raise SlimError(
+            f"images under {base} have different sizes {sorted(shapes)[:3]}...; give `image_size` to resize them"
+        )
     images = np.stack(arrays)
     y = check_arrays(images, labels, str(base), len(classes))
     x, mean, std = _normalise(images, stats, str(base))
-    return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}")
+    meta: dict[str, object] = {"image_size": image_size} if image_size else {}
+    return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}", meta)
 
 
 def load_dataset(
@@ -404,7 +407,7 @@ def load_dataset(
     if split not in ("train", "val", "test"):
         raise SlimError(f"split must be train, val or test, got {split!r}")
     if image_size is not None and image_size < 1:
-        raise SlimError(f"--image-size must be at least 1 pixel, got {image_size}")
+        raise SlimError(f"`image_size` must be at least 1 pixel, got {image_size}")
     if name == "fashion-mnist":
         return _fashion_mnist(split, data_dir, stats)
     path = Path(name.split(":", 1)[1] if name.startswith(("npz:", "folder:")) else name)

@@ -211,7 +211,7 @@ def open_folder(
     """A streaming view of ``split`` of an image folder; ``stats`` = the training normalisation."""
     files, labels, classes = scan_folder(root, split)
     if (image_size is not None and image_size < 1) or (crop is not None and crop < 1):
-        raise SlimError(f"--image-size and --crop must be positive, got {image_size} and {crop}")
+        raise SlimError(f"`image_size` and `crop` must be positive, got {image_size} and {crop}")
     if crop is None and image_size is None:
         first = open_rgb(files[0])
         image_size = min(first.width, first.height)
@@ -219,7 +219,7 @@ def open_folder(
     image_size = image_size or crop
     assert crop is not None and image_size is not None
     if crop > image_size:
-        raise SlimError(f"--crop {crop} is larger than --image-size {image_size}; the center crop must fit")
+        raise SlimError(f"`crop` {crop} is larger than `image_size` {image_size}; the center crop must fit")
     n_workers = default_workers() if workers is None else workers
     if n_workers < 0:
         raise SlimError(f"--workers must be >= 0, got {n_workers}")
@@ -285,7 +285,7 @@ def check_fits(
     if tuple(ds.input_shape) != tuple(input_shape):
         raise SlimError(
             f"{source} has {tuple(ds.input_shape)} images (C, H, W) but the model takes {tuple(input_shape)}; "
-            "give data of the model's own kind (for a folder, --image-size)"
+            "give data of the model's own kind"
         )
     if num_classes is not None and ds.num_classes > num_classes:
         raise SlimError(
@@ -304,13 +304,6 @@ def describe(ds: AnyData) -> str:
             f"(decoded they would take {size / 2**30:.2f} GiB)"
         )
     return f"data: {len(ds)} images of {ds.name or 'the dataset'} in memory ({size / 2**20:.0f} MiB)"
-
-
-def preprocess_meta(ds: AnyData) -> dict[str, Any]:
-    """What a checkpoint records so that later stages read the data the same way."""
-    if isinstance(ds, FolderData):
-        return {"stream": True, "image_size": ds.image_size, "crop": ds.crop}
-    return {"stream": False}
 
 
 def sample_arrays(ds: AnyData, n: int | None) -> tuple[np.ndarray, np.ndarray]:

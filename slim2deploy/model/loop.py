@@ -27,6 +27,7 @@ from slim2deploy.model import sparsity
 from slim2deploy.model.checkpoint import tensor_fault
 from slim2deploy.model.data import batches
 from slim2deploy.model.folder import AnyData, FolderData
+from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 
 SCHEDULES = ("step", "cosine")
 
@@ -49,7 +50,9 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (CUDA); see make_deterministic
-    eval_batch_size: int = 500
+    # distillation from a teacher (``fit(teacher=...)``): loss = (1 - w) * CE + w * T^2 * KL(teacher_T || student_T)
+    distill_weight: float = DISTILL_WEIGHT
+    distill_temperature: float = DISTILL_TEMPERATURE
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -73,6 +76,10 @@ class TrainConfig:
             raise SlimError(f"--sparsity-scope must be one of {', '.join(sparsity.SCOPES)}")
         if self.schedule not in SCHEDULES:
             raise SlimError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.distill_weight <= 1:
+            raise SlimError(f"`distill_weight` must be in [0, 1], got {self.distill_weight}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise SlimError(f"`distill_temperature` must be a positive number, got {self.distill_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,15 +254,19 @@ def iterate(
 def evaluate(
     model: nn.Module,
     ds: AnyData,
-    batch_size: int = 500,
+    batch_size: int = 64,
     device: torch.device | None = None,
+    desc: str | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``ds`` in eval mode."""
+    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``ds`` in eval mode; ``desc``: show progress."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for x, y in iterate(ds, batch_size, shuffle=False):
+    steps = -(-len(ds) // batch_size)
+    shown = desc is not None and steps > 20  # a bar only where there is something to wait for
+    batched = iterate(ds, batch_size, shuffle=False)
+    for x, y in tqdm(batched, total=steps, desc=desc, unit="batch", disable=not shown, leave=False):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x).float()
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -263,6 +274,28 @@ def evaluate(
     model.train(was_training)
     n = max(len(ds), 1)
     return loss_sum / n, correct / n
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (Hinton et al. 2015):
+    the T^2 keeps its gradient on the scale of the cross-entropy's whatever T."""
+    t = temperature
+    log_s = F.log_softmax(student / t, dim=1)
+    log_t = F.log_softmax(teacher / t, dim=1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (t * t)
+
+
+def step_loss(
+    out: torch.Tensor, y: torch.Tensor, taught: torch.Tensor | None, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its terms: cross-entropy, plus distillation from the teacher's
+    logits ``taught`` (same batch, same augmentation) when there is a teacher."""
+    ce = F.cross_entropy(out.float(), y)
+    if taught is None:
+        return ce, {"ce": ce.item()}
+    kd = distill_loss(out.float(), taught.float(), cfg.distill_temperature)
+    w = cfg.distill_weight
+    return (1 - w) * ce + w * kd, {"ce": ce.item(), "kd": kd.item()}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -281,8 +314,10 @@ def train_one_epoch(
     masks: sparsity.Masks,
     progress: bool,
     desc: str,
+    teacher: nn.Module | None = None,
 ) -> tuple[float, float, float]:
-    """One epoch of SGD with the sparsity penalty; returns (train loss, train accuracy, last lr).
+    """One epoch of SGD with the sparsity penalty (and distillation from ``teacher``); returns (train loss,
+    train accuracy, last lr).
 
     ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalty acts on ``model``.
     """
@@ -290,6 +325,7 @@ def train_one_epoch(
     amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
     steps_per_epoch = len(train_ds) // (cfg.batch_size * info.world)
     seen, loss_sum, correct, lr = 0, 0.0, 0, cfg.lr
+    terms: dict[str, float] = {}
     bar = tqdm(
         iterate(
             train_ds,
@@ -317,7 +353,9 @@ def train_one_epoch(
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=cfg.amp):
             out = net(x)
-            loss = F.cross_entropy(out.float(), y)
+            with torch.no_grad():
+                taught = teacher(x) if teacher is not None else None
+        loss, parts = step_loss(out, y, taught, cfg)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.sparsity_mode == "subgradient":
@@ -329,18 +367,21 @@ def train_one_epoch(
             # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
             # the same effective step here gives lambda the same pull as in subgradient mode.
             sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
-        step_loss = loss.item()
-        if not math.isfinite(step_loss):
+        value = loss.item()
+        if not math.isfinite(value):
             raise SlimError(
-                f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}; nothing "
-                "was saved for this epoch. Lower --lr or --sparsity, or check the data for extreme values"
+                f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1}; nothing "
+                "was saved for this epoch. Lower `lr` or `sparsity`, or check the data for extreme values"
             )
         seen += len(y)
-        loss_sum += step_loss * len(y)
+        loss_sum += value * len(y)
+        terms = {k: terms.get(k, 0.0) + v * len(y) for k, v in parts.items()}
         correct += int((out.argmax(1) == y).sum())
         if step % 20 == 0 or step == steps_per_epoch - 1:
+            shown = {k: f"{v / seen:.3f}" for k, v in terms.items()} if teacher is not None else {}
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}",
+                **shown,
                 acc=f"{correct / seen:.3f}",
                 g_small=f"{sparsity.small_gamma_share(model):.1%}",
                 lr=f"{lr:.3g}",
@@ -362,23 +403,28 @@ def fit(
     masks: sparsity.Masks = None,
     progress: bool = True,
     desc: str = "train",
+    teacher: nn.Module | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch.
 
     ``masks`` limits the sparsity penalty to the channels they mark (``--sparsity-scope prunable``).
+    ``teacher`` (a model of the same inputs and classes) adds distillation from its logits on the same
+    augmented batch (``step_loss``); it runs in eval mode without gradients, one copy per process.
     """
     cfg.validate()
     info = dist_info or DistInfo(device=pick_device("auto"))
     if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise SlimError(
             "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
-            "and is noise elsewhere); use --batch-size 2 or more"
+            "and is noise elsewhere); use a `batch_size` of 2 or more"
         )
     if len(train_ds) < cfg.batch_size * info.world:
         raise SlimError(
             f"{len(train_ds)} training images are fewer than one global batch "
-            f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
+            f"({cfg.batch_size} x {info.world}); lower `batch_size` or use more data"
         )
+    if teacher is not None:
+        teacher = teacher.to(info.device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         make_deterministic()
@@ -398,14 +444,14 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         train_loss, train_acc, lr = train_one_epoch(
-            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc
+            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher
         )
         # buffers too: a huge --sparsity can leave the weights finite but blow up BatchNorm's running_var,
         # which the checkpoint loader would then refuse (and inference turns into garbage)
         fault = tensor_fault(model.state_dict())
         val_loss, val_acc = (float("nan"), float("nan"))
         if fault is None and val_ds is not None and info.is_main:
-            val_loss, val_acc = evaluate(model, val_ds, cfg.eval_batch_size, info.device)
+            val_loss, val_acc = evaluate(model, val_ds, cfg.batch_size, info.device)
             if not math.isfinite(val_loss):
                 fault = f"the validation loss is {val_loss}"
         if fault is not None:

@@ -110,7 +110,7 @@ def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     except Exception as exc:  # noqa: BLE001 - whatever a model raises for inputs it cannot take
         raise SlimError(
             f"the model does not run on {tuple(input_shape)} images (C, H, W): {first_line(exc)}; give images "
-            "of the size and channel count it takes (for a folder, --image-size)"
+            "of the size and channel count it takes (for a folder, `image_size`)"
         ) from exc
 
 

@@ -1,7 +1,7 @@
 """Start from weights the user already has: a state_dict file or a library's pretrained weights.
 
 - ``--weights PATH``: a state_dict in a ``.pt``/``.pth`` file (read with ``torch.load(weights_only=True)``;
-  a pickled ``nn.Module`` only with ``--trust-pickle``) or a ``.safetensors`` file. Common wrappers
+  a pickled ``nn.Module`` only with ``trust_code``) or a ``.safetensors`` file. Common wrappers
   (``{"state_dict": ...}``, ``{"model": ...}``, a slim2deploy checkpoint) and DDP's ``module.`` prefix
   are unwrapped.
 - ``--pretrained``: the library's own loading code (torchvision's weights enum, timm's
@@ -84,8 +84,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (see the module docstring); never runs code without ``trust_pickle``."""
+def read_state_dict(path: str | Path, *, trust_code: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (see the module docstring); never runs code without ``trust_code``."""
     path = Path(path)
     if not path.is_file():
         raise SlimError(f"no such weights file: {path}")
@@ -105,10 +105,10 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle:
+        if not trust_code:
             raise SlimError(
                 f"{path} contains pickled Python objects besides tensors; unpickling them can run arbitrary "
-                "code, so it is refused. Pass --trust-pickle if you trust its origin, or re-save it with "
+                "code, so it is refused. Pass `trust_code` if you trust its origin, or re-save it with "
                 "torch.save(model.state_dict(), path)"
             ) from exc
         warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=2)
@@ -172,7 +172,7 @@ def build_with_weights(
     *,
     weights: str | None = None,
     pretrained: bool = False,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], WeightsReport | None]:
     """``create_model(arch, **arch_kwargs)`` with ``weights`` (a file) or the library's pretrained ones.
 
@@ -185,7 +185,7 @@ def build_with_weights(
     if not (weights or pretrained):
         return create_model(arch, **kwargs), kwargs, None
     if weights:
-        state, source = read_state_dict(weights, trust_pickle=trust_pickle), str(weights)
+        state, source = read_state_dict(weights, trust_code=trust_code), str(weights)
     else:
         library, _ = split_name(arch)
         state, source = create_pretrained(arch).state_dict(), f"{library} pretrained weights of {arch}"

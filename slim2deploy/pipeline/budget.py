@@ -42,7 +42,7 @@ from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
 from slim2deploy.prune.latency import DEFAULT_MARGIN, LatencyTable
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
-from slim2deploy.prune.select import LatencySelector, OutOfReach, Selection, select
+from slim2deploy.prune.select import LatencySelector, OutOfReach, Selection, kept_whole, select
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -78,6 +78,7 @@ class Budget:
     tries: int = 4
     rails: Rails = field(default_factory=Rails)
     margin: float = DEFAULT_MARGIN  # aim this fraction under the goal
+    keep: tuple[str, ...] = ()  # layers every selection leaves whole (``Selection.keep``)
     # a goal out of reach: False is one error; True prunes to the smallest model the rails allow and
     # reports the goal missed (a study comparing at equal latency must not stop on a noisy table)
     or_smallest: bool = False
@@ -98,17 +99,21 @@ class Budget:
             raise SlimError(f"--margin must be a fraction in [0, 0.5) of the goal to aim under, got {self.margin!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.keep:  # written only when it says something: earlier builds' cache keys stay valid
+            del d["keep"]
+        return d
 
     def goal(self) -> str:
         return f"speed-up {self.speedup:g}x" if self.speedup is not None else f"{self.latency_ms:g} ms"
 
     def describe(self) -> str:
         r = self.rails
+        kept = f"; keep {', '.join(self.keep)}" if self.keep else ""
         return (
             f"latency {self.goal()} on {self.target} batch {self.batch} {self.precision}, aimed {self.margin:.0%} "
             "under; rails: "
-            f"min_channels={r.min_channels} max_prune={r.max_prune} round_to={r.round_to}"
+            f"min_channels={r.min_channels} max_prune={r.max_prune} round_to={r.round_to}{kept}"
         )
 
 
@@ -136,7 +141,7 @@ def _latency_table(
         return read_table(budget.table, traced, ckpt, target)
     cache = CellCache(target, budget.cache)
     table = profile(model, traced, ckpt, src, target, budget.rails, cache=cache, log=log)
-    first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails)
+    first = Selection(LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup), budget.rails, budget.keep)
     try:
         refine(table, traced, first, target, cache=cache, log=log)
     except OutOfReach:
@@ -186,15 +191,16 @@ def prune_to_budget(
     with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
         work = Path(tmp)
         base: Path | None = None
+        held = kept_whole(traced.groups, budget.keep)
         floor = [
-            min(set(rails.allowed(g.size)) & set(steps), default=g.size) if g.prunable else g.size
-            for steps, g in zip(table.steps, traced.groups, strict=True)
+            min(set(rails.allowed(g.size)) & set(steps), default=g.size) if g.prunable and i not in held else g.size
+            for i, (steps, g) in enumerate(zip(table.steps, traced.groups, strict=True))
         ]
         at_floor = False
         tried: set[tuple[int, ...]] = set()
         factor = 1.0  # measured / predicted ratio to the unpruned model, from the last try
         for attempt in range(budget.tries):
-            selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
+            selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails, budget.keep)
             try:
                 plan = select(traced, selection)
             except OutOfReach:
@@ -204,12 +210,13 @@ def prune_to_budget(
                     raise
                 if best is None and table.predict(floor) > budget_ms / aim * (1 + 1e-9):
                     if not budget.or_smallest:  # the goal itself is out of reach: say so in its terms, not the margin's
-                        select(traced, Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms / aim), rails))
+                        at_goal = LatencySelector(table.to_dict(), latency_ms=budget_ms / aim)
+                        select(traced, Selection(at_goal, rails, budget.keep))
                         raise
                     if log:
                         log(f"note: {budget.goal()} is out of reach; trying the smallest model the rails allow")
                 budget_ms, at_floor = table.predict(floor), True
-                selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails)
+                selection = Selection(LatencySelector(table.to_dict(), latency_ms=budget_ms), rails, budget.keep)
                 plan = select(traced, selection)
             counts = [len(g.keep) for g in plan.groups]
             if tuple(counts) in tried:

@@ -13,7 +13,7 @@ callers that want every precision of a model in one call (``bench/study.py``).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,3 +187,63 @@ def export_variants(
                 fp32_path, p, eval_x, eval_y, calib_x=calib_x, calib_method=calib_method, flavour=flavour
             )
     return out
+
+
+def precision_outputs(out: str | Path, precisions: Sequence[str]) -> dict[str, Path]:
+    """Where each precision goes: the first to ``out``, each other beside it (``slim.onnx`` -> ``slim.fp16.onnx``)."""
+    first = Path(out)
+    return {
+        p: first if i == 0 else first.with_name(f"{first.stem}.{p}{first.suffix}") for i, p in enumerate(precisions)
+    }
+
+
+def export_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp32",),
+    calib: str | Path | None = None,
+    calib_method: str = "minmax",
+    int8_flavour: str = "auto",
+    data: str | None = None,
+    data_dir: str | None = None,
+    eval_limit: int | None = 1000,
+    static_batch: int | None = None,
+    opset: int | None = None,
+    fp16_io: bool = False,
+    trust_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, PrecisionExport]:
+    """What ``slim2deploy export`` does: the checkpoint at ``src`` as one gated ONNX file per precision
+    (``precision_outputs``); int8 in ``int8_flavour`` (``auto``: TensorRT's where TensorRT is installed here,
+    else ONNX Runtime CPU's), its agreement measured on ``data`` (held-out, read as the checkpoint records)."""
+    from slim2deploy.deploy.calib import load_calib
+    from slim2deploy.deploy.engine import engine_available
+    from slim2deploy.deploy.precision import resolve_int8_flavour
+    from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
+    from slim2deploy.model.folder import sample_arrays
+    from slim2deploy.model.preprocess import data_for
+    from slim2deploy.prune.rebuild import model_from_checkpoint
+
+    if not precisions or len(set(precisions)) != len(precisions):
+        raise SlimError(f"`precision` needs distinct precisions, got {','.join(precisions) or 'none'}")
+    for precision in precisions:
+        check_precision(precision)
+    check_opset(opset)
+    flavour, why = resolve_int8_flavour(int8_flavour, engines=engine_available()[0])
+    ckpt = with_input_shape(load_checkpoint(src, trust_code=trust_code), input_shape, str(src))
+    model = model_from_checkpoint(ckpt, trust_code=trust_code)
+    calib_x = load_calib(calib, ckpt.input_shape, ckpt.stats) if calib else None
+    eval_x = eval_y = None
+    if data and "int8" in precisions:
+        eval_x, eval_y = sample_arrays(data_for(ckpt, data, "val", data_dir=data_dir, limit=eval_limit), eval_limit)
+    if log and "int8" in precisions:
+        log(f"int8 flavour: {flavour} ({why})")
+    reports = {}
+    for precision, path in precision_outputs(out, precisions).items():
+        reports[precision] = export_precision(
+            model, ckpt.input_shape, path, precision=precision, calib_x=calib_x, calib_method=calib_method,
+            flavour=flavour, static_batch=static_batch, opset=opset, eval_x=eval_x, eval_y=eval_y, fp16_io=fp16_io,
+        )  # fmt: skip
+    return reports

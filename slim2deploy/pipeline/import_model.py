@@ -1,12 +1,13 @@
 """The ``import`` stage: an existing model + its weights + an input shape in, a slim2deploy checkpoint out.
 
 The checkpoint records the architecture by name, so ``prune``, ``export``, ``build`` and the
-benchmarks work on it directly, and the normalisation its inputs need (the library's for
-pretrained torchvision/timm weights unless ``--mean/--std`` say otherwise).
+benchmarks work on it directly, and the normalisation its inputs need (``model.preprocess``: the
+library's convention for torchvision/timm weights, ImageNet's for others, unless given).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ import torch
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import checkpoint_for, first_line, save_checkpoint
+from slim2deploy.model.preprocess import describe_stats, starting_stats
 from slim2deploy.model.sparsity import draw_sparse_gammas
 from slim2deploy.model.weights import WeightsReport, build_with_weights
-from slim2deploy.model.zoo import create_model, is_user_factory, pretrained_stats, split_name
+from slim2deploy.model.zoo import check_code, create_model, factory_args, split_name
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -33,52 +35,62 @@ def import_model(
     stats: Stats | None = None,
     image_size: int | None = None,
     trust_code: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Path, WeightsReport | None]:
-    """Build ``arch`` with the given weights, check it runs on ``input_shape`` and save a checkpoint."""
+    """Build ``arch`` with the given weights, check it runs on ``input_shape`` and save a checkpoint.
+
+    The normalisation is ``stats``, else the one rule of ``model.preprocess.starting_stats`` for weights
+    trained elsewhere; a ``package.module:factory`` is imported only with ``trust_code``.
+    """
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise SlimError(f"--input-shape is C,H,W with positive sizes, e.g. 3,224,224; got {input_shape}")
-    if is_user_factory(arch) and not trust_code:
-        raise SlimError(f"{arch!r} imports and runs that module's code; pass --trust-pickle if you trust it")
+        raise SlimError(f"`input_shape` is C,H,W with positive sizes, e.g. 3,224,224; got {input_shape}")
+    check_code(arch, trust_code)
     if image_size is not None and image_size < input_shape[1]:
         raise SlimError(
-            f"--image-size {image_size} is smaller than the input's {input_shape[1]} pixels: the center crop to "
-            f"{input_shape[1]} must fit in the resized image; give --image-size {input_shape[1]} or more"
+            f"`image_size` {image_size} is smaller than the input's {input_shape[1]} pixels: the center crop to "
+            f"{input_shape[1]} must fit in the resized image; give {input_shape[1]} or more"
         )
     if num_classes is not None and num_classes < 1:
-        raise SlimError(f"--num-classes must be at least 1, got {num_classes}")
+        raise SlimError(f"`num_classes` must be at least 1, got {num_classes}")
     if not (weights or pretrained):
-        raise SlimError("import needs the weights to start from: --weights PATH or --pretrained")
+        raise SlimError("import needs the weights to start from: `weights` (a file) or `pretrained`")
     kwargs: dict[str, Any] = {} if split_name(arch)[0] else {"in_channels": input_shape[0]}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if width is not None:
         kwargs["width"] = width
+    kwargs = factory_args(arch, kwargs)
     model, kwargs, report = build_with_weights(
-        arch, kwargs, weights=weights, pretrained=pretrained, trust_pickle=trust_code
+        arch, kwargs, weights=weights, pretrained=pretrained, trust_code=trust_code
     )
     model.eval()
     try:
         with torch.no_grad():
             logits = model(torch.zeros(2, *input_shape))
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - a model may raise anything on an input it cannot take
         raise SlimError(f"{arch} does not run on inputs of shape {input_shape} (C,H,W): {first_line(exc)}") from exc
-    if logits.dim() != 2:
-        raise SlimError(f"{arch} returns shape {tuple(logits.shape)}; a classifier returning N x classes is needed")
-    if stats is None:
-        if not split_name(arch)[0]:
-            raise SlimError(f"give the input normalisation of {arch} with --mean and --std")
-        stats = pretrained_stats(arch)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise SlimError(f"{arch} returns {shape}; a classifier returning N x classes logits is needed")
+    stats, said = starting_stats(arch, weights=True, given=stats)
+    assert stats is not None  # weights always come with a normalisation
     if len(stats[0]) != input_shape[0]:
-        raise SlimError(f"--mean/--std have {len(stats[0])} values but the input has {input_shape[0]} channels")
+        raise SlimError(
+            f"the normalisation has {len(stats[0])} values ({said}) but the input has {input_shape[0]} channels; "
+            "give `mean` and `std` with one value per channel"
+        )
     meta = {
         "mean": list(stats[0]),
         "std": list(stats[1]),
+        "normalisation": said,
         "classes": [str(i) for i in range(logits.shape[1])],
         "preprocess": {"image_size": image_size or input_shape[1], "crop": input_shape[1]},
         "imported": {"arch": arch, "weights": weights, "pretrained": pretrained},
         **({"weights": report.to_dict()} if report is not None else {}),
     }
     ckpt = checkpoint_for(model, arch, kwargs, input_shape, int(logits.shape[1]), meta)
+    if log is not None:
+        log(describe_stats(stats, said))
     return save_checkpoint(ckpt, out), report
 
 

@@ -14,6 +14,7 @@ from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.model.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.prune.score import gamma_warning
 from slim2deploy.prune.summary import coverage_lines
 from slim2deploy.prune.trace import trace_groups
 
@@ -98,11 +99,13 @@ def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     except SlimError as exc:
         return {"error": str(exc), "lines": [f"prunable: unknown, the model could not be traced: {exc}"]}
     prunable, scored = traced.coverage()
+    weak = gamma_warning(traced.groups)
     return {
         "prunable_channels": prunable,
         "scored_channels": scored,
         "unprunable": [{"channels": g.size, "modules": g.modules(), "reason": why} for g, why in traced.unprunable()],
-        "lines": coverage_lines(traced),
+        "gamma_warning": weak,
+        "lines": coverage_lines(traced) + ([f"warning: {weak}"] if weak else []),
     }
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
@@ -35,8 +38,69 @@ from slim2deploy.prune.trace import trace_groups
 Log = Callable[[str], None]
 
 
+@dataclass
+class _Call:
+    """One convolution or linear as it runs: the input it really sees and its real stride, padding, dilation."""
+
+    in_shape: tuple[int, ...]
+    stride: list[int]
+    padding: list[int] | None  # None: a padding a standalone probe cannot reproduce (asymmetric 'same')
+    dilation: list[int]
+
+
+def _pairs(value: Any, n: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * n
+
+
+class _LayerCalls(TorchFunctionMode):
+    """Records each convolution and linear call by its weight: a module may pad inside its own forward
+    (TF-style 'same' padding in a Conv2d subclass), so the module's attributes and its input are not what
+    the convolution sees -- the call's arguments are."""
+
+    def __init__(self, weights: dict[int, str]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.calls: dict[str, _Call] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("conv2d", "linear") and len(args) >= 2 and id(args[1]) in self.weights:
+            self._record(name, self.weights[id(args[1])], args, kwargs)
+        return func(*args, **kwargs)
+
+    def _record(self, name: str, module: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x, w = args[0], args[1]
+        if name == "linear":
+            self.calls.setdefault(module, _Call(tuple(x.shape[1:]), [], [], []))
+            return
+        names = ("stride", "padding", "dilation")
+        given = {
+            k: args[3 + i] if len(args) > 3 + i else kwargs.get(k, 1 if k != "padding" else 0)
+            for i, k in enumerate(names)
+        }
+        kernel, dilation = list(w.shape[2:]), _pairs(given["dilation"], 2)
+        padding: list[int] | None
+        if given["padding"] == "valid":
+            padding = [0, 0]
+        elif given["padding"] == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+            padding = [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
+        else:
+            padding = _pairs(given["padding"], 2)
+        self.calls.setdefault(module, _Call(tuple(x.shape[1:]), _pairs(given["stride"], 2), padding, dilation))
+
+
+def _calls(model: nn.Module, example_input: torch.Tensor) -> dict[str, _Call]:
+    weights = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    recorder = _LayerCalls(weights)
+    with torch.no_grad(), recorder:
+        model.eval()(example_input[:1])
+    return recorder.calls
+
+
 def layer_specs(model: nn.Module, traced: PruningPlan, example_input: torch.Tensor) -> list[LayerSpec]:
-    """The convolutions and linears whose widths a prunable group changes, with their shapes."""
+    """The convolutions and linears whose widths a prunable group changes, with the shapes they run at."""
     outs: dict[str, int] = {}
     ins: dict[str, list[list[int]]] = {}
     through: dict[str, int] = {}
@@ -52,36 +116,22 @@ def layer_specs(model: nn.Module, traced: PruningPlan, example_input: torch.Tens
                 ins.setdefault(m.module, []).append([gi, m.block])
             elif m.role == "through" and m.dim == 0:
                 through[m.module] = gi
-    in_shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-
-            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                in_shapes[name] = tuple(args[0].shape[1:])
-
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example_input[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    calls = _calls(model, example_input)
     specs = []
     for name, module in model.named_modules():
         depthwise = name in through and isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
-        if name not in outs and name not in ins and not depthwise:
+        if (name not in outs and name not in ins and not depthwise) or name not in calls:
             continue
+        call = calls[name]
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 and not depthwise:
                 continue  # grouped convolutions are never pruned: their cost is in the base
-            if not all(isinstance(p, int) for p in module.padding):
-                continue  # padding='same': a probe cannot reproduce it; its cost stays in the base
+            if call.padding is None:
+                continue  # asymmetric padding: a probe cannot reproduce it; its cost stays in the base
             spec = LayerSpec(name, "conv", module.in_channels, [], module.out_channels, None)
-            spec.kernel, spec.stride = list(module.kernel_size), list(module.stride)
-            spec.padding = [int(p) for p in module.padding]
-            spec.dilation, spec.in_hw = list(module.dilation), list(in_shapes[name][1:])
-        elif isinstance(module, nn.Linear) and len(in_shapes.get(name, ())) == 1:
+            spec.kernel, spec.stride, spec.padding = list(module.kernel_size), call.stride, call.padding
+            spec.dilation, spec.in_hw = call.dilation, list(call.in_shape[1:])
+        elif isinstance(module, nn.Linear) and len(call.in_shape) == 1:
             spec = LayerSpec(name, "linear", module.in_features, [], module.out_features, None)
         else:
             continue

@@ -46,7 +46,7 @@ def load_for_pruning(
     src: str | Path, trust_code: bool = False, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[Checkpoint, Rebuilt]:
     """A sparse-trained checkpoint and its model; a pruned checkpoint is refused."""
-    ckpt = with_input_shape(load_checkpoint(src, trust_pickle=trust_code), input_shape, str(src))
+    ckpt = with_input_shape(load_checkpoint(src, trust_code=trust_code), input_shape, str(src))
     if ckpt.is_pruned:
         raise SlimError(
             f"{src} is already pruned; prune the sparse-trained checkpoint it came from with a larger ratio instead"

@@ -59,7 +59,7 @@ def rebuild(ckpt: Checkpoint, *, trust_code: bool = False) -> Rebuilt:
     if is_user_factory(ckpt.arch) and not trust_code:
         raise SlimError(
             f"the checkpoint's model comes from {ckpt.arch!r}; importing it runs that module's code. "
-            "Pass --trust-pickle (trust_code=True) if you trust it"
+            "Pass `trust_code` if you trust it"
         )
     model = create_model(ckpt.arch, **ckpt.arch_kwargs)
     if ckpt.plan is not None:

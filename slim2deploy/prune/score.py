@@ -14,7 +14,7 @@ so the maximum runs over all of those too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,3 +34,24 @@ def max_abs_gamma(model: nn.Module, group: Group) -> list[float] | None:
         w = model.get_parameter(m.tensor).detach().float().abs().cpu()
         best = torch.maximum(best, w[m.start : m.start + group.size])
     return best.tolist()
+
+
+NEAR_ZERO = 1e-2  # |gamma| below this: a channel sparse training switched off (gamma starts at 0.5 or 1)
+SPARSE_SHARE = 0.05  # below this share of near-zero gammas, the model was not sparse-trained
+
+
+def gamma_warning(groups: Sequence[Group]) -> str | None:
+    """A warning when the gammas that rank the prunable channels carry no signal: almost none is near zero,
+    as in a model that was never sparse-trained. Pruning by gamma then removes channels almost at random."""
+    scores = [s for g in groups if g.prunable for s in g.scores or []]
+    if not scores:
+        return None
+    share = sum(abs(s) < NEAR_ZERO for s in scores) / len(scores)
+    if share >= SPARSE_SHARE:
+        return None
+    return (
+        f"only {share:.1%} of the BatchNorm gammas that rank the prunable channels are near zero (< {NEAR_ZERO:g}): "
+        "the model was not sparse-trained, so gamma says little about which channels matter and pruning removes "
+        "them almost at random; sparse-train it first ('slim2deploy train --model CKPT --sparsity 1e-4 ...') and "
+        "fine-tune after pruning"
+    )

@@ -15,6 +15,7 @@ rails) is plain data: it is recorded in the plan and is what a build caches on.
 from __future__ import annotations
 
 import abc
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from slim2deploy.prune.knapsack import solve_mckp, staircase
 from slim2deploy.prune.latency import LatencyTable
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
-from slim2deploy.prune.score import ScoreFn, max_abs_gamma
+from slim2deploy.prune.score import ScoreFn, gamma_warning, max_abs_gamma
 from slim2deploy.prune.trace import trace_groups
 
 
@@ -247,13 +248,18 @@ def _fill(
 
 @dataclass(frozen=True)
 class Selection:
-    """What to prune: a selector and the rails it respects. Plain data, recorded in the plan."""
+    """What to prune: a selector, the rails it respects and the layers it must leave whole (``keep``: module
+    names, shell wildcards allowed). Plain data, recorded in the plan."""
 
     selector: Selector
     rails: Rails = field(default_factory=Rails)
+    keep: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"selector": self.selector.to_dict(), "rails": self.rails.to_dict()}
+        d: dict[str, Any] = {"selector": self.selector.to_dict(), "rails": self.rails.to_dict()}
+        if self.keep:  # written only when it says something: older plans and cache keys stay as they were
+            d["keep"] = list(self.keep)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Selection:
@@ -267,18 +273,42 @@ class Selection:
             selector = SELECTORS[kind](**params)
         except TypeError as exc:
             raise SlimError(f"selector {kind!r} does not take {sorted(params)}: {exc}") from exc
-        return cls(selector, Rails.from_dict(d.get("rails", {})))
+        keep = d.get("keep", [])
+        if not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
+            raise SlimError(f"a selection's keep must be a list of layer names, got {keep!r:.80}")
+        return cls(selector, Rails.from_dict(d.get("rails", {})), tuple(keep))
 
     def describe(self) -> str:
         r = self.rails
+        kept = f"; keep {', '.join(self.keep)}" if self.keep else ""
         return (
             f"{self.selector.describe()}; rails: min_channels={r.min_channels} max_prune={r.max_prune} "
-            f"round_to={r.round_to}"
+            f"round_to={r.round_to}{kept}"
         )
 
 
-def by_ratio(ratio: float, rails: Rails | None = None) -> Selection:
-    return Selection(RatioSelector(ratio), rails or Rails())
+def by_ratio(ratio: float, rails: Rails | None = None, keep: Sequence[str] = ()) -> Selection:
+    return Selection(RatioSelector(ratio), rails or Rails(), tuple(keep))
+
+
+def kept_whole(groups: Sequence[Group], patterns: Sequence[str]) -> dict[int, str]:
+    """Index -> pattern of the groups whose channels belong to a layer ``patterns`` name (the layer's own
+    outputs: its ``out``, BatchNorm and per-channel members, not the channels it reads). A pattern that
+    names no layer is refused: a typo would keep nothing and say nothing."""
+    found: dict[int, str] = {}
+    for pattern in patterns:
+        hits = [
+            i
+            for i, g in enumerate(groups)
+            if any(m.role != "in" and fnmatch.fnmatchcase(m.module, pattern) for m in g.members)
+        ]
+        if not hits:
+            layers = sorted({m.module for g in groups for m in g.members if m.role == "out"})
+            shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+            raise SlimError(f"`keep` {pattern!r} matches no layer of the model; its layers are named like {shown}")
+        for i in hits:
+            found.setdefault(i, pattern)
+    return found
 
 
 def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
@@ -294,7 +324,12 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
         round_to=selection.rails.round_to,
         ratio=getattr(selection.selector, "ratio", None),
     )
+    held = kept_whole(plan.groups, selection.keep)
+    for i, pattern in held.items():
+        plan.groups[i].reasons.append(f"kept whole: keep {pattern!r}")
     counts, facts = selection.selector.kept_counts(plan.groups, selection.rails)
+    if held:
+        plan.notes.append(_keep_cost(selection, traced.groups, counts, held))
     plan.threshold = facts.get("threshold")
     if "predicted_ms" in facts:
         plan.notes.append(
@@ -304,6 +339,9 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
         )
     if not any(g.prunable for g in plan.groups):
         plan.notes.append("no prunable group: nothing removed")
+    weak = gamma_warning(plan.groups)
+    if weak is not None:
+        plan.notes.append(f"warning: {weak}")
     for g, k in zip(plan.groups, counts, strict=True):
         if not g.prunable:
             g.keep = list(range(g.size))
@@ -313,6 +351,20 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
         g.keep = sorted(order[: min(g.size, max(1, k))])
     _add_fold_biases(plan)
     return plan
+
+
+def _keep_cost(selection: Selection, traced: Sequence[Group], counts: list[int], held: dict[int, str]) -> str:
+    """What ``keep`` cost: the channels the same selection would have removed from the kept layers, and how
+    many more it removed elsewhere instead."""
+    free, _ = selection.selector.kept_counts([copy_group(g) for g in traced], selection.rails)
+    spared = sum(traced[i].size - free[i] for i in held)
+    elsewhere = sum(free[i] - counts[i] for i in range(len(traced)) if i not in held)
+    kept = sum(traced[i].size for i in held)
+    return (
+        f"keep {', '.join(repr(p) for p in selection.keep)}: {len(held)} group(s), {kept} channels "
+        f"kept whole; without it this selection would have removed {spared} of them"
+        + (f", and it removes {elsewhere} more channels elsewhere instead" if elsewhere > 0 else "")
+    )
 
 
 def _add_fold_biases(plan: PruningPlan) -> None:

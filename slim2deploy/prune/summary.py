@@ -42,7 +42,7 @@ def summarize(plan: PruningPlan, model: nn.Module, example_input: torch.Tensor, 
     if plan.new_biases:
         lines.append(f"removed channels' constant output folded into {len(plan.new_biases)} new bias(es)")
     lines += coverage_lines(plan)
-    lines += [f"note: {n}" for n in plan.notes]
+    lines += [n if n.startswith("warning:") else f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 

@@ -87,7 +87,7 @@ def open_runner(source: Any, *, backend: str | None = None, device: str = "auto"
     """A runner for ``source``: a file (kind by suffix unless ``backend`` names one) or an in-memory model.
 
     ``options`` are the runner's constructor arguments (threads, opt_level, precision, mode,
-    channels_last, cuda_graph, compile_mode, trust_pickle, check_manifest, input_shape, ...);
+    channels_last, cuda_graph, compile_mode, trust_code, check_manifest, input_shape, ...);
     those a runtime does not take are ignored, so one set of options serves mixed files.
     """
     if backend is None:

@@ -89,7 +89,7 @@ class TorchRunner(Runner):
         cuda_graph: bool = False,
         compile_mode: str = "default",
         threads: int | None = None,
-        trust_pickle: bool = False,
+        trust_code: bool = False,
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.module = source if isinstance(source, nn.Module) else None
@@ -101,7 +101,7 @@ class TorchRunner(Runner):
             "cuda_graph": cuda_graph,
             "compile_mode": compile_mode,
             "threads": threads,
-            "trust_pickle": trust_pickle,
+            "trust_code": trust_code,
         }
         super().__init__(None if self.module is not None else source, options)  # type: ignore[arg-type]
         if precision not in ("fp32", "fp16"):
@@ -121,7 +121,7 @@ class TorchRunner(Runner):
         self.cuda_graph = cuda_graph
         self.compile_mode = compile_mode
         self.threads = threads
-        self.trust_pickle = trust_pickle
+        self.trust_code = trust_code
         self.input_shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
         self._model: Any = None
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
@@ -134,8 +134,8 @@ class TorchRunner(Runner):
             assert self.input_shape is not None
             return self.module.eval(), self.input_shape
         assert self.path is not None
-        ckpt = load_checkpoint(self.path, trust_pickle=self.trust_pickle)
-        model = model_from_checkpoint(ckpt, trust_code=self.trust_pickle)
+        ckpt = load_checkpoint(self.path, trust_code=self.trust_code)
+        model = model_from_checkpoint(ckpt, trust_code=self.trust_code)
         sample_shape = tuple(int(d) for d in ckpt.input_shape)
         if not all(sample_shape):
             raise SlimError(f"{self.name} does not record its input shape; save it as a slim2deploy checkpoint")

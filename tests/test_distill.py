@@ -1,0 +1,138 @@
+"""Fine-tuning with distillation from the unpruned model, and the accuracy allowance."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import run_cli, torchrun
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.loop import TrainConfig, distill_loss, step_loss
+
+TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--seed", "1", "--batch-size", "32"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 9), st.floats(0.5, 8.0), st.integers(0, 10_000))
+def test_distillation_loss_is_zero_only_where_the_student_matches_the_teacher(n, classes, temperature, seed):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n, classes, generator=g) * 3
+    assert float(distill_loss(teacher.clone(), teacher, temperature)) == pytest.approx(0.0, abs=1e-5)
+    shifted = teacher + 5.0  # softmax does not see a constant shift of the logits
+    assert float(distill_loss(shifted, teacher, temperature)) == pytest.approx(0.0, abs=1e-4)
+    other = torch.randn(n, classes, generator=g) * 3
+    if not torch.allclose(torch.softmax(other / temperature, 1), torch.softmax(teacher / temperature, 1), atol=1e-3):
+        assert float(distill_loss(other, teacher, temperature)) > 0
+
+
+def test_the_loss_mixes_cross_entropy_and_distillation_by_the_weight():
+    out, taught, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    ce = torch.nn.functional.cross_entropy(out, y)
+    kd = distill_loss(out, taught, 4.0)
+    for w in (0.0, 0.3, 1.0):
+        loss, terms = step_loss(out, y, taught, TrainConfig(distill_weight=w, distill_temperature=4.0))
+        assert float(loss) == pytest.approx(float((1 - w) * ce + w * kd), rel=1e-6)
+        assert set(terms) == {"ce", "kd"}
+    assert set(step_loss(out, y, None, TrainConfig())[1]) == {"ce"}
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, blobs_npz):
+    """The unpruned model (2 epochs on the blobs) and its slim copy at ratio 0.5."""
+    d = tmp_path_factory.mktemp("distill")
+    full, slim = d / "full.pt", d / "slim.pt"
+    proc = run_cli(*TRAIN, "--data", str(blobs_npz), "--epochs", "2", "--out", str(full))
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("prune", "--model", str(full), "--ratio", "0.5", "--out", str(slim)).returncode == 0
+    return full, slim
+
+
+FT = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--max-drop", "100"]
+
+
+def test_a_distilled_fine_tune_records_its_teacher_and_shows_both_terms(pruned, blobs_npz, tmp_path):
+    full, slim = pruned
+    out = tmp_path / "ft.pt"
+    proc = run_cli("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *FT,
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"ce=\d", proc.stderr) and re.search(r"kd=\d", proc.stderr)  # progress shows both terms
+    distill = load_checkpoint(out).meta["finetune"]["distill"]
+    import hashlib
+
+    assert distill["sha256"] == hashlib.sha256(full.read_bytes()).hexdigest()
+    assert distill["weight"] == pytest.approx(0.7) and distill["temperature"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", ["classes", "input"])
+def test_a_teacher_of_other_classes_or_inputs_is_refused_in_one_line(pruned, blobs_npz, tmp_path, kind):
+    _, slim = pruned
+    other = tmp_path / "other.pt"
+    data = str(blobs_npz)
+    if kind == "classes":  # the same images with labels folded into 2 classes
+        import numpy as np
+
+        arrays = dict(np.load(blobs_npz))
+        arrays["y_train"], arrays["y_val"] = arrays["y_train"] % 2, arrays["y_val"] % 2
+        data = str(tmp_path / "two.npz")
+        np.savez(data, **arrays)
+        args = [*TRAIN, "--data", data]
+    else:
+        args = ["train", "--arch", "vgg11", "--width", "0.125", "--data", "fashion-mnist", "--limit-train", "64"]
+        args += ["--eval-limit", "32", "--batch-size", "32"]
+    assert run_cli(*args, "--epochs", "1", "--out", str(other)).returncode == 0
+    out = tmp_path / "ft.pt"
+    proc = run_cli("finetune", "--model", str(slim), "--teacher", str(other), "--data", str(blobs_npz), *FT,
+                   "--out", str(out))  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "the teacher" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_distillation_under_two_processes_equals_one_at_the_same_global_batch(pruned, blobs_npz, tmp_path):
+    full, slim = pruned
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    common = ["finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), "--epochs", "1"]
+    common += ["--device", "cpu", "--max-drop", "100"]
+    assert run_cli(*common, "--batch-size", "32", "--out", str(one)).returncode == 0
+    proc = torchrun(*common, "--batch-size", "16", "--out", str(two))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(one).state_dict, load_checkpoint(two).state_dict
+    start = load_checkpoint(slim).state_dict
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # and it did train
+
+
+def test_resuming_a_distilled_fine_tune_continues_exactly(pruned, blobs_npz, tmp_path):
+    full, slim = pruned
+    args = ["finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz)]
+    args += ["--batch-size", "32", "--device", "cpu", "--max-drop", "100"]
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
+    assert run_cli(*args, "--epochs", "2", "--out", str(whole)).returncode == 0
+    assert run_cli(*args, "--epochs", "1", "--out", str(part)).returncode == 0
+    proc = run_cli(*args, "--epochs", "2", "--resume", str(part), "--out", str(part))
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_checkpoint(whole).state_dict, load_checkpoint(part).state_dict
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    other = run_cli(*args, "--epochs", "3", "--distill-weight", "0.2", "--resume", str(part), "--out", str(part))
+    assert other.returncode == 2 and "distill" in other.stderr  # another loss would not continue that run
+
+
+def test_the_allowance_refuses_a_collapsed_model_in_a_real_build(blobs_npz, tmp_path):
+    """A model that was never sparse-trained, cut hard and not fine-tuned: exit 2 with one line, files kept."""
+    model = tmp_path / "plain.pt"
+    assert run_cli(*TRAIN, "--data", str(blobs_npz), "--epochs", "3", "--out", str(model)).returncode == 0
+    out = tmp_path / "b"
+    proc = run_cli("build", "--model", str(model), "--ratio", "0.9", "--min-channels", "1", "--round-to", "1",
+                   "--data", str(blobs_npz), "--finetune-epochs", "0", "--no-bench", "--out", str(out))  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "more than --max-drop 1 allows" in errors[0] and "--finetune-epochs" in errors[0]
+    assert "warning: only" in proc.stdout + proc.stderr  # the gammas were never sparse: said before
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["within_allowance"] is False and (out / "slim.onnx").exists()
