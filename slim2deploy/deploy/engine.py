@@ -287,11 +287,14 @@ def input_profile(
 
 
 def attach_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
-    """The timing cache at ``path`` (a new one if absent or made on another GPU or TensorRT)."""
+    """The timing cache at ``path`` (a new one if absent, damaged, or made on another GPU or TensorRT)."""
     data = path.read_bytes() if path is not None and path.exists() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False):
-        warnings.warn(f"timing cache {path} was made for another GPU or TensorRT; starting a new one", stacklevel=3)
+    cache: trt.ITimingCache | None = config.create_timing_cache(data)  # None: data that is not a timing cache
+    if cache is None or not config.set_timing_cache(cache, False):
+        warnings.warn(
+            f"timing cache {path} is damaged or was made for another GPU or TensorRT; starting a new one",
+            stacklevel=3,
+        )
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
 
