@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -382,3 +383,24 @@ def test_cli_build_engine_require_compiles_both_engines(tmp_path):
         assert manifest.profile == {"min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [8, 1, 28, 28]}
     assert report["engines"]["slim.engine"]["macs"] < report["engines"]["baseline.engine"]["macs"]
     assert (out / "timing.cache").is_file() and not _leftovers(out)
+
+
+def test_latency_script_times_an_engine_against_its_onnx(fake_trt, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
+    assert spec and spec.loader
+    latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency)
+    fake_trt()
+    onnx_file = tiny_onnx(tmp_path / "m.onnx")
+    compile_engine(onnx_file, tmp_path / "m.engine", EngineOptions(max_batch=8))
+    args = [str(tmp_path / "m.engine"), "--baseline", str(onnx_file), "--batch", "1,8", "--cuda-graph"]
+    args += ["--warmup-s", "0", "--iters", "3", "--rounds", "1", "--no-rss", "--quiet"]
+    args += ["--json", str(tmp_path / "r.json")]
+    assert latency.main(args) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["environment"]["tensorrt"] == "10.13.0.35"
+    assert result["environment"]["gpu"]["gpu_name"] == H100[0]
+    engine_row = next(m for m in result["models"] if m["path"] == str(tmp_path / "m.engine"))
+    assert engine_row["runner"]["backend"] == "tensorrt" and engine_row["size"]["cost_source"] == "engine manifest"
+    assert [b["batch"] for b in engine_row["batches"]] == [1, 8]
+    assert all(b["compute"]["iterations"] == 3 for b in engine_row["batches"])  # device events around the engine
