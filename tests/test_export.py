@@ -166,3 +166,14 @@ def test_export_command_errors_are_one_line_and_write_nothing(tmp_path, checkpoi
         res = run_cli("export", "--model", str(checkpoint), "--out", str(out), *extra)
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_checker_failure_without_a_message_is_one_error(tmp_path, monkeypatch):
+    def reject(*args: object, **kwargs: object) -> None:
+        raise Exception()  # noqa: TRY002 - what third-party code can raise: no type, no message
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)).eval()
+    with pytest.raises(SlimError, match=r"the exported graph fails onnx.checker \(Exception\)$"):
+        export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", simplify=False)
+    assert not (tmp_path / "m.onnx").exists()

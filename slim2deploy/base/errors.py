@@ -29,3 +29,13 @@ class NeedsTrust(SlimError):
             "the file's origin, pass `trust_code`; better, save a state_dict and create "
             "a slim2deploy checkpoint from it"
         )
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` characters; its type name if the message is empty.
+
+    Third-party code raises exceptions with empty or whitespace-only messages (``raise
+    Exception()``): quoting those must not fail while reporting the real error.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

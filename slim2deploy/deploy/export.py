@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from slim2deploy.base.errors import SlimError
+from slim2deploy.base.errors import SlimError, first_line
 from slim2deploy.base.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -88,8 +88,9 @@ def load_onnx(path: str | Path, check: bool = True) -> onnx.ModelProto:
         if check:
             onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise many types for a bad file
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise SlimError(f"{path} is truncated or not a valid ONNX model ({first}); export it again") from exc
+        raise SlimError(
+            f"{path} is truncated or not a valid ONNX model ({first_line(exc, 200)}); export it again"
+        ) from exc
     return model
 
 
@@ -288,7 +289,7 @@ def export_onnx(
                 used = name
                 break
             except Exception as exc:  # noqa: BLE001 - exporters raise anything; all tried ones are reported
-                errors.append(f"{name}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r}")
+                errors.append(f"{name}: {first_line(exc)}")
         else:
             raise SlimError(f"ONNX export failed ({'; '.join(errors)})")
         proto = onnx.load(str(raw))
@@ -300,7 +301,7 @@ def export_onnx(
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
-        raise SlimError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0][:300]})") from exc
+        raise SlimError(f"the exported graph fails onnx.checker ({first_line(exc)})") from exc
     problems = graph_leftovers(proto)
     if problems:
         raise SlimError("the exported graph is not clean: " + "; ".join(problems[:5]))
