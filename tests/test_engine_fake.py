@@ -182,7 +182,7 @@ def test_fixed_batch_that_the_profile_does_not_fit_names_the_batch(fake_trt, tmp
     with pytest.raises(SlimError) as refused:
         compile_engine(onnx_file, tmp_path / "fixed.engine", EngineOptions(min_batch=1, max_batch=64))
     msg = str(refused.value)
-    assert "fixed batch of 4 but the profile asks for 1..64" in msg and "--batch 4" in msg
+    assert "fixed batch of 4 but the profile asks for 1..64" in msg and "`engine_batch` 4" in msg
     assert "{" not in msg
     assert not (tmp_path / "fixed.engine").exists()
     manifest = compile_engine(onnx_file, tmp_path / "fixed.engine", EngineOptions(min_batch=4, max_batch=4))
@@ -370,7 +370,7 @@ def test_cli_build_engine_require_compiles_both_engines(tmp_path):
     }
     proc = run_cli(
         "build", "--model", str(ROOT / "demo" / "vgg11-w0.25-sparse.pt"), "--ratio", "0.5", "--out", str(out),
-        "--engine", "require", "--batch", "1,8", "--no-bench", "--eval-limit", "200", env=env,
+        "--engine", "require", "--engine-batch", "1,8", "--no-bench", "--eval-limit", "200", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -393,8 +393,8 @@ def test_latency_script_times_an_engine_against_its_onnx(fake_trt, tmp_path, cap
     fake_trt()
     onnx_file = tiny_onnx(tmp_path / "m.onnx")
     compile_engine(onnx_file, tmp_path / "m.engine", EngineOptions(max_batch=8))
-    args = [str(tmp_path / "m.engine"), "--baseline", str(onnx_file), "--batch", "1,8", "--cuda-graph"]
-    args += ["--warmup-s", "0", "--iters", "3", "--rounds", "1", "--no-rss", "--quiet"]
+    args = [str(tmp_path / "m.engine"), "--baseline", str(onnx_file), "--bench-batch", "1,8", "--cuda-graph"]
+    args += ["--bench-warmup-s", "0", "--bench-iterations", "3", "--bench-rounds", "1", "--no-rss", "--quiet"]
     args += ["--json", str(tmp_path / "r.json")]
     assert latency.main(args) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "r.json").read_text())

@@ -85,7 +85,7 @@ GPU_EXTRA = "pip install 'slim2deploy[gpu]' (tensorrt, cuda-python)"
 
 @dataclass
 class EngineOptions:
-    """How TensorRT compiles an engine; the batch profile comes from ``--batch``."""
+    """How TensorRT compiles an engine; the batch profile comes from ``engine_batch``."""
 
     min_batch: int = 1
     opt_batch: int | None = None  # None: the largest batch, where throughput matters most
@@ -271,7 +271,7 @@ def batch_profile(dims: tuple[int, ...], options: EngineOptions, onnx_name: str)
     if dims[0] >= 0 and (lo, hi) != (dims[0], dims[0]):
         raise SlimError(
             f"{onnx_name} has a fixed batch of {dims[0]} but the profile asks for {lo}..{hi}; "
-            f"export it with a dynamic batch (the default) or build with --batch {dims[0]}"
+            f"export it with a dynamic batch (the default) or build with `engine_batch` {dims[0]}"
         )
     return {name: [b, *dims[1:]] for name, b in (("min", lo), ("opt", opt), ("max", hi))}
 
