@@ -39,10 +39,11 @@ from slim2deploy.measure.environment import environment
 from slim2deploy.measure.targets import TARGETS, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import prune_to_budget
 from slim2deploy.pipeline.import_model import sparse_like_checkpoint
 from slim2deploy.pipeline.profile import checkpoint_artifact
 from slim2deploy.pipeline.prune import prune_checkpoint
+from slim2deploy.prune.goal import by_budget
 from slim2deploy.prune.latency import LatencyTable
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -179,7 +180,8 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
             row["table"] = "torch-cuda" if reuse else target_name
     else:
         slim = work / f"{src.stem}-{target_name}-{setting}-speedup{value}.pt"
-        budget = Budget(
+        budget = by_budget(
+            rails,
             speedup=float(value),
             target=target_name,
             batch=args.profile_batch,
@@ -187,7 +189,6 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
             table=str(table_path) if reuse else None,
             cache=str(work / "cache"),
             tries=args.tries,
-            rails=rails,
         )
         result = prune_to_budget(src, slim, budget, target=target, table_out=None if reuse else table_path, log=log)
         row.update({k: result.chosen[k] for k in ("predicted_ms", "measured_ms", "baseline_ms", "goal_ms")})

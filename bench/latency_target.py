@@ -26,9 +26,10 @@ from slim2deploy.measure.benchmark import compare
 from slim2deploy.measure.targets import make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import prune_to_budget
 from slim2deploy.pipeline.import_model import sparse_like_checkpoint
 from slim2deploy.pipeline.profile import checkpoint_artifact
+from slim2deploy.prune.goal import by_budget
 from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.rails import DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -64,12 +65,12 @@ def main() -> None:
         work = Path(tmp)
         for name in args.models.split(","):
             src = ROOT / "demo" / "vgg11-w0.25-sparse.pt" if name == "demo" else sparse_resnet56(work / f"{name}.pt")
-            budget = Budget(
+            budget = by_budget(
+                Rails(min_channels=args.min_channels, round_to=args.round_to),
                 speedup=args.speedup,
                 batch=args.batch,
                 threads=args.threads,
                 cache=args.cache or str(work / "cache"),
-                rails=Rails(min_channels=args.min_channels, round_to=args.round_to),
                 margin=args.margin,
             )
             started = time.perf_counter()

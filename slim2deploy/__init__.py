@@ -35,7 +35,7 @@ _EXPORTS = {
     "import_model": "slim2deploy.pipeline.import_model",
     "build": "slim2deploy.pipeline.build",
     "BuildConfig": "slim2deploy.pipeline.build",
-    "Budget": "slim2deploy.pipeline.budget",
+    "Budget": "slim2deploy.prune.goal",
     "open_runner": "slim2deploy.runtime.registry",
     "benchmark": "slim2deploy.measure.benchmark",
 }

@@ -16,18 +16,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.measure.targets import TIMING_METHOD, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, Budget, prune_to_budget
+from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, prune_to_budget
 from slim2deploy.pipeline.profile import layer_specs
+from slim2deploy.prune.goal import Budget, by_budget
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import OutOfReach
 from slim2deploy.prune.trace import trace_groups
+
+
+def budget_of(rails: Rails | None = None, **settings):
+    """A latency-goal selection (``cache=None``: keep no cache, as these tests mean it)."""
+    if "cache" in settings and settings["cache"] is None:
+        settings.update(cache=None, no_cache=True)
+    return by_budget(rails, **settings)
+
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
 STEP = 16
@@ -108,17 +119,17 @@ def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
     target = WidthTarget()
     table_path = tmp_path / "table.json"
     quiet = prune_to_budget(
-        DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path, log=None
+        DEMO, tmp_path / "a.pt", budget_of(speedup=1.5, cache=None), target=target, table_out=table_path, log=None
     )
     assert quiet.met and len(quiet.tries) == 1  # the table is exact while nothing changes
     assert quiet.chosen["predicted_ms"] == pytest.approx(quiet.chosen["measured_ms"], rel=1e-6)
     full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
     target.load = 1.2  # the machine got slower after profiling: the table now under-predicts
-    budget = Budget(latency_ms=0.7 * full_ms, table=str(table_path), tries=6, rails=Rails())
+    budget = budget_of(latency_ms=0.7 * full_ms, table=str(table_path), tries=6, rails=Rails())
     result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
     first = result.tries[0]
     assert first["measured_ms"] > first["goal_ms"] * (1 + MISS_TOLERANCE)
-    assert 1 < len(result.tries) <= budget.tries
+    assert 1 < len(result.tries) <= budget.selector.tries
     assert result.met and result.chosen is result.tries[-1]
     assert result.chosen["measured_ms"] <= result.chosen["goal_ms"] * (1 + MISS_TOLERANCE)
     assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(result.chosen["measured_ms"])
@@ -135,13 +146,13 @@ def test_closed_loop_that_cannot_meet_the_goal_ends_at_the_smallest_model_and_sa
     target = WidthTarget()
     table_path = tmp_path / "table.json"
     prune_to_budget(
-        DEMO, tmp_path / "a.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+        DEMO, tmp_path / "a.pt", budget_of(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
     full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
     target.load = 3.0  # now nothing the rails allow is fast enough
-    budget = Budget(latency_ms=0.7 * full_ms, table=str(table_path), tries=6)
+    budget = budget_of(latency_ms=0.7 * full_ms, table=str(table_path), tries=6)
     result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
-    assert not result.met and len(result.tries) <= budget.tries
+    assert not result.met and len(result.tries) <= budget.selector.tries
     smallest = min(t["measured_ms"] for t in result.tries)
     assert result.chosen["measured_ms"] == smallest  # the closest miss is kept
     assert any("MISSED" in n for n in result.plan.notes) and (tmp_path / "slim.pt").exists()
@@ -150,7 +161,7 @@ def test_closed_loop_that_cannot_meet_the_goal_ends_at_the_smallest_model_and_sa
 def test_equal_cost_counts_are_not_kept_narrower(tmp_path):
     """With a staircase of 16, a solution never keeps 8 + 16k channels where 16 + 16k costs the same."""
     target = WidthTarget()
-    budget = Budget(speedup=1.5, cache=None)
+    budget = budget_of(speedup=1.5, cache=None)
     result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
     for g in result.plan.groups:
         if g.prunable:
@@ -176,19 +187,19 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
     target = WidthTarget()
     table_path = tmp_path / "table.json"
     with pytest.raises(SlimError, match=r"out of reach.*speed-up of \d+\.\d\dx"):
-        prune_to_budget(DEMO, tmp_path / "s.pt", Budget(speedup=50.0, cache=None), target=target, log=None)
+        prune_to_budget(DEMO, tmp_path / "s.pt", budget_of(speedup=50.0, cache=None), target=target, log=None)
     prune_to_budget(
-        DEMO, tmp_path / "s.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+        DEMO, tmp_path / "s.pt", budget_of(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
     for goal in ({"latency_ms": 1.0}, {"speedup": 1.2}):  # steps and ms measured at batch 64 are not batch 32's
         with pytest.raises(SlimError, match=r"--profile-batch 64 \(this run: 32\).*re-run 'slim2deploy profile'"):
-            prune_to_budget(DEMO, tmp_path / "b.pt", Budget(**goal, table=str(table_path)), target=WidthTarget(32))
+            prune_to_budget(DEMO, tmp_path / "b.pt", budget_of(**goal, table=str(table_path)), target=WidthTarget(32))
     assert not (tmp_path / "b.pt").exists()
     table = LatencyTable.from_json(table_path.read_text())
     table.sizes[1] += 8
     table_path.write_text(table.to_json())
     with pytest.raises(SlimError, match="profiled for"):
-        prune_to_budget(DEMO, tmp_path / "t.pt", Budget(speedup=1.2, table=str(table_path)), target=target, log=None)
+        prune_to_budget(DEMO, tmp_path / "t.pt", budget_of(speedup=1.2, table=str(table_path)), target=target, log=None)
     assert not (tmp_path / "t.pt").exists()
 
 
@@ -205,6 +216,7 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
     ],
 )
 def test_a_goal_that_means_nothing_is_refused_before_profiling(goal, needle):
+    needle = needle.replace("--", "`").replace("-", "_") + "`"  # the library names its parameters
     with pytest.raises(SlimError, match=needle):
         Budget(**goal)
 
@@ -226,7 +238,7 @@ def test_cli_budget_flags(tmp_path):
     prune_to_budget(
         DEMO,
         tmp_path / "w.pt",
-        Budget(speedup=1.2, cache=None),
+        budget_of(speedup=1.2, cache=None),
         target=WidthTarget(),
         table_out=table_path,
         log=None,
@@ -291,7 +303,12 @@ def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
 
     table_path = tmp_path / "table.json"
     prune_to_budget(
-        DEMO, tmp_path / "w.pt", Budget(speedup=1.2, cache=None), target=WidthTarget(), table_out=table_path, log=None
+        DEMO,
+        tmp_path / "w.pt",
+        budget_of(speedup=1.2, cache=None),
+        target=WidthTarget(),
+        table_out=table_path,
+        log=None,
     )
     _as_measured_on(table_path, "ort-cpu", batch=8)
     out = tmp_path / "build"
@@ -310,10 +327,10 @@ def test_the_goal_is_aimed_under_by_the_margin(tmp_path):
     target = WidthTarget()
     table_path = tmp_path / "table.json"
     at = prune_to_budget(
-        DEMO, tmp_path / "a.pt", Budget(speedup=1.5, margin=0.0, cache=None), target=target, table_out=table_path
+        DEMO, tmp_path / "a.pt", budget_of(speedup=1.5, margin=0.0, cache=None), target=target, table_out=table_path
     )
     under = prune_to_budget(
-        DEMO, tmp_path / "b.pt", Budget(speedup=1.5, margin=0.2, table=str(table_path)), target=target, log=None
+        DEMO, tmp_path / "b.pt", budget_of(speedup=1.5, margin=0.2, table=str(table_path)), target=target, log=None
     )
     goal = under.chosen["goal_ms"]
     assert at.met and under.met and len(under.tries) == 1
@@ -324,7 +341,7 @@ def test_a_goal_only_the_margin_puts_out_of_reach_gets_the_smallest_model(tmp_pa
     target = WidthTarget()
     table_path = tmp_path / "table.json"
     prune_to_budget(
-        DEMO, tmp_path / "a.pt", Budget(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
+        DEMO, tmp_path / "a.pt", budget_of(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
     table = LatencyTable.from_json(table_path.read_text())
     ckpt = load_checkpoint(DEMO)
@@ -335,13 +352,13 @@ def test_a_goal_only_the_margin_puts_out_of_reach_gets_the_smallest_model(tmp_pa
         for steps, g in zip(table.steps, traced.groups, strict=True)
     ]
     floor_ms = table.predict(floor)
-    budget = Budget(latency_ms=floor_ms, margin=0.1, table=str(table_path), rails=rails)
+    budget = budget_of(latency_ms=floor_ms, margin=0.1, table=str(table_path), rails=rails)
     result = prune_to_budget(DEMO, tmp_path / "s.pt", budget, target=target, log=None)
     assert result.met and len(result.tries) == 1  # no retry: the rails' smallest model was the aim
     assert result.chosen["measured_ms"] == pytest.approx(floor_ms, rel=1e-6)
     with pytest.raises(SlimError, match=f"a latency of {floor_ms * 0.99:.4g} ms .* out of reach"):
         prune_to_budget(  # the goal itself, not the margin, is what the message names
-            DEMO, tmp_path / "t.pt", Budget(latency_ms=floor_ms * 0.99, margin=0.1, table=str(table_path)),
+            DEMO, tmp_path / "t.pt", budget_of(latency_ms=floor_ms * 0.99, margin=0.1, table=str(table_path)),
             target=target, log=None,
         )  # fmt: skip
     assert not (tmp_path / "t.pt").exists()
@@ -349,7 +366,7 @@ def test_a_goal_only_the_margin_puts_out_of_reach_gets_the_smallest_model(tmp_pa
 
 @pytest.mark.parametrize("margin", [-0.01, 0.5, math.nan, "0.1"])
 def test_a_margin_that_is_no_fraction_is_refused(margin):
-    with pytest.raises(SlimError, match="--margin"):
+    with pytest.raises(SlimError, match="`margin`"):
         Budget(speedup=2.0, margin=margin)
 
 
@@ -357,14 +374,14 @@ def test_or_smallest_prunes_to_the_rails_floor_when_the_goal_is_out_of_reach(tmp
     """What the study uses: a goal the (noisy) table puts out of reach is a missed goal, not a stop."""
     target = WidthTarget()
     with pytest.raises(OutOfReach):
-        prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=50.0, cache=None), target=target, log=None)
+        prune_to_budget(DEMO, tmp_path / "a.pt", budget_of(speedup=50.0, cache=None), target=target, log=None)
     assert not (tmp_path / "a.pt").exists()
     result = prune_to_budget(
-        DEMO, tmp_path / "b.pt", Budget(speedup=50.0, cache=None, or_smallest=True), target=target, log=None
+        DEMO, tmp_path / "b.pt", budget_of(speedup=50.0, cache=None, or_smallest=True), target=target, log=None
     )
     assert not result.met and any("MISSED" in n for n in result.plan.notes)
     smallest = prune_to_budget(  # the smallest model the rails allow is the fastest one they allow
-        DEMO, tmp_path / "c.pt", Budget(speedup=1.01, cache=None, margin=0.0), target=target, log=None
+        DEMO, tmp_path / "c.pt", budget_of(speedup=1.01, cache=None, margin=0.0), target=target, log=None
     )
     assert result.chosen["measured_ms"] < smallest.chosen["measured_ms"]
 
@@ -375,11 +392,11 @@ def test_a_model_far_faster_than_the_goal_is_widened_and_the_try_nearest_the_aim
     tightens it; of the tries that meet the goal the one nearest the aim is kept."""
     target = WidthTarget()
     table_path = tmp_path / "table.json"
-    prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path,
+    prune_to_budget(DEMO, tmp_path / "a.pt", budget_of(speedup=1.5, cache=None), target=target, table_out=table_path,
                     log=None)  # fmt: skip
     full_ms = LatencyTable.from_json(table_path.read_text()).full_ms
     target.load = 0.75
-    budget = Budget(latency_ms=0.6 * full_ms, table=str(table_path), tries=4)
+    budget = budget_of(latency_ms=0.6 * full_ms, table=str(table_path), tries=4)
     result = prune_to_budget(DEMO, tmp_path / "slim.pt", budget, target=target, log=None)
     first, chosen = result.tries[0], result.chosen
     assert first["measured_ms"] < first["goal_ms"] * (1 - OVERSHOOT)
@@ -407,12 +424,50 @@ def test_a_table_timed_by_an_older_method_is_refused(tmp_path):
     skewed cells; --table refuses them with what to do."""
     target = WidthTarget()
     table_path = tmp_path / "table.json"
-    prune_to_budget(DEMO, tmp_path / "a.pt", Budget(speedup=1.5, cache=None), target=target, table_out=table_path,
+    prune_to_budget(DEMO, tmp_path / "a.pt", budget_of(speedup=1.5, cache=None), target=target, table_out=table_path,
                     log=None)  # fmt: skip
     table = LatencyTable.from_json(table_path.read_text())
     assert table.meta["timing"] == TIMING_METHOD
     del table.meta["timing"]
     table_path.write_text(table.to_json())
     with pytest.raises(SlimError, match="timed by an older method .* run 'slim2deploy profile' again"):
-        prune_to_budget(DEMO, tmp_path / "b.pt", Budget(speedup=1.5, table=str(table_path)), target=target, log=None)
+        prune_to_budget(DEMO, tmp_path / "b.pt", budget_of(speedup=1.5, table=str(table_path)), target=target, log=None)
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_the_next_budget_rule_alone():
+    """next_step is the closed loop's whole decision, from one try: stop near the aim, else correct the budget
+    by measured/predicted (tighten over the goal, widen far under it), by the miss where the table says 0."""
+    from dataclasses import replace
+
+    from slim2deploy.pipeline.budget import Try, best_try, next_step
+
+    t = Try(
+        counts=(8,), budget_ms=10.0, predicted_ratio=0.5, measured_ms=6.0, baseline_ms=10.0, goal_ms=5.0, factor=1.0
+    )
+    step = next_step(t, aim=0.97, table_full_ms=20.0)  # measured 0.6 of the baseline where 0.5 was predicted
+    assert step.factor == pytest.approx(1.2) and step.budget_ms == pytest.approx(20 * 0.5 / 1.2 * 0.97)
+    assert "tightening" in step.why
+    assert next_step(replace(t, measured_ms=4.9), 0.97, 20.0).budget_ms is None  # met, near the aim
+    wide = next_step(replace(t, measured_ms=3.0), 0.97, 20.0)  # 40% under the goal: widened
+    assert wide.budget_ms is not None and wide.budget_ms > t.budget_ms and "widening" in wide.why
+    blind = next_step(replace(t, predicted_ratio=0.0), 0.97, 20.0)
+    assert blind.budget_ms == pytest.approx(10.0 / 1.2) and blind.factor == 1.0
+    tries = [replace(t, measured_ms=m) for m in (5.6, 4.0, 4.8, 5.1)]
+    assert best_try(tries, 0.97).measured_ms == 4.8  # of those within the goal, the one nearest the aim
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.05, 0.95), st.floats(0.2, 3.0), st.floats(1.0, 100.0), st.floats(0.8, 0.99))
+def test_the_corrected_budget_aims_the_corrected_prediction_at_the_aim(ratio, miss, baseline, aim):
+    """Whatever the miss, the next budget is the one the corrected table predicts exactly at the aim."""
+    from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, Try, next_step
+
+    goal = baseline * 0.5
+    t = Try((8,), 10.0, ratio, goal * miss, baseline, goal, 1.0)
+    step = next_step(t, aim, table_full_ms=baseline)
+    if aim - OVERSHOOT <= miss <= 1 + MISS_TOLERANCE:
+        assert step.budget_ms is None
+    else:
+        assert step.factor == pytest.approx(goal * miss / baseline / ratio)
+        assert step.budget_ms is not None and step.budget_ms * step.factor == pytest.approx(goal * aim)

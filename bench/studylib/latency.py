@@ -30,7 +30,8 @@ from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import prune_to_budget
+from slim2deploy.prune.goal import by_budget
 from slim2deploy.prune.latency import LatencyTable
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
@@ -96,7 +97,7 @@ class LatencyStudy:
         lat_ckpt, table_path = self.dir / "latency.pt", self.dir / "latency-table.json"
 
         def budget_prune() -> dict[str, Any]:
-            budget = Budget(
+            budget = by_budget(
                 speedup=self.speedup, batch=BATCH, threads=cfg.threads, cache=str(self.dir / "cells"), or_smallest=True
             )
             res = prune_to_budget(sparse_ckpt, lat_ckpt, budget, table_out=table_path, log=s.log)

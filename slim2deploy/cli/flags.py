@@ -12,7 +12,6 @@ from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 
 if TYPE_CHECKING:
-    from slim2deploy.pipeline.budget import Budget
     from slim2deploy.prune.select import Selection
 
 
@@ -317,15 +316,18 @@ def rails_from_args(args: argparse.Namespace) -> Rails:
     return Rails(args.min_channels, args.max_prune, args.round_to)
 
 
-def selection_from_args(args: argparse.Namespace) -> Selection | Budget:
-    """A ``Selection`` (``--ratio``) or a ``Budget`` (``--speedup``/``--latency-ms``); bad values are one SlimError."""
-    from slim2deploy.pipeline.budget import Budget  # imports torch: only when a command runs
+def selection_from_args(args: argparse.Namespace) -> Selection:
+    """The ``Selection`` the flags ask for: a ``--ratio``, or a latency goal (``--speedup``/``--latency-ms``,
+    measured on the target); bad values are one SlimError."""
+    from slim2deploy.prune.goal import by_budget  # imports torch: only when a command runs
     from slim2deploy.prune.select import by_ratio
 
     keep = tuple(args.keep or ())
     if args.ratio is not None:
         return by_ratio(args.ratio, rails_from_args(args), keep=keep)
-    return Budget(
+    return by_budget(
+        rails_from_args(args),
+        keep,
         speedup=args.speedup,
         latency_ms=args.latency_ms,
         target=args.target,
@@ -333,11 +335,10 @@ def selection_from_args(args: argparse.Namespace) -> Selection | Budget:
         precision=args.profile_precision,
         threads=args.profile_threads,
         table=args.table,
-        cache=cache_from_args(args),
+        cache=args.cache,
+        no_cache=args.no_cache,
         tries=args.tries,
-        rails=rails_from_args(args),
         margin=args.margin,
-        keep=keep,
     )
 
 

@@ -32,39 +32,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from slim2deploy.base.files import atomic_write_text, check_outputs
-    from slim2deploy.pipeline.budget import Budget, prune_to_budget
-    from slim2deploy.pipeline.prune import prune_checkpoint
+    from slim2deploy.pipeline.budget import prune_selected
 
     check_outputs(
         {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table, "--cache": args.cache},
         inputs=[args.model, args.table],
         folders=["--cache"],
     )
-    selection = selection_from_args(args)
-    if isinstance(selection, Budget):
-        result = prune_to_budget(
-            args.model,
-            args.out,
-            selection,
-            fold=not args.no_fold,
-            exact=not args.approximate,
-            trust_code=args.trust_code,
-            input_shape=args.input_shape,
-            table_out=args.save_table,
-        )
-        plan, table = result.plan, result.summary
-    else:
-        plan, table = prune_checkpoint(
-            args.model,
-            args.out,
-            selection,
-            fold=not args.no_fold,
-            exact=not args.approximate,
-            trust_code=args.trust_code,
-            input_shape=args.input_shape,
-        )
-    print(table)
+    pruned = prune_selected(
+        args.model,
+        args.out,
+        selection_from_args(args),
+        fold=not args.no_fold,
+        exact=not args.approximate,
+        trust_code=args.trust_code,
+        input_shape=args.input_shape,
+        table_out=args.save_table,
+    )
+    print(pruned.summary)
     if args.plan_json:
-        atomic_write_text(args.plan_json, plan.to_json())
+        atomic_write_text(args.plan_json, pruned.plan.to_json())
     print(f"wrote {args.out}")
     return 0

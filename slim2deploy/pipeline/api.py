@@ -19,10 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.measure.targets import DEFAULT_CACHE
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import prune_selected
 from slim2deploy.pipeline.export import PrecisionExport, export_checkpoint
-from slim2deploy.pipeline.prune import prune_checkpoint
+from slim2deploy.prune.goal import by_budget
 from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
@@ -43,7 +42,8 @@ def slim(
     profile_precision: str = "fp32",
     profile_threads: int | None = None,
     table: str | None = None,
-    cache: str | None = str(DEFAULT_CACHE),
+    cache: str | None = None,
+    no_cache: bool = False,
     tries: int = 4,
     margin: float = DEFAULT_MARGIN,
     min_channels: int = DEFAULT_MIN_CHANNELS,
@@ -62,20 +62,17 @@ def slim(
         raise SlimError("give exactly one of `ratio`, `speedup` and `latency_ms`")
     rails = Rails(min_channels, max_prune, round_to)
     if ratio is not None:
-        plan, summary = prune_checkpoint(
-            src, dst, by_ratio(ratio, rails, keep), fold=fold, exact=exact, trust_code=trust_code
-        )
+        selection = by_ratio(ratio, rails, keep)
     else:
-        budget = Budget(
-            speedup=speedup, latency_ms=latency_ms, target=target, batch=profile_batch, precision=profile_precision,
-            threads=profile_threads, table=table, cache=cache, tries=tries, rails=rails, margin=margin,
-            keep=tuple(keep),
+        selection = by_budget(
+            rails, keep, speedup=speedup, latency_ms=latency_ms, target=target, batch=profile_batch,
+            precision=profile_precision, threads=profile_threads, table=table, cache=cache, no_cache=no_cache,
+            tries=tries, margin=margin,
         )  # fmt: skip
-        result = prune_to_budget(src, dst, budget, fold=fold, exact=exact, trust_code=trust_code, log=log)
-        plan, summary = result.plan, result.summary
+    pruned = prune_selected(src, dst, selection, fold=fold, exact=exact, trust_code=trust_code, log=log)
     if log is not None:
-        log(summary)
-    return plan
+        log(pruned.summary)
+    return pruned.plan
 
 
 def export(src: str | Path, dst: str | Path, **options: object) -> dict[str, PrecisionExport]:

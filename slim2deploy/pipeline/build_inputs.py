@@ -26,7 +26,8 @@ from slim2deploy.model.folder import AnyData, sample_arrays
 from slim2deploy.model.preprocess import data_for
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT, FINETUNE_EPOCHS, MAX_DROP
 from slim2deploy.model.stats import check_memory_for
-from slim2deploy.pipeline.budget import Budget, check_table
+from slim2deploy.pipeline.budget import check_table
+from slim2deploy.prune.goal import goal_of
 from slim2deploy.prune.rebuild import rebuild
 from slim2deploy.prune.select import Selection
 
@@ -36,7 +37,7 @@ PRECISION_SAMPLE = 1000  # images of a streamed eval folder the ONNX precision c
 @dataclass
 class BuildConfig:
     model: str
-    selection: Selection | Budget  # a ratio (or widths), or a latency budget measured on a target
+    selection: Selection  # a ratio (or widths), or a latency goal measured on a target
     out: str = "build"
     fold: bool = True
     exact: bool = True  # False: --approximate
@@ -174,8 +175,7 @@ def load_inputs(cfg: BuildConfig) -> Inputs:
         raise SlimError(f"{cfg.model} is already pruned; build takes the unpruned checkpoint it came from")
     rebuilt = rebuild(ckpt, trust_code=cfg.trust_code)
     baseline = rebuilt.model
-    if isinstance(cfg.selection, Budget):
-        check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
+    check_table(cfg.selection, baseline, ckpt, fold=cfg.fold, exact=cfg.exact)
     train_ds = check_finetune_batch(cfg, ckpt) if cfg.epochs else None
     calib_x = load_calib(cfg.calib, ckpt.input_shape, ckpt.stats) if cfg.calib else None
     eval_ds = _eval_data(cfg, ckpt)
@@ -207,7 +207,8 @@ def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData:
 
 def check_batches(cfg: BuildConfig, inputs: Inputs) -> None:
     """Refuse a batch setting whose one batch cannot be in memory, before any stage allocates it."""
-    profile = cfg.selection.batch if isinstance(cfg.selection, Budget) else None
+    goal = goal_of(cfg.selection)
+    profile = goal.batch if goal is not None else None
     bench = max(cfg.bench_batches) if cfg.bench else None
     for name, batch in (("`profile_batch`", profile), ("`bench_batch`", bench)):
         if batch is not None:

@@ -26,11 +26,11 @@ from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.measure.targets import TIMING_METHOD
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
-from slim2deploy.pipeline.budget import Budget, prune_to_budget
+from slim2deploy.pipeline.budget import prune_selected
 from slim2deploy.pipeline.build_inputs import BuildConfig, BuildResult, Inputs
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
-from slim2deploy.pipeline.prune import prune_checkpoint
 from slim2deploy.pipeline.train import Distill, finetune_checkpoint
+from slim2deploy.prune.goal import goal_of
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -75,25 +75,22 @@ def prune_stage(run: Run) -> Path:
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
+        pruned = prune_selected(
+            cfg.model, slim_path, cfg.selection, fold=cfg.fold, exact=cfg.exact, trust_code=cfg.trust_code,
+            table_out=out / "latency-table.json", log=run.log,
+        )  # fmt: skip
+        goal, loop = goal_of(cfg.selection), pruned.latency
         latency = None
-        if isinstance(cfg.selection, Budget):
-            pruned = prune_to_budget(
-                cfg.model, slim_path, cfg.selection, fold=cfg.fold, exact=cfg.exact, trust_code=cfg.trust_code,
-                table_out=out / "latency-table.json", log=run.log,
-            )  # fmt: skip
-            plan, table = pruned.plan, pruned.summary
-            latency = {"goal": cfg.selection.goal(), "met": pruned.met, **pruned.chosen, "tries": pruned.tries}
-        else:
-            plan, table = prune_checkpoint(
-                cfg.model, slim_path, cfg.selection, fold=cfg.fold, exact=cfg.exact, trust_code=cfg.trust_code
-            )
-        run.log(table)
-        atomic_write_text(plan_path, plan.to_json())
+        if goal is not None and loop is not None:
+            latency = {"goal": goal.goal(), "met": loop.met, **loop.chosen, "tries": loop.tries}
+        run.log(pruned.summary)
+        atomic_write_text(plan_path, pruned.plan.to_json())
         seconds = time.perf_counter() - started
         run.stage("prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")
         return {"seconds": round(seconds, 2), "latency": latency}
 
-    extra = ([] if cfg.exact else ["approximate"]) + ([TIMING_METHOD] if isinstance(cfg.selection, Budget) else [])
+    measured = goal_of(cfg.selection) is not None
+    extra = ([] if cfg.exact else ["approximate"]) + ([TIMING_METHOD] if measured else [])
     key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)  # timed: how it was timed
     run.cached("prune", "prune", key, [slim_path, plan_path], work, "unchanged, skipped", PRUNE_INFO)
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
@@ -135,6 +132,7 @@ def accuracy(run: Run, name: str, path: Path, model: torch.nn.Module) -> float |
     if ds is None:
         return None
     key = stage_key(sha256_file(path), cfg.data, cfg.data_dir, cfg.eval_limit, run.inputs.data_hash)
+
     def work() -> dict[str, Any]:
         return {"top1": evaluate(model, ds, cfg.batch_size, desc=f"evaluating {name.replace('_', ' ')}")[1]}
 
