@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, help="override the fine-tuning epochs")
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
     p.add_argument("--sparsity", type=float, help="override lambda of the selected models")
+    p.add_argument("--width", type=float, help="override the width multiplier of the selected models (e.g. 0.5)")
     p.add_argument("--sparsity-warmup", type=float, help="override the lambda warm-up (epochs) of the selected models")
     p.add_argument(
         "--latency-study",
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, ft_epochs=args.ft_epochs)
     if args.sparsity is not None:
         cfg.models = [replace(m, sparsity=args.sparsity) for m in cfg.models]
+    if args.width is not None:
+        cfg.models = [replace(m, width=args.width) for m in cfg.models]
     if args.sparsity_warmup is not None:
         cfg.models = [replace(m, sparsity_warmup=args.sparsity_warmup) for m in cfg.models]
     if args.latency_only:  # ratios and rails are not part of the work dir's key: the checkpoints stay shared

@@ -43,7 +43,8 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 def _demo_args(out: Path, eval_limit: int = EVAL_LIMIT) -> list[str]:
     """The README's demo build (all precisions) into ``out``, with a short benchmark."""
-    return ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out),
+    # 300 held-out images are a coarse measure (one image is 0.33 points): a wider allowance than the default
+    return ["build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--max-drop", "3",
             "--precision", "fp32,fp16,int8", "--calib", str(CALIB), "--eval-limit", str(eval_limit), *FAST]  # fmt: skip
 
 
@@ -73,8 +74,9 @@ def test_build_produces_every_listed_file_and_a_sane_report(built):
     assert report["slim"]["macs"] < 0.6 * report["baseline"]["macs"]
     assert report["slim"]["params"] < report["baseline"]["params"]
     # the demo model is sparse-trained: removing half the channels costs little before fine-tuning
-    acc = report["accuracy"]
-    assert acc["baseline"] > 0.85 and acc["slim"] > acc["baseline"] - 0.02, acc
+    acc = report["accuracy"]  # no --data: evaluated on the checkpoint's own dataset, no fine-tuning
+    assert acc["baseline"] > 0.85 and acc["after_surgery"] > acc["baseline"] - 0.02, acc
+    assert acc["after_finetune"] is None and acc["within_allowance"] is True
     # int8 (TensorRT flavour, judged at ORT BASIC) agrees with fp32 on >= 98% of held-out images
     assert report["precision"]["slim.int8"]["top1_agreement"] >= 0.98
     assert report["precision"]["slim.fp16"]["top1_agreement"] >= 0.99

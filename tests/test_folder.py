@@ -92,9 +92,9 @@ def test_the_loader_is_chosen_by_size_and_said(images, monkeypatch):
     big = load_data(str(images), "train", image_size=16, workers=0)
     assert isinstance(big, FolderData) and "streaming" in describe(big)
     assert isinstance(load_data(str(images), "train", image_size=16, stream=False), Dataset)
-    with pytest.raises(SlimError, match="--crop needs the streaming loader"):
+    with pytest.raises(SlimError, match="`crop` needs the streaming loader"):
         load_data(str(images), "train", image_size=16, crop=12, stream=False)
-    with pytest.raises(SlimError, match="larger than --image-size"):
+    with pytest.raises(SlimError, match="larger than `image_size`"):
         load_data(str(images), "train", image_size=16, crop=20, stream=True)
 
 

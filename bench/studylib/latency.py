@@ -7,13 +7,18 @@
    bisection, each candidate timed interleaved with model 1 on the same target.
 3. ``uniform``: the architecture with every layer scaled by one width factor (bisection the same
    way), trained from scratch for the sparse-training epochs.
+4. ``scratch``: the latency-targeted model's architecture re-initialised and trained from scratch for the
+   sparse-training epochs (Liu et al. 2019, "Rethinking the Value of Network Pruning").
 
-All three then get the same fine-tuning, so each trains sparse/scratch epochs + fine-tuning epochs.
-The four graphs (unpruned baseline and the three) are finally timed together, interleaved.
+All then get the same fine-tuning, so each trains sparse/scratch epochs + fine-tuning epochs; each is
+fine-tuned twice, on the labels alone and with distillation from the unpruned sparse model (``+kd`` rows,
+the loss ``build`` fine-tunes with by default). The graphs (unpruned baseline and the others) are finally
+timed together, interleaved.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +47,21 @@ from slim2deploy.prune.trace import trace_groups
 BATCH = 64
 
 
+def _reinitialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` (the same widths) with fresh weights, initialised as the zoo initialises."""
+    from slim2deploy.model.zoo import init_weights
+
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return init_weights(fresh)
+
+
 class LatencyStudy:
-    def __init__(self, study: Any, speedup: float, steps: int) -> None:
-        self.s, self.speedup, self.steps = study, speedup, steps
+    def __init__(self, study: Any, speedup: float, steps: int, distill: bool = True) -> None:
+        self.s, self.speedup, self.steps, self.distill = study, speedup, steps, distill
         cfg = study.cfg
         self.target: Target = make_target("ort-cpu", BATCH, "fp32", cfg.threads)
         self.timing = {"iterations": cfg.bench_iterations, "rounds": cfg.bench_rounds, "warmup_s": cfg.bench_warmup_s}
@@ -132,6 +149,9 @@ class LatencyStudy:
         rows.append(self.describe("baseline", baseline, None, table, cfg.epochs, "unpruned, λ = 0"))
         rows[-1]["acc"] = baseline_acc
         tag = f"x{self.speedup:g}"
+        # the same fine-tuning epochs for every row; each once on the labels alone, once distilling from the
+        # unpruned (sparse-trained) model the pipeline pruned -- what 'build' does by default
+        teachers = {"": None, "+kd": sparse} if self.distill else {"": None}
         # (1) latency-targeted and (2) gamma-threshold: fine-tune the pruned sparse model
         gamma_plan = select(traced, by_ratio(gamma["knob"]))
         for name, model, plan, knob in (
@@ -140,21 +160,28 @@ class LatencyStudy:
             ("gamma", apply_plan(sparse, gamma_plan), gamma_plan, f"ratio {gamma['knob']:g}"),
         ):  # fmt: skip
             before = self.acc(model)
-            tuned, hist = s.train(f"{name}-{tag}", model, s.ft_cfg(), plan)
-            models[name] = tuned
-            rows.append(self.describe(name, tuned, before, table, cfg.epochs + cfg.ft_epochs, knob))
-            rows[-1]["acc"] = hist[-1]["val_acc"]
-        # (3) uniform width: from scratch for the sparse epochs, then the same fine-tuning
+            for suffix, teacher in teachers.items():
+                tuned, hist = s.train(f"{name}-{tag}{suffix}", copy.deepcopy(model), s.ft_cfg(), plan, teacher=teacher)
+                models[name + suffix] = tuned
+                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, knob))
+                rows[-1]["acc"] = hist[-1]["val_acc"]
+        # (3) uniform width and (4) the latency-targeted architecture, each from scratch for the sparse
+        # epochs (Liu et al. 2019), then the same fine-tuning
         factor = uniform["knob"]
-        kwargs = {**s.arch_kwargs, "width": s.setup.width * factor}
-        scratch, hist = s.train(f"uniform-{tag}-scratch", uniform_model(factor), s.train_cfg(sparse=False), None,
-                                arch_kwargs=kwargs)  # fmt: skip
-        before = hist[-1]["val_acc"]
-        tuned, hist = s.train(f"uniform-{tag}", scratch, s.ft_cfg(), None, arch_kwargs=kwargs)
-        models["uniform"] = tuned
-        rows.append(self.describe("uniform", tuned, before, table, cfg.epochs + cfg.ft_epochs,
-                                  f"width × {factor:g} (= {s.setup.width * factor:.4g})"))  # fmt: skip
-        rows[-1]["acc"] = hist[-1]["val_acc"]
+        width_kwargs = {**s.arch_kwargs, "width": s.setup.width * factor}
+        widths = f"width × {factor:g} (= {s.setup.width * factor:.4g})"
+        for name, start, plan, kwargs, how in (
+            ("uniform", uniform_model(factor), None, width_kwargs, widths),
+            ("scratch", _reinitialised(lat_model, cfg.seed + 3), lat_plan, None, "the latency-targeted widths"),
+        ):  # fmt: skip
+            scratch, hist = s.train(f"{name}-{tag}-scratch", start, s.train_cfg(sparse=False), plan, arch_kwargs=kwargs)
+            before = hist[-1]["val_acc"]
+            for suffix, teacher in teachers.items():
+                tuned, hist = s.train(f"{name}-{tag}{suffix}", copy.deepcopy(scratch), s.ft_cfg(), plan,
+                                      arch_kwargs=kwargs, teacher=teacher)  # fmt: skip
+                models[name + suffix] = tuned
+                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, how))
+                rows[-1]["acc"] = hist[-1]["val_acc"]
 
         files = [self.onnx(models[r["variant"]], f"final-{r['variant']}") for r in rows]
 

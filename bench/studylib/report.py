@@ -55,7 +55,14 @@ LATENCY_NAMES = {
     "latency": "latency-targeted",
     "gamma": "γ-threshold at equal latency",
     "uniform": "uniform width at equal latency",
+    "scratch": "latency-targeted widths from scratch",
 }
+
+
+def latency_name(variant: str) -> str:
+    """A row's name; ``+kd``: fine-tuned with distillation from the unpruned sparse model."""
+    base, kd = variant.removesuffix("+kd"), variant.endswith("+kd")
+    return LATENCY_NAMES[base] + (", distilled" if kd else "")
 
 
 def latency_table(study: dict[str, Any]) -> str:
@@ -65,7 +72,7 @@ def latency_table(study: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in study["rows"]:
         cells = [
-            LATENCY_NAMES[r["variant"]],
+            latency_name(r["variant"]),
             r["how"],
             _pct(r["acc_before"]),
             _pct(r["acc"]),
@@ -94,9 +101,11 @@ def latency_section(res: dict[str, Any]) -> list[str]:
         f"{'met' if b['met'] else 'missed'}); the sparse model pruned by the global γ threshold at the ratio whose "
         f"latency, timed interleaved with the first, came closest ({steps[0]} bisection "
         f"steps); and the architecture with every layer narrowed by one factor ({steps[1]} "
-        "steps), trained from scratch without the penalty for the sparse-training epochs. All three then get the same "
-        "fine-tuning. *acc before FT*: right after surgery (uniform: after its training from scratch); *predicted*: "
-        "the latency table profiled for `--speedup`; *measured*: the four graphs timed together, interleaved (min of "
+        "steps), trained from scratch without the penalty for the sparse-training epochs; and the first model's "
+        "widths re-initialised and trained from scratch the same way. All get the same fine-tuning epochs, once on the "
+        "labels alone and once (*distilled*) with distillation from the unpruned sparse model. "
+        "*acc before FT*: right after surgery (uniform, scratch: after their training from scratch); *predicted*: "
+        "the latency table profiled for `--speedup`; *measured*: all the graphs timed together, interleaved (min of "
         "the round medians); *speed-up*: baseline / model.",
         "",
         latency_table(study),

@@ -87,8 +87,10 @@ class Study:
         cfg: TrainConfig,
         plan: PruningPlan | None = None,
         arch_kwargs: dict[str, Any] | None = None,
+        teacher: torch.nn.Module | None = None,
     ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-        """Train ``model`` into ``<name>.pt``, resuming an unfinished run and reusing a finished one."""
+        """Train ``model`` into ``<name>.pt`` (distilling from ``teacher`` when given), resuming an unfinished
+        run and reusing a finished one."""
         path = (self.base_dir if name == "baseline" else self.dir) / f"{name}.pt"
         resume = None
         if path.exists():
@@ -108,7 +110,7 @@ class Study:
                 model, path, arch=self.setup.arch, arch_kwargs=arch_kwargs or self.arch_kwargs, train_ds=self.train_ds,
                 val_ds=self.val_ds, cfg=cfg, meta={**self.meta, "train_config": cfg.to_dict()},
                 plan=None if plan is None else plan.to_dict(), dist_info=DistInfo(device=self.device),
-                resume=resume, progress=False, desc=name, on_epoch=said,
+                resume=resume, progress=False, desc=name, on_epoch=said, teacher=teacher,
             )  # fmt: skip
         history = ResumePoint.of(load_checkpoint(path), path).history
         self.train_seconds += sum(h["seconds"] for h in history)

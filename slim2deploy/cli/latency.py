@@ -66,7 +66,7 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="bench/latency.py", description=__doc__, formatter_class=_Formatter)
+    p = Parser(prog="latency.py", description=__doc__, formatter_class=_Formatter)
     p.add_argument("models", nargs="+", type=Path, help=".onnx, .engine or slim2deploy .pt files")
     p.add_argument("--baseline", type=Path, help="reference model: speed-ups and MACs ratios are against it")
     p.add_argument(

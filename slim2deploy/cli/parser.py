@@ -29,6 +29,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        for old in self.deprecated:  # argparse names a flag by all its spellings: "argument --new/--old"
+            message = message.replace(f"/{old}:", ":").replace(f"/{old} ", " ")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def add_argument(self, *args: Any, deprecated: Sequence[str] = (), **kwargs: Any) -> argparse.Action:

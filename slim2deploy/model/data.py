@@ -226,7 +226,7 @@ def check_stats(stats: Stats, shape: tuple[int, ...], source: str) -> None:
     if stats is not None and len(stats[0]) != shape[0]:
         raise SlimError(
             f"{source} has {tuple(shape)} images (C, H, W) but the normalisation is for {len(stats[0])} channels "
-            f"(mean {stats[0]}); give one --mean/--std value per channel, or data of the model's own kind"
+            f"(mean {stats[0]}); give one `mean`/`std` value per channel, or data of the model's own kind"
         )
 
 

@@ -222,7 +222,7 @@ def open_folder(
         raise SlimError(f"`crop` {crop} is larger than `image_size` {image_size}; the center crop must fit")
     n_workers = default_workers() if workers is None else workers
     if n_workers < 0:
-        raise SlimError(f"--workers must be >= 0, got {n_workers}")
+        raise SlimError(f"`workers` must be >= 0, got {n_workers}")
     ds = FolderData(files, labels, classes, (0.0,), (1.0,), image_size, crop, f"folder:{root}", seed, n_workers)
     check_stats(stats, ds.input_shape, str(root))
     ds.mean, ds.std = stats if stats is not None else _estimate_stats(ds)
@@ -252,13 +252,13 @@ def load_data(
     path = Path(name.split(":", 1)[1] if name.startswith("folder:") else name)
     if not path.is_dir():
         if stream:
-            raise SlimError(f"--stream is for image folders; {name!r} is not a folder")
+            raise SlimError(f"`stream` is for image folders; {name!r} is not a folder")
         return load_dataset(name, split, data_dir, image_size, stats)  # --crop only shapes folder images
     if stream is None:
         stream = crop is not None or decoded_bytes(path, image_size, crop) > STREAM_ABOVE_BYTES
     if not stream:
         if crop is not None:
-            raise SlimError("--crop needs the streaming loader (--stream); the in-memory one resizes whole images")
+            raise SlimError("`crop` needs the streaming loader (`stream`); the in-memory one resizes whole images")
         return load_dataset(name, split, data_dir, image_size, stats)
     return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
 

@@ -455,10 +455,12 @@ def fit(
             if not math.isfinite(val_loss):
                 fault = f"the validation loss is {val_loss}"
         if fault is not None:
-            cause = f"The learning rate ({cfg.lr:g})" + (f" or the sparsity ({cfg.sparsity:g})" if cfg.sparsity else "")
+            cause = f"The learning rate `lr` ({cfg.lr:g})" + (
+                f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else ""
+            )
             raise SlimError(
                 f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "
-                f"{cause} is likely too high: lower it, or check the data and --mean/--std for extreme values"
+                f"{cause} is likely too high: lower it, or check the data and its normalisation for extreme values"
             )
         result = EpochResult(
             epoch=epoch + 1,

@@ -6,8 +6,8 @@
 2. a slim2deploy checkpoint carries its own (every one records what it was trained with);
 3. weights trained elsewhere (a weights file, a library's pretrained weights, ``import``) were trained with
    their library's convention: torchvision's ImageNet mean/std, timm's per-model ``pretrained_cfg``; for a zoo
-   model or a ``package.module:factory`` there is no library to ask, so they get ImageNet's, the convention
-   nearly every model trained on photographs uses (data of another channel count is refused: give them);
+   model or a ``package.module:factory`` there is no library to ask, so 3-channel inputs get ImageNet's, the
+   convention nearly every model trained on photographs uses, and other channel counts are estimated (4.);
 4. a model trained from scratch: estimated from the training data (Fashion-MNIST: its standard values).
 
 Every run that reads data says which one it uses (``describe_stats``).
@@ -20,7 +20,10 @@ normalisation; what they read is checked to be the model's own kind (input shape
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint
@@ -31,9 +34,11 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 IMAGENET: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def starting_stats(arch: str, *, weights: bool, given: Stats | None = None) -> tuple[Stats | None, str]:
+def starting_stats(
+    arch: str, *, weights: bool, given: Stats | None = None, channels: int | None = 3
+) -> tuple[Stats | None, str]:
     """(mean, std) a new run or an import starts with, and where it comes from (the module docstring's rule);
-    None: estimate it from the training data."""
+    None: estimate it from the training data. ``channels``: the inputs' (None: unknown, taken as 3)."""
     if given is not None:
         return given, "given"
     if not weights:
@@ -44,10 +49,32 @@ def starting_stats(arch: str, *, weights: bool, given: Stats | None = None) -> t
             return pretrained_stats(arch), f"{library}'s convention for weights of this model"
         except SlimError:  # a timm model without a pretrained configuration: the common convention below
             pass
+    if channels not in (None, 3):
+        return None, f"estimated from the training data ({channels}-channel inputs have no common convention)"
     return IMAGENET, (
         "ImageNet's, the convention for weights trained elsewhere; give `mean` and `std` if yours were trained "
         "with others"
     )
+
+
+def channels_of(data: str) -> int | None:
+    """The channel count of a dataset's images, without reading it whole (None where it cannot tell cheaply):
+    Fashion-MNIST is grey, a folder decodes to RGB, an .npz says in its array."""
+    if data == "fashion-mnist":
+        return 1
+    path = Path(data.split(":", 1)[1] if data.startswith(("folder:", "npz:")) else data)
+    if path.is_dir():
+        return 3
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                key = "x_train" if "x_train" in arrays.files else "x"
+                shape = arrays[key].shape if key in arrays.files else None
+        except (OSError, ValueError, KeyError):
+            return None  # the loader says what is wrong with it
+        if shape is not None:
+            return 1 if len(shape) == 3 else int(shape[1]) if len(shape) == 4 else None
+    return None
 
 
 def describe_stats(stats: Stats, source: str) -> str:

@@ -433,6 +433,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; zoo models: {', '.join(list_models())}; "
             "or use 'torchvision:NAME', 'timm:NAME' or 'package.module:factory'"
         )
+    unknown = sorted(set(kwargs) - set(ZOO_ARGS))
+    if unknown:
+        raise SlimError(f"unknown argument(s) {', '.join(unknown)} for {name}; zoo models take {', '.join(ZOO_ARGS)}")
     width = kwargs.get("width", 1.0)
     if not (isinstance(width, (int, float)) and 0 < width and math.isfinite(width)):
         raise SlimError(f"width must be a positive number, got {width!r}")

@@ -32,8 +32,14 @@ from slim2deploy.deploy.export import (
     load_onnx,
     save_onnx,
 )
-from slim2deploy.deploy.precision import check_precision, quantize_int8, to_fp16
+from slim2deploy.deploy.calib import load_calib
+from slim2deploy.deploy.engine import engine_available
+from slim2deploy.deploy.precision import check_precision, quantize_int8, resolve_int8_flavour, to_fp16
 from slim2deploy.measure.compare import check_agreement, check_parity
+from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
+from slim2deploy.model.folder import sample_arrays
+from slim2deploy.model.preprocess import data_for
+from slim2deploy.prune.rebuild import model_from_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -218,14 +224,6 @@ def export_checkpoint(
     """What ``slim2deploy export`` does: the checkpoint at ``src`` as one gated ONNX file per precision
     (``precision_outputs``); int8 in ``int8_flavour`` (``auto``: TensorRT's where TensorRT is installed here,
     else ONNX Runtime CPU's), its agreement measured on ``data`` (held-out, read as the checkpoint records)."""
-    from slim2deploy.deploy.calib import load_calib
-    from slim2deploy.deploy.engine import engine_available
-    from slim2deploy.deploy.precision import resolve_int8_flavour
-    from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
-    from slim2deploy.model.folder import sample_arrays
-    from slim2deploy.model.preprocess import data_for
-    from slim2deploy.prune.rebuild import model_from_checkpoint
-
     if not precisions or len(set(precisions)) != len(precisions):
         raise SlimError(f"`precision` needs distinct precisions, got {','.join(precisions) or 'none'}")
     for precision in precisions:

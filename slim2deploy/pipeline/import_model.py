@@ -72,8 +72,12 @@ def import_model(
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise SlimError(f"{arch} returns {shape}; a classifier returning N x classes logits is needed")
-    stats, said = starting_stats(arch, weights=True, given=stats)
-    assert stats is not None  # weights always come with a normalisation
+    stats, said = starting_stats(arch, weights=True, given=stats, channels=input_shape[0])
+    if stats is None:
+        raise SlimError(
+            f"weights trained elsewhere for {input_shape[0]}-channel inputs have no common normalisation: give the "
+            "one they were trained with (`mean` and `std`, one value per channel)"
+        )
     if len(stats[0]) != input_shape[0]:
         raise SlimError(
             f"the normalisation has {len(stats[0])} values ({said}) but the input has {input_shape[0]} channels; "

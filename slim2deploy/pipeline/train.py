@@ -25,7 +25,14 @@ from slim2deploy.model.loop import (
     init_distributed,
     shutdown_distributed,
 )
-from slim2deploy.model.preprocess import Stats, data_for, describe_stats, preprocess_meta, starting_stats
+from slim2deploy.model.preprocess import (
+    Stats,
+    channels_of,
+    data_for,
+    describe_stats,
+    preprocess_meta,
+    starting_stats,
+)
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT, MAX_DROP
 from slim2deploy.model.sparsity import Masks
 from slim2deploy.model.weights import build_with_weights
@@ -195,7 +202,7 @@ def train_command(
     else:
         arch, rebuilt_classes = arch or DEFAULT_ARCH, None
         check_code(arch, trust_code)
-        stats, said = starting_stats(arch, weights=bool(weights or pretrained), given=stats)
+        stats, said = starting_stats(arch, weights=bool(weights or pretrained), given=stats, channels=channels_of(data))
         train_ds = load_data(data, "train", data_dir, image_size, stats, **data_kw).subset(limit_train)
         check_fits(train_ds, train_ds.input_shape, None, data)
 
