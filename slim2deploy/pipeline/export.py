@@ -22,6 +22,8 @@ import numpy as np
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
+from slim2deploy.deploy.calib import load_calib
+from slim2deploy.deploy.engine import engine_available
 from slim2deploy.deploy.export import (
     FP16_ATOL,
     FP16_RTOL,
@@ -32,8 +34,6 @@ from slim2deploy.deploy.export import (
     load_onnx,
     save_onnx,
 )
-from slim2deploy.deploy.calib import load_calib
-from slim2deploy.deploy.engine import engine_available
 from slim2deploy.deploy.precision import check_precision, quantize_int8, resolve_int8_flavour, to_fp16
 from slim2deploy.measure.compare import check_agreement, check_parity
 from slim2deploy.model.checkpoint import load_checkpoint, with_input_shape
