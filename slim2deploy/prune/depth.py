@@ -1,0 +1,153 @@
+"""Depth surgery: a removed residual branch's modules become ``Const`` (its constant output) or ``Skip``.
+
+A branch one of whose groups keeps no channel (``PruningPlan.removed_branches``) outputs a constant
+once that group's gammas are zero (``prune.trace.branches``). We cannot edit the model's forward,
+so the modules the plan names are swapped: a ``Const`` returns its module's recorded output, a
+``Skip`` (a module whose output only other replaced modules read) returns a placeholder that
+carries the batch size and nothing else. The forward then computes ``stream + value``, the
+``value`` broadcast over the batch; the ONNX exporter folds what is left of the branch into
+one initializer, so the join becomes an Add of a constant.
+
+The constants are computed, not guessed: after the channel cut, the model runs once on a batch
+of one with the branch's chosen gammas (``Branch.gammas``) set to zero, and each ``Const`` module's
+output is recorded. Which modules are replaced comes from the plan alone, so a pruned checkpoint
+is rebuilt as usual (architecture -> plan -> state_dict): the values come back as the ``value``
+buffers of the state_dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.plan import PruningPlan
+
+
+def _batch_of(args: tuple[Any, ...]) -> tuple[Any, torch.Tensor | None]:
+    """The batch size of the first tensor argument (left symbolic: an exporter may trace it) and the tensor."""
+    like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return (like.shape[0] if like is not None and like.dim() else 1), like
+
+
+def skip_output(rank: int, *args: Any) -> torch.Tensor:
+    """Zeros of shape (batch, 1, ...): only the batch size of what a ``Skip`` returns is ever read."""
+    n, like = _batch_of(args)
+    if like is None:
+        return torch.zeros((n,) + (1,) * (rank - 1))
+    return torch.zeros((n,) + (1,) * (rank - 1), dtype=like.dtype, device=like.device)
+
+
+def const_output(value: torch.Tensor, batched: bool, *args: Any) -> torch.Tensor:
+    """A fresh copy of ``value`` (the join may add into it in place): one sample, or the input's batch
+    where the join writes into it in place (``Branch.batched``), which cannot broadcast."""
+    n, _ = _batch_of(args)
+    if batched and n != value.shape[0]:
+        return value.expand(n, *value.shape[1:]).clone()
+    return value.clone()
+
+
+# torch.fx (Conv+BN folding in runtime.torch) must record these calls, not trace their branches
+torch.fx.wrap("skip_output")
+torch.fx.wrap("const_output")
+
+
+class Skip(nn.Module):
+    """Stands in for a module of a removed branch whose output only other replaced modules read."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return skip_output(self.rank, *args, *kwargs.values())
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+class Const(nn.Module):
+    """Stands in for a module of a removed branch: returns that module's output, recorded as ``value``."""
+
+    def __init__(self, value: torch.Tensor, batched: bool = False):
+        super().__init__()
+        self.batched = batched
+        self.value: torch.Tensor
+        self.register_buffer("value", value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return const_output(self.value, self.batched, *args, *kwargs.values())
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.value.shape)}, batched={self.batched}"
+
+
+def check_branches_fit(model: nn.Module, plan: PruningPlan) -> None:
+    """Every module a removable branch would replace is in ``model``."""
+    for b in plan.branches:
+        for path in b.modules():
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise SlimError(
+                    f"the pruning plan does not fit this model: it replaces the layer {path} of the branch joined "
+                    f"at {b.join}, which the model does not have; apply a plan to the architecture it was made for"
+                ) from None
+
+
+def remove_branches(slim: nn.Module, plan: PruningPlan) -> None:
+    """Replace the modules of every removed branch of ``plan`` in ``slim`` (in place)."""
+    gone = plan.removed_branches()
+    if not gone:
+        return
+    zero = [
+        fqn
+        for b in gone
+        for gi, names in zip(b.groups, b.gammas, strict=True)
+        if not plan.groups[gi].keep
+        for fqn in names
+    ]
+    values = _constants(slim, plan.input_shape, zero, [p for b in gone for p in b.const])
+    for b in gone:
+        for path in b.skip:
+            slim.set_submodule(path, Skip(len(b.shapes[path]) + 1))
+        for path in b.const:
+            slim.set_submodule(path, Const(values[path], b.batched))
+
+
+def _constants(slim: nn.Module, input_shape: list[int], zero: list[str], paths: list[str]) -> dict[str, torch.Tensor]:
+    """Each module's output in ``paths`` on a batch of one, with the gammas in ``zero`` set to zero."""
+    seen: dict[str, list[Any]] = {p: [] for p in paths}
+
+    def record(path: str, out: Any) -> None:  # a copy: the join may add into the output in place
+        seen[path].append(out.detach().clone() if isinstance(out, torch.Tensor) else out)
+
+    handles = [slim.get_submodule(p).register_forward_hook(lambda _m, _i, out, p=p: record(p, out)) for p in paths]
+    saved = {fqn: slim.get_parameter(fqn).detach().clone() for fqn in zero}
+    modes = {m: m.training for m in slim.modules()}
+    ref = next(slim.parameters())
+    try:
+        slim.eval()
+        with torch.no_grad():
+            for fqn in zero:
+                slim.get_parameter(fqn).zero_()
+            slim(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
+    finally:
+        with torch.no_grad():
+            for fqn, value in saved.items():
+                slim.get_parameter(fqn).copy_(value)
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    values = {}
+    for p, outs in seen.items():
+        if len(outs) != 1 or not isinstance(outs[0], torch.Tensor):
+            raise SlimError(
+                f"the pruning plan does not fit this model: the layer {p} of a removed branch ran {len(outs)} "
+                "time(s) or did not return one tensor; apply a plan to the architecture it was made for"
+            )
+        values[p] = outs[0]
+    return values
