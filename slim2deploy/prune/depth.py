@@ -3,16 +3,17 @@
 A branch one of whose groups keeps no channel (``PruningPlan.removed_branches``) outputs a constant
 once that group's gammas are zero (``prune.trace.branches``). We cannot edit the model's forward,
 so the modules the plan names are swapped: a ``Const`` returns its module's recorded output, a
-``Skip`` (a module whose output only other replaced modules read) returns a placeholder that
-carries the batch size and nothing else. The forward then computes ``stream + value``, the
-``value`` broadcast over the batch; the ONNX exporter folds what is left of the branch into
-one initializer, so the join becomes an Add of a constant.
+``Skip`` (a module whose output only other replaced modules read) returns zeros of its shape. The
+forward then computes ``stream + value``, the ``value`` broadcast over the batch; the ONNX
+exporter folds what is left of the branch into one initializer, so the join becomes an Add of a
+constant.
 
 The constants are computed, not guessed: after the channel cut, the model runs once on a batch
-of one with the branch's chosen gammas (``Branch.gammas``) set to zero, and each ``Const`` module's
-output is recorded. Which modules are replaced comes from the plan alone, so a pruned checkpoint
-is rebuilt as usual (architecture -> plan -> state_dict): the values come back as the ``value``
-buffers of the state_dict.
+of one with the branch's chosen gammas (``Branch.gammas``) set to zero, and each ``Const``
+module's output is recorded (and each ``Skip`` module's shape, which the channel cut may have
+changed). Which modules are replaced comes from the plan alone, so a pruned checkpoint is rebuilt
+as usual (architecture -> plan -> state_dict): the values come back as the ``value`` buffers of
+the state_dict.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def _batch_of(args: tuple[Any, ...]) -> tuple[Any, torch.Tensor | None]:
     return (like.shape[0] if like is not None and like.dim() else 1), like
 
 
-def skip_output(rank: int, *args: Any) -> torch.Tensor:
-    """Zeros of shape (batch, 1, ...): only the batch size of what a ``Skip`` returns is ever read."""
+def skip_output(shape: tuple[int, ...], batched: bool, *args: Any) -> torch.Tensor:
+    """Zeros standing for a skipped module's output, which only other replaced modules read: one sample of
+    its traced shape, so that functional ops left between replaced modules still run; in a batched branch
+    (1, ...) per sample instead, as the batch size is all the branch's constant needs from it and a full
+    batch of zeros would cost what the branch did."""
     n, like = _batch_of(args)
+    size = (n,) + (1,) * len(shape) if batched else (1, *shape)
     if like is None:
-        return torch.zeros((n,) + (1,) * (rank - 1))
-    return torch.zeros((n,) + (1,) * (rank - 1), dtype=like.dtype, device=like.device)
+        return torch.zeros(size)
+    return torch.zeros(size, dtype=like.dtype, device=like.device)
 
 
 def const_output(value: torch.Tensor, batched: bool, *args: Any) -> torch.Tensor:
@@ -57,15 +62,15 @@ torch.fx.wrap("const_output")
 class Skip(nn.Module):
     """Stands in for a module of a removed branch whose output only other replaced modules read."""
 
-    def __init__(self, rank: int):
+    def __init__(self, shape: tuple[int, ...], batched: bool = False):
         super().__init__()
-        self.rank = rank
+        self.shape, self.batched = tuple(shape), batched
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return skip_output(self.rank, *args, *kwargs.values())
+        return skip_output(self.shape, self.batched, *args, *kwargs.values())
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}"
+        return f"shape={self.shape}, batched={self.batched}"
 
 
 class Const(nn.Module):
@@ -109,16 +114,26 @@ def remove_branches(slim: nn.Module, plan: PruningPlan) -> None:
         if not plan.groups[gi].keep
         for fqn in names
     ]
-    values = _constants(slim, plan.input_shape, zero, [p for b in gone for p in b.const])
+    outputs = _outputs(slim, plan.input_shape, zero, [p for b in gone for p in b.modules()])
     for b in gone:
-        for path in b.skip:
-            slim.set_submodule(path, Skip(len(b.shapes[path]) + 1))
+        for path in b.modules():
+            outs = outputs[path]
+            if not outs or any(not isinstance(o, torch.Tensor) or o.dim() != len(b.shapes[path]) + 1 for o in outs):
+                raise SlimError(
+                    f"the pruning plan does not fit this model: the layer {path} of the branch joined at {b.join} "
+                    f"did not run, or did not return a tensor of {len(b.shapes[path]) + 1} dimensions; "
+                    "apply a plan to the architecture it was made for"
+                )
+        for path in b.skip:  # the shape after the channel cut, which the plan's traced one is not
+            slim.set_submodule(path, Skip(tuple(outputs[path][0].shape[1:]), b.batched))
         for path in b.const:
-            slim.set_submodule(path, Const(values[path], b.batched))
+            if len(outputs[path]) != 1:
+                raise SlimError(f"the layer {path} of the branch joined at {b.join} runs more than once; re-plan")
+            slim.set_submodule(path, Const(outputs[path][0], b.batched))
 
 
-def _constants(slim: nn.Module, input_shape: list[int], zero: list[str], paths: list[str]) -> dict[str, torch.Tensor]:
-    """Each module's output in ``paths`` on a batch of one, with the gammas in ``zero`` set to zero."""
+def _outputs(slim: nn.Module, input_shape: list[int], zero: list[str], paths: list[str]) -> dict[str, list[Any]]:
+    """Each module's outputs in ``paths`` on a batch of one, with the gammas in ``zero`` set to zero."""
     seen: dict[str, list[Any]] = {p: [] for p in paths}
 
     def record(path: str, out: Any) -> None:  # a copy: the join may add into the output in place
@@ -142,12 +157,4 @@ def _constants(slim: nn.Module, input_shape: list[int], zero: list[str], paths: 
             h.remove()
         for m, training in modes.items():
             m.training = training
-    values = {}
-    for p, outs in seen.items():
-        if len(outs) != 1 or not isinstance(outs[0], torch.Tensor):
-            raise SlimError(
-                f"the pruning plan does not fit this model: the layer {p} of a removed branch ran {len(outs)} "
-                "time(s) or did not return one tensor; apply a plan to the architecture it was made for"
-            )
-        values[p] = outs[0]
-    return values
+    return seen

@@ -257,7 +257,10 @@ def _still_dependent(graph: _Graph, s: _Structure, lost: set[fx.Node]) -> str | 
     bad = sorted((n for n in s.read if n in graph.dep and n not in lost), key=graph.index.__getitem__)
     if not bad:
         return None
-    return f"{graph.where(bad[0])} still depends on the input there, outside a layer the surgery can replace"
+    return (
+        f"its constant would be taken after {graph.where(bad[0])}, which still depends on the input: what follows "
+        "runs in a forward, not in modules the surgery can replace"
+    )
 
 
 def _elsewhere(graph: _Graph, escapes: list[fx.Node]) -> str:
