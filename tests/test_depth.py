@@ -64,15 +64,10 @@ def _traced(name: str) -> tuple[nn.Module, torch.Tensor, PruningPlan]:
     return model, x, trace_groups(model, x[:1])
 
 
-def _conv_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """How many convolutions run in a forward pass (each is one Conv node of the ONNX graph)."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return len(calls)
+def _convs(model: nn.Module, paths: list[str] | None = None) -> int:
+    """Convolution modules (in ``paths``): each runs once here, and is one Conv node of the ONNX graph."""
+    roots = [model] if paths is None else [model.get_submodule(p) for p in paths]
+    return sum(isinstance(m, nn.Conv2d) for r in roots for m in r.modules())
 
 
 def _zero(model: nn.Module, gammas: list[str], beta: bool) -> None:
@@ -85,10 +80,6 @@ def _zero(model: nn.Module, gammas: list[str], beta: bool) -> None:
 
 def _emptying(traced: PruningPlan, gi: int) -> Selection:
     return Selection(WidthsSelector(tuple(0 if i == gi else g.size for i, g in enumerate(traced.groups))), Rails())
-
-
-def _convs(model: nn.Module, paths: list[str]) -> int:
-    return sum(isinstance(m, nn.Conv2d) for p in paths for m in model.get_submodule(p).modules())
 
 
 def _cases() -> list:
@@ -114,19 +105,18 @@ def test_a_branch_with_one_zeroed_batchnorm_is_removed_exactly_in_torch_and_onnx
 
     assert all(isinstance(slim.get_submodule(p), Const) for p in branch.const)
     assert all(isinstance(slim.get_submodule(p), Skip) for p in branch.skip)
-    more = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert _convs(slim) == _convs(model) - _convs(model, branch.modules()) < _convs(model)
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # apply_plan checked its own input
     with torch.no_grad():
-        for inputs in (x, more, more[:1]):
-            assert rel_err(model(inputs), slim(inputs)) <= 1e-5
-    assert _conv_calls(slim, x[:1]) == _conv_calls(model, x[:1]) - _convs(model, branch.modules())
+        want = model(other)
+        assert rel_err(want, slim(other)) <= 1e-5
+        assert rel_err(want[:1], slim(other[:1])) <= 1e-5  # a batch of one: no broadcast at the join
     if beta:
         return  # ONNX once per model, where the constant is not zero
     result = export_onnx(slim, x[:1], tmp_path / "slim.onnx")
-    with torch.no_grad():
-        want = model(more).numpy()
-    got = ort_session(result.path).run(None, {"input": more.numpy()})[0]
-    assert rel_err(torch.from_numpy(want), torch.from_numpy(got)) <= 1e-5
-    assert result.op_counts["Conv"] == _conv_calls(slim, x[:1])  # the branch's Conv nodes are gone
+    got = ort_session(result.path).run(None, {"input": other.numpy()})[0]
+    assert rel_err(want, torch.from_numpy(got)) <= 1e-5
+    assert result.op_counts["Conv"] == _convs(slim)  # the branch's Conv nodes are gone
     graph = onnx.load(result.path).graph
     inits = {t.name for t in graph.initializer}
     assert any(n.op_type == "Add" and any(i in inits for i in n.input) for n in graph.node), "no folded constant"
@@ -221,3 +211,55 @@ def test_branch_records_round_trip_through_json() -> None:
     again = PruningPlan.from_json(traced.to_json())
     assert again.branches == traced.branches and all(isinstance(b, Branch) for b in again.branches)
     assert all(b.batched for b in again.branches)  # torchvision adds the stream into the branch in place
+    # its blocks' one ReLU module also runs after the add: not the branch's to replace
+    assert all(p.endswith(("conv1", "conv2", "bn1", "bn2")) for b in again.branches for p in b.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tv_resnet18", "tv_mobilenet_v2", "timm_resnet10t"])
+def test_random_branches_and_channels_removed_together_stay_exact(name: str) -> None:
+    """Property: several branches (gamma, or gamma and beta, zero in all of one of their groups' BatchNorms)
+    and zeroed channels of the other groups, all under one global threshold at zero, go in one plan."""
+    base, x, traced = _traced(name)
+    removable = [b for b in traced.branches if b.removable]
+    for seed in range(2):
+        rng = random.Random(seed)
+        model = copy.deepcopy(base)
+        chosen = rng.sample(removable, rng.randint(1, min(3, len(removable))))
+        inside = {i for b in chosen for i in b.groups}
+        emptied = [rng.choice(b.groups) for b in chosen]
+        with torch.no_grad():
+            for gi in emptied:
+                _zero(model, [m.tensor for m in traced.groups[gi].members if m.role == "bn"], beta=rng.random() < 0.5)
+            for i, g in enumerate(traced.groups):
+                if g.prunable and i not in inside:
+                    gone = rng.sample(range(g.size), g.size // 3)
+                    bns = {m.module for m in g.members if m.role == "bn"}
+                    for m in g.members:
+                        if m.module in bns and (m.role == "bn" or m.tensor.endswith(".bias")):
+                            model.get_parameter(m.tensor)[m.indices(gone)] = 0
+        scored = rescore(traced, model)
+        zeros = sum(s == 0 for g in scored.groups if g.prunable for s in g.scores or [])
+        plan = select(scored, by_ratio(zeros / scored.prunable_channels * rng.uniform(0.3, 0.9), Rails.paper()))
+
+        slim = apply_plan(model, plan)
+
+        assert {b.node for b in plan.removed_branches()} == {b.node for b in chosen}
+        assert plan.removed_channels > sum(traced.groups[gi].size for gi in emptied)
+        with torch.no_grad():
+            assert rel_err(model(x), slim(x)) <= 1e-5, (name, seed)
+
+
+def test_conv_bn_folding_for_torch_runtimes_traces_through_the_replaced_modules() -> None:
+    """runtime.torch folds Conv+BN with torch.fx: Skip and Const are recorded as calls, so the batch a
+    branch's constant is filled to (torchvision adds into it in place) stays the input's."""
+    from slim2deploy.runtime.torch import fold_conv_bn
+
+    base, x, traced = _traced("tv_resnet18")
+    branch = [b for b in traced.branches if b.removable][2]
+    assert branch.batched
+    slim = apply_plan(base, select(traced, _emptying(traced, branch.groups[0])))
+    folded, pairs = fold_conv_bn(slim)
+    assert pairs > 0
+    batch = torch.randn(4, *x.shape[1:])
+    with torch.no_grad():
+        assert rel_err(slim(batch), folded(batch)) <= 1e-5

@@ -91,6 +91,18 @@ class _FunctionalNorm(nn.Module):
         return x + self.bn2(self.conv2(F.relu(self.norm(self.conv1(x)))))
 
 
+class _SharedNorm(nn.Module):
+    """One BatchNorm module called twice inside the branch: its gamma cannot rank either use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.bn(self.conv1(F.relu(self.bn(x))))))
+
+
 class _TwoBranches(nn.Module):
     """One add of two residual branches: removing both would leave it input-independent."""
 
@@ -121,6 +133,7 @@ def _zeros_at(plan: PruningPlan, groups: list[int]) -> Selection:
         (_Concat(), "cat in block", "meets the network in cat in block, not in an add"),
         (_Gate(), "mul in block", "meets the network in mul in block, not in an add"),
         (_FunctionalNorm(last=True), "add in block", "taken after conv2d in block.conv2, which still depends"),
+        (_SharedNorm(), "add in block", "no prunable BatchNorm-scored group lies only inside one of its operands"),
     ],
 )
 def test_joins_that_cannot_be_removed_say_why(block: nn.Module, join: str, why: str) -> None:

@@ -100,7 +100,8 @@ def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspect
 
 def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """How much of the model the planner can prune: the share of BatchNorm-scored channels in
-    prunable groups and every unprunable group with its reason (a model it cannot trace says why)."""
+    prunable groups, every unprunable group with its reason, and the residual joins, removable or
+    why not (a model it cannot trace says why)."""
     try:
         traced = trace_groups(model, x)
     except SlimError as exc:
