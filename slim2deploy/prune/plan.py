@@ -108,9 +108,8 @@ class Branch:
     BatchNorms that no other of them feeds). The removed branch's modules become ``skip`` (nothing
     reads their output any more) or ``const`` (they return their recorded output); ``shapes`` is
     each one's traced output shape for one sample (the channel cut may change its sizes, not its
-    rank). ``batched``: the join adds the stream into the
-    branch's output in place, so a constant must be as large as the batch. A join that cannot be
-    removed has a ``reason`` and no modules.
+    rank). ``batched``: the join adds the stream into the branch's output in place, so a constant
+    must be as large as the batch. A join that cannot be removed has a ``reason`` and no modules.
     """
 
     join: str

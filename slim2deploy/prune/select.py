@@ -337,7 +337,7 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
             g.keep = list(range(g.size))
             continue
         scores = g.scores or []
-        order = sorted(range(g.size), key=lambda i: (-scores[i], i))
+        order = sorted(range(g.size), key=lambda c: (-scores[c], c))
         g.keep = [] if k == 0 and i in removable else sorted(order[: min(g.size, max(1, k))])
     _settle_branches(plan, selection.rails)
     _add_fold_biases(plan)
@@ -345,9 +345,9 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
 
 
 def _settle_branches(plan: PruningPlan, rails: Rails) -> None:
-    """A removed branch's other groups stay whole (their layers go with it, and their gammas must not
-    change its constant); of two branches joined by one add, only the first goes, so that the add
-    still reads the input."""
+    """A removed branch's other groups stay whole: their layers go with it, and cutting their channels
+    would change the constant it is replaced by. Of two branches joined by one add only the first
+    goes, so that the add still depends on the input."""
     joins: set[str] = set()
     for b in plan.removed_branches():
         if b.node in joins:
