@@ -48,8 +48,19 @@ def test_paper_mode_keeps_exactly_the_channels_above_the_global_quantile(seed: i
 
 
 def _check_rails(plan: PruningPlan) -> None:
-    for g in plan.groups:
-        assert len(g.keep) >= 1 and g.keep == sorted(set(g.keep)) and all(0 <= k < g.size for k in g.keep)
+    """The rails hold for every group that stays; a group is emptied only inside a removable residual
+    branch, when none of its channels scores above the threshold (depth), and the branch's other
+    groups then stay whole."""
+    removed = plan.removed_branches()
+    inside = {i for b in removed for i in b.groups}
+    for i, g in enumerate(plan.groups):
+        if not g.keep:
+            assert i in inside and g.prunable and max(g.scores or [0.0]) <= plan.threshold
+            continue
+        if i in inside:
+            assert not g.pruned
+            continue
+        assert g.keep == sorted(set(g.keep)) and all(0 <= k < g.size for k in g.keep)
         if not g.prunable:
             assert not g.pruned
             continue

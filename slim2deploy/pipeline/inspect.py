@@ -13,6 +13,7 @@ from slim2deploy.base.files import atomic_path
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.model.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.score import gamma_warning
 from slim2deploy.prune.summary import coverage_lines
@@ -30,6 +31,7 @@ class Inspection:
     gammas: list[GammaStats] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     coverage: dict[str, Any] = field(default_factory=dict)
+    removed_blocks: list[str] = field(default_factory=list)  # joins of the residual branches pruning removed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class Inspection:
             "gammas": [g.to_dict() for g in self.gammas],
             "meta": self.meta,
             "coverage": self.coverage,
+            "removed_blocks": self.removed_blocks,
         }
 
     def table(self) -> str:
@@ -54,6 +57,9 @@ class Inspection:
         for key in ("dataset", "epochs", "val_acc", "small_gamma_share"):
             if key in self.meta:
                 lines.append(f"{key:<10} {self.meta[key]}")
+        if self.removed_blocks:
+            shown = ", ".join(self.removed_blocks[:6]) + (", ..." if len(self.removed_blocks) > 6 else "")
+            lines.append(f"removed    {len(self.removed_blocks)} residual block(s): {shown}")
         lines += ["", *self.coverage.get("lines", [])]
         if self.gammas:
             w = max(len(g.layer) for g in self.gammas)
@@ -78,6 +84,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspect
     shape = ckpt.input_shape if all(ckpt.input_shape) else (3, 224, 224)
     x = torch.zeros(1, *shape)
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("train_config", "versions", "classes")}
+    plan = PruningPlan.from_dict(ckpt.plan) if ckpt.plan is not None else None
     return Inspection(
         ckpt.arch,
         ckpt.arch_kwargs,
@@ -88,12 +95,14 @@ def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspect
         gamma_stats(model),
         meta,
         planner_coverage(model, x),
+        [b.join for b in plan.removed_branches()] if plan is not None else [],
     )
 
 
 def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """How much of the model the planner can prune: the share of BatchNorm-scored channels in
-    prunable groups and every unprunable group with its reason (a model it cannot trace says why)."""
+    prunable groups, every unprunable group with its reason, and the residual joins, removable or
+    why not (a model it cannot trace says why)."""
     try:
         traced = trace_groups(model, x)
     except SlimError as exc:
@@ -105,6 +114,7 @@ def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
         "scored_channels": scored,
         "unprunable": [{"channels": g.size, "modules": g.modules(), "reason": why} for g, why in traced.unprunable()],
         "gamma_warning": weak,
+        "branches": [{"join": b.join, "groups": b.groups, "reason": b.reason} for b in traced.branches],
         "lines": coverage_lines(traced) + ([f"warning: {weak}"] if weak else []),
     }
 

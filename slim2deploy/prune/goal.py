@@ -10,7 +10,7 @@ says whether a selection is one. The selection recorded in the plan is the resol
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,7 +66,9 @@ class Budget(Selector):
             "no_cache": self.no_cache, "tries": self.tries, "margin": self.margin, "or_smallest": self.or_smallest,
         }  # fmt: skip
 
-    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
+    def kept_counts(
+        self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
+    ) -> tuple[list[int], dict[str, Any]]:
         raise SlimError(
             "a latency goal is met by measuring, not from the scores alone: prune with the closed loop "
             "(pipeline.budget.prune_to_budget, 'slim2deploy prune --speedup')"

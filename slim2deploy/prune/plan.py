@@ -4,6 +4,10 @@ A plan is made by tracing (``prune.trace``), scored (``prune.score``), filled in
 (``prune.select``) and carried out by the surgery (``prune.surgery``). It round-trips through
 JSON and lives inside every pruned checkpoint, so ``from_dict`` validates it as data: a file that
 was edited by hand or damaged gets one clear error here instead of a traceback in the surgery.
+
+Depth: the tracer also records the residual joins it found (``Branch``). A group that lies only
+inside a removable branch may keep no channel at all (``keep == []``): the whole branch is then
+replaced by its constant output (``prune.depth``); anywhere else an empty group is refused.
 """
 
 from __future__ import annotations
@@ -95,6 +99,38 @@ class Group:
 
 
 @dataclass
+class Branch:
+    """A residual branch: the layers between a fork of a stream and the add that merges it back.
+
+    ``groups`` are the groups inside it: emptying any one of them makes the branch's output
+    input-independent, so the branch is removed (``prune.depth``). ``gammas`` gives, per group, the
+    BatchNorm weights the surgery sets to zero to compute that constant output (the group's
+    BatchNorms that no other of them feeds). The removed branch's modules become ``skip`` (nothing
+    reads their output any more) or ``const`` (they return their recorded output); ``shapes`` is
+    each one's traced output shape for one sample (the channel cut may change its sizes, not its
+    rank). ``batched``: the join adds the stream into the branch's output in place, so a constant
+    must be as large as the batch. A join that cannot be removed has a ``reason`` and no modules.
+    """
+
+    join: str
+    node: str
+    groups: list[int] = field(default_factory=list)
+    gammas: list[list[str]] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    const: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    batched: bool = False
+    reason: str | None = None
+
+    @property
+    def removable(self) -> bool:
+        return self.reason is None
+
+    def modules(self) -> list[str]:
+        return [*self.const, *self.skip]
+
+
+@dataclass
 class PruningPlan:
     """Plain data: groups with their kept indices, the rails used, and what was left alone."""
 
@@ -112,6 +148,7 @@ class PruningPlan:
     notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
     selection: dict[str, Any] | None = None  # prune.select.Selection.to_dict(); None in plans before it existed
+    branches: list[Branch] = field(default_factory=list)  # residual joins, removable or not (see Branch)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,6 +156,8 @@ class PruningPlan:
         # without them still loads in an older slim2deploy
         if d["exact"]:
             del d["exact"]
+        if not d["branches"]:
+            del d["branches"]
         for g in d["groups"]:
             if not g["approximate"]:
                 del g["approximate"]
@@ -144,7 +183,12 @@ class PruningPlan:
                 _check_types(f"{where} member {j}", m, _MEMBER_TYPES)
                 members.append(Member(**m))
             groups.append(Group(**{**g, "members": members}))
-        plan = cls(**{**d, "groups": groups})
+        branches = []
+        for i, b in enumerate(d.get("branches", [])):
+            _check_keys(f"branch {i}", b, Branch)
+            _check_types(f"branch {i}", b, _BRANCH_TYPES)
+            branches.append(Branch(**b))
+        plan = cls(**{**d, "groups": groups, "branches": branches})
         plan.check()
         return plan
 
@@ -166,12 +210,17 @@ class PruningPlan:
         for fqn, shape in self.tensor_shapes.items():
             if any(s < 0 for s in shape):
                 raise damaged(f"tensor_shapes gives {fqn} the negative shape {shape}")
+        removable = _check_branches(self)
         for i, g in enumerate(self.groups):
-            _check_group(self, i, g)
+            _check_group(self, i, g, i in removable)
 
     @property
     def prunable_channels(self) -> int:
         return sum(g.size for g in self.groups if g.prunable)
+
+    def removed_branches(self) -> list[Branch]:
+        """The removable branches a group of which keeps no channel: the surgery removes them."""
+        return [b for b in self.branches if b.removable and any(not self.groups[i].keep for i in b.groups)]
 
     @property
     def removed_channels(self) -> int:
@@ -234,6 +283,7 @@ _PLAN_TYPES = {
     "notes": (_list_of(lambda s: isinstance(s, str)), "a list of strings"),
     "version": (_is_int, "an integer"),
     "selection": (_optional(lambda v: isinstance(v, dict)), "a mapping or null"),
+    "branches": (_list_of(lambda b: isinstance(b, dict)), "a list of mappings"),
 }
 _GROUP_TYPES = {
     "size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -250,6 +300,22 @@ _MEMBER_TYPES = {
     "start": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "block": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "fold": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+_BRANCH_TYPES = {
+    "join": (lambda v: isinstance(v, str), "a string"),
+    "node": (lambda v: isinstance(v, str) and v != "", "a node name"),
+    "groups": (_list_of(lambda v: _is_int(v) and v >= 0), "a list of integers >= 0"),
+    "gammas": (_list_of(_list_of(lambda s: isinstance(s, str))), "a list of lists of tensor names"),
+    "skip": (_list_of(lambda s: isinstance(s, str) and s != ""), "a list of module names"),
+    "const": (_list_of(lambda s: isinstance(s, str) and s != ""), "a list of module names"),
+    "shapes": (
+        lambda v: isinstance(v, dict) and all(_list_of(lambda n: _is_int(n) and n >= 1)(s) for s in v.values()),
+        "a mapping from module names to lists of integers >= 1",
+    ),
+    "batched": (lambda v: isinstance(v, bool), "true or false"),
+    "reason": (_optional(lambda v: isinstance(v, str)), "a string or null"),
 }
 
 
@@ -272,9 +338,41 @@ def _check_types(where: str, d: dict[str, Any], types: dict[str, tuple[Any, str]
             raise damaged(f"{where}: {key} must be {expected}, got {value!r:.80}")
 
 
-def _check_group(plan: PruningPlan, i: int, g: Group) -> None:
+def _check_branches(plan: PruningPlan) -> set[int]:
+    """The branches fit the groups and each other; returns the groups that may keep no channel."""
+    owner: dict[int, int] = {}
+    replaced: dict[str, int] = {}
+    for i, b in enumerate(plan.branches):
+        where = f"branch {i} ({b.join})"
+        if len(b.gammas) != len(b.groups):
+            raise damaged(f"{where} has {len(b.gammas)} gamma lists for {len(b.groups)} groups")
+        for gi, gammas in zip(b.groups, b.gammas, strict=True):
+            if gi >= len(plan.groups) or gi in owner:
+                raise damaged(f"{where} names group {gi}, which does not exist or lies in another branch")
+            owner[gi] = i
+            bns = {m.tensor for m in plan.groups[gi].members if m.role == "bn"}
+            if not gammas or not set(gammas) <= bns:
+                raise damaged(f"{where}: {gammas[:3]} are not BatchNorm weights of group {gi}")
+        if not b.removable:
+            if b.skip or b.const:
+                raise damaged(f"{where} cannot be removed ({b.reason}) yet names modules to replace")
+            continue
+        paths = b.modules()
+        if not b.groups or not b.const or set(b.shapes) != set(paths) or len(set(paths)) != len(paths):
+            raise damaged(f"{where}: its groups, skip and const modules and their shapes do not match")
+        for p in paths:
+            for q, j in replaced.items():
+                if p == q or p.startswith(q + ".") or q.startswith(p + "."):
+                    raise damaged(f"{where} replaces {p}, which overlaps {q} of branch {j}")
+            replaced[p] = i
+    return {gi for gi, i in owner.items() if plan.branches[i].removable}
+
+
+def _check_group(plan: PruningPlan, i: int, g: Group, removable: bool) -> None:
     where = f"group {i} ({', '.join(g.modules())[:80]})"
     if not g.keep:
+        if removable:
+            return  # the branch it lies in is removed as a whole
         raise damaged(f"{where} keeps no channel")
     if len(set(g.keep)) != len(g.keep) or not all(0 <= k < g.size for k in g.keep):
         raise damaged(f"{where} keeps indices {g.keep[:12]} that are repeated or outside 0..{g.size - 1}")

@@ -20,8 +20,9 @@ DEFAULT_ROUND_TO = 8  # ORT's blocked conv layout and TensorRT FP16 both want mu
 @dataclass(frozen=True)
 class Rails:
     """Keep at least ``min_channels`` and at least ``1 - max_prune`` of a group; kept counts are
-    rounded up to a multiple of ``round_to`` (never above the group's size). A group is never
-    emptied. ``Rails.paper()`` (1, 1.0, 1) is the paper's plain global threshold."""
+    rounded up to a multiple of ``round_to`` (never above the group's size). The rails never empty a
+    group (with depth, a selection may empty one inside a removable residual branch, which then goes
+    whole: ``prune.select``). ``Rails.paper()`` (1, 1.0, 1) is the paper's plain global threshold."""
 
     min_channels: int = DEFAULT_MIN_CHANNELS
     max_prune: float = DEFAULT_MAX_PRUNE

@@ -9,14 +9,19 @@ Three separate pieces, so each can change alone:
 - the *rails* (``prune.rails.Rails``), which every selector respects.
 
 Inside a group the kept channels are always the highest-scoring ones. ``Selection`` (selector +
-rails) is plain data: it is recorded in the plan and is what a build caches on.
+rails + depth) is plain data: it is recorded in the plan and is what a build caches on.
+
+Depth (``Selection.depth``, on by default): a group that lies inside a removable residual branch
+(``PruningPlan.branches``) may keep no channel, which removes the whole branch (``prune.depth``);
+the rails' floor holds for every group that stays. The ratio and widths selectors use it; the
+latency selector does not (yet), so it never empties a group.
 """
 
 from __future__ import annotations
 
 import abc
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -38,8 +43,13 @@ class Selector(abc.ABC):
     kind: ClassVar[str]
 
     @abc.abstractmethod
-    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
-        """Kept count per group (prunable ones; others keep their size) and facts worth recording."""
+    def kept_counts(
+        self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
+    ) -> tuple[list[int], dict[str, Any]]:
+        """Kept count per group (prunable ones; others keep their size) and facts worth recording.
+
+        The groups whose index is in ``removable`` may get 0: their residual branch is removed.
+        """
 
     @abc.abstractmethod
     def params(self) -> dict[str, Any]:
@@ -67,7 +77,7 @@ def register_selector(cls: type[Selector]) -> type[Selector]:
 class RatioSelector(Selector):
     """The paper: pool the scores of all prunable channels, the threshold is the value at position
     ``int(ratio * N)`` of the sorted pool, and a group keeps its channels scoring strictly above it
-    (then the rails)."""
+    (then the rails). A removable group none of whose channels scores above it keeps none."""
 
     ratio: float
     kind: ClassVar[str] = "ratio"
@@ -78,21 +88,26 @@ class RatioSelector(Selector):
     def params(self) -> dict[str, Any]:
         return {"ratio": self.ratio}
 
-    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
+    def kept_counts(
+        self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
+    ) -> tuple[list[int], dict[str, Any]]:
         pooled = sorted(s for g in groups if g.prunable for s in g.scores or [])
         if not pooled:
             return [g.size for g in groups], {"threshold": None}
         threshold = pooled[min(int(len(pooled) * self.ratio), len(pooled) - 1)]
-        counts = [
-            rails.fit(g.size, sum(s > threshold for s in g.scores or [])) if g.prunable else g.size for g in groups
-        ]
+        counts = []
+        for i, g in enumerate(groups):
+            above = sum(s > threshold for s in g.scores or [])
+            empty = above == 0 and i in removable
+            counts.append(g.size if not g.prunable else 0 if empty else rails.fit(g.size, above))
         return counts, {"threshold": threshold}
 
 
 @register_selector
 @dataclass(frozen=True)
 class WidthsSelector(Selector):
-    """Given kept counts, one per traced group in order (e.g. another plan's widths); rails apply."""
+    """Given kept counts, one per traced group in order (e.g. another plan's widths); rails apply.
+    A width of 0 removes a removable group's branch (elsewhere the rails raise it to their floor)."""
 
     widths: tuple[int, ...]
     kind: ClassVar[str] = "widths"
@@ -100,10 +115,15 @@ class WidthsSelector(Selector):
     def params(self) -> dict[str, Any]:
         return {"widths": list(self.widths)}
 
-    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
+    def kept_counts(
+        self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
+    ) -> tuple[list[int], dict[str, Any]]:
         if len(self.widths) != len(groups):
             raise SlimError(f"{len(self.widths)} widths given for a model with {len(groups)} channel groups")
-        return [rails.fit(g.size, w) if g.prunable else g.size for g, w in zip(groups, self.widths, strict=True)], {}
+        return [
+            g.size if not g.prunable else 0 if w == 0 and i in removable else rails.fit(g.size, w)
+            for i, (g, w) in enumerate(zip(groups, self.widths, strict=True))
+        ], {}
 
 
 class OutOfReach(SlimError):
@@ -158,8 +178,10 @@ class LatencySelector(Selector):
     def budget_ms(self, table: LatencyTable) -> float:
         return float(self.latency_ms) if self.latency_ms is not None else table.full_ms / float(self.speedup or 1)
 
-    def kept_counts(self, groups: Sequence[Group], rails: Rails) -> tuple[list[int], dict[str, Any]]:
-        table = LatencyTable.from_dict(self.table)
+    def kept_counts(
+        self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
+    ) -> tuple[list[int], dict[str, Any]]:
+        table = LatencyTable.from_dict(self.table)  # never empties a group: the table has no cost of removing one
         table.check_model([g.size for g in groups], [g.prunable for g in groups])
         budget = self.budget_ms(table) * (1 + 1e-9)  # float noise: a model predicted at the budget fits it
         options: dict[int, list[int]] = {}
@@ -248,15 +270,17 @@ def _fill(
 
 @dataclass(frozen=True)
 class Selection:
-    """What to prune: a selector, the rails it respects and the layers it must leave whole (``keep``: module
-    names, shell wildcards allowed). Plain data, recorded in the plan."""
+    """What to prune: a selector, the rails it respects, the layers it must leave whole (``keep``: module
+    names, shell wildcards allowed) and whether a group inside a removable residual branch may be emptied,
+    removing the branch (``depth``). Plain data, recorded in the plan."""
 
     selector: Selector
     rails: Rails = field(default_factory=Rails)
     keep: tuple[str, ...] = ()
+    depth: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"selector": self.selector.to_dict(), "rails": self.rails.to_dict()}
+        d: dict[str, Any] = {"selector": self.selector.to_dict(), "rails": self.rails.to_dict(), "depth": self.depth}
         if self.keep:  # written only when it says something: older plans and cache keys stay as they were
             d["keep"] = list(self.keep)
         return d
@@ -265,6 +289,9 @@ class Selection:
     def from_dict(cls, d: dict[str, Any]) -> Selection:
         if not isinstance(d, dict) or not isinstance(d.get("selector"), dict):
             raise SlimError("a selection must be a mapping with a 'selector' mapping")
+        depth = d.get("depth", False)  # recorded before depth existed: no branch was removed
+        if not isinstance(depth, bool):
+            raise SlimError(f"a selection's depth must be true or false, got {depth!r}")
         params = dict(d["selector"])
         kind = params.pop("kind", None)
         if kind not in SELECTORS:
@@ -276,19 +303,19 @@ class Selection:
         keep = d.get("keep", [])
         if not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
             raise SlimError(f"a selection's keep must be a list of layer names, got {keep!r:.80}")
-        return cls(selector, Rails.from_dict(d.get("rails", {})), tuple(keep))
+        return cls(selector, Rails.from_dict(d.get("rails", {})), tuple(keep), depth)
 
     def describe(self) -> str:
         r = self.rails
         kept = f"; keep {', '.join(self.keep)}" if self.keep else ""
         return (
             f"{self.selector.describe()}; rails: min_channels={r.min_channels} max_prune={r.max_prune} "
-            f"round_to={r.round_to}{kept}"
+            f"round_to={r.round_to}{kept}; depth {'on' if self.depth else 'off'}"
         )
 
 
-def by_ratio(ratio: float, rails: Rails | None = None, keep: Sequence[str] = ()) -> Selection:
-    return Selection(RatioSelector(ratio), rails or Rails(), tuple(keep))
+def by_ratio(ratio: float, rails: Rails | None = None, keep: Sequence[str] = (), depth: bool = True) -> Selection:
+    return Selection(RatioSelector(ratio), rails or Rails(), tuple(keep), depth)
 
 
 def kept_whole(groups: Sequence[Group], patterns: Sequence[str]) -> dict[int, str]:
@@ -327,9 +354,10 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
     held = kept_whole(plan.groups, selection.keep)
     for i, pattern in held.items():
         plan.groups[i].reasons.append(f"kept whole: keep {pattern!r}")
-    counts, facts = selection.selector.kept_counts(plan.groups, selection.rails)
+    removable = {i for b in plan.branches if b.removable for i in b.groups} if selection.depth else set()
+    counts, facts = selection.selector.kept_counts(plan.groups, selection.rails, removable)
     if held:
-        plan.notes.append(_keep_cost(selection, traced.groups, counts, held))
+        plan.notes.append(_keep_cost(selection, traced.groups, counts, held, removable))
     plan.threshold = facts.get("threshold")
     if "predicted_ms" in facts:
         plan.notes.append(
@@ -342,21 +370,24 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
     weak = gamma_warning(plan.groups)
     if weak is not None:
         plan.notes.append(f"warning: {weak}")
-    for g, k in zip(plan.groups, counts, strict=True):
+    for i, (g, k) in enumerate(zip(plan.groups, counts, strict=True)):
         if not g.prunable:
             g.keep = list(range(g.size))
             continue
         scores = g.scores or []
-        order = sorted(range(g.size), key=lambda i: (-scores[i], i))
-        g.keep = sorted(order[: min(g.size, max(1, k))])
+        order = sorted(range(g.size), key=lambda c: (-scores[c], c))
+        g.keep = [] if k == 0 and i in removable else sorted(order[: min(g.size, max(1, k))])
+    _settle_branches(plan, selection.rails)
     _add_fold_biases(plan)
     return plan
 
 
-def _keep_cost(selection: Selection, traced: Sequence[Group], counts: list[int], held: dict[int, str]) -> str:
+def _keep_cost(
+    selection: Selection, traced: Sequence[Group], counts: list[int], held: dict[int, str], removable: Collection[int]
+) -> str:
     """What ``keep`` cost: the channels the same selection would have removed from the kept layers, and how
     many more it removed elsewhere instead."""
-    free, _ = selection.selector.kept_counts([copy_group(g) for g in traced], selection.rails)
+    free, _ = selection.selector.kept_counts([copy_group(g) for g in traced], selection.rails, removable)
     spared = sum(traced[i].size - free[i] for i in held)
     elsewhere = sum(free[i] - counts[i] for i in range(len(traced)) if i not in held)
     kept = sum(traced[i].size for i in held)
@@ -365,6 +396,25 @@ def _keep_cost(selection: Selection, traced: Sequence[Group], counts: list[int],
         f"kept whole; without it this selection would have removed {spared} of them"
         + (f", and it removes {elsewhere} more channels elsewhere instead" if elsewhere > 0 else "")
     )
+
+
+def _settle_branches(plan: PruningPlan, rails: Rails) -> None:
+    """A removed branch's other groups stay whole: their layers go with it, and cutting their channels
+    would change the constant it is replaced by. Of two branches joined by one add only the first
+    goes, so that the add still depends on the input."""
+    joins: set[str] = set()
+    for b in plan.removed_branches():
+        if b.node in joins:
+            for i in b.groups:
+                g = plan.groups[i]
+                if not g.keep:
+                    order = sorted(range(g.size), key=lambda k: (-(g.scores or [])[k], k))
+                    g.keep = sorted(order[: rails.fit(g.size, 0)])
+            continue
+        joins.add(b.node)
+        for i in b.groups:
+            if plan.groups[i].keep:
+                plan.groups[i].keep = list(range(plan.groups[i].size))
 
 
 def _add_fold_biases(plan: PruningPlan) -> None:
@@ -377,7 +427,7 @@ def _add_fold_biases(plan: PruningPlan) -> None:
             if m.role == "out" and m.dim == 0:
                 outputs.setdefault(m.tensor, []).append((g, m))
     for g in plan.groups:
-        if not g.pruned:
+        if not g.pruned or not g.keep:  # an emptied group's branch is removed whole: nothing to fold
             continue
         for m in g.members:
             bias = f"{m.module}.bias"
@@ -399,15 +449,18 @@ def plan_pruning(
     fold: bool = True,
     exact: bool = True,
     score: ScoreFn = max_abs_gamma,
+    depth: bool = True,
 ) -> PruningPlan:
     """Trace ``model``, score its groups with ``score`` and choose the channels to keep; the model is
     not modified.
 
     ``ratio`` is the fraction of prunable channels below the global |gamma| threshold (the
-    paper's percent), with the rails given here; or a whole ``Selection`` (then the rails come
-    from it).
+    paper's percent), with the rails and ``depth`` given here; or a whole ``Selection`` (then they
+    come from it). ``depth``: a residual branch all of whose channels in one group fall below the
+    threshold is removed, instead of kept at the rails' floor.
     """
-    selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, Rails(min_channels, max_prune, round_to))
+    rails = Rails(min_channels, max_prune, round_to)
+    selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, rails, depth=depth)
     return select(trace_groups(model, example_input, fold=fold, exact=exact, score=score), selection)
 
 
@@ -418,6 +471,7 @@ def select_channels(
     min_channels: int = DEFAULT_MIN_CHANNELS,
     max_prune: float = DEFAULT_MAX_PRUNE,
     round_to: int = DEFAULT_ROUND_TO,
+    depth: bool = True,
 ) -> PruningPlan:
-    """The global threshold at ``ratio`` and the rails on a traced plan; a new plan."""
-    return select(traced, by_ratio(ratio, Rails(min_channels, max_prune, round_to)))
+    """The global threshold at ``ratio``, the rails and ``depth`` on a traced plan; a new plan."""
+    return select(traced, by_ratio(ratio, Rails(min_channels, max_prune, round_to), depth=depth))

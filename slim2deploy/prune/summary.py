@@ -1,4 +1,5 @@
-"""The plan summary: per-layer channels, params and MACs before -> after, totals, unprunable groups."""
+"""The plan summary: per-layer channels, params and MACs before -> after, totals, removed residual
+branches, unprunable groups and residual joins that cannot be removed."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ def summarize(plan: PruningPlan, model: nn.Module, example_input: torch.Tensor, 
     width = max([len(c.name) for c in before] + [5])
     lines = [f"{'layer':<{width}}  {'channels':>11}  {'params':>21}  {'MACs':>25}"]
     for c in before:
-        a = after[c.name]
+        a = after.get(c.name)
+        if a is None:  # replaced with its removed branch
+            lines.append(
+                f"{c.name:<{width}}  {c.out_shape[0]:>5}->{'-':<5}  {c.params:>10,}->{0:<10,}  {c.macs:>12,}->{0:<12,}"
+            )
+            continue
         lines.append(
             f"{c.name:<{width}}  {c.out_shape[0]:>5}->{a.out_shape[0]:<5}  "
             f"{c.params:>10,}->{a.params:<10,}  {c.macs:>12,}->{a.macs:<12,}"
@@ -41,13 +47,34 @@ def summarize(plan: PruningPlan, model: nn.Module, example_input: torch.Tensor, 
     )
     if plan.new_biases:
         lines.append(f"removed channels' constant output folded into {len(plan.new_biases)} new bias(es)")
+    lines += removed_lines(plan, len({c.name for c in before}), len(after))
     lines += coverage_lines(plan)
     lines += [n if n.startswith("warning:") else f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
+def removed_lines(plan: PruningPlan, layers_before: int, layers_after: int) -> list[str]:
+    """How many residual blocks the plan removes, and each one's join, groups and replaced layers."""
+    gone = plan.removed_branches()
+    removable = [b for b in plan.branches if b.removable]
+    if not removable:
+        return []
+    lines = [
+        f"blocks removed: {len(gone)} of {len(removable)} removable residual branches; "
+        f"conv/linear layers {layers_before} -> {layers_after}"
+    ]
+    for b in gone:
+        emptied = [i for i in b.groups if not plan.groups[i].keep]
+        lines.append(
+            f"  {b.join}: group(s) {', '.join(map(str, emptied))} emptied; constant from {', '.join(b.const)}; "
+            f"{len(b.skip)} more layer(s) skipped"
+        )
+    return lines
+
+
 def coverage_lines(plan: PruningPlan) -> list[str]:
-    """The share of BatchNorm-scored channels that are prunable, and each unprunable group with its reason."""
+    """The share of BatchNorm-scored channels that are prunable, each unprunable group with its reason,
+    the removable residual branches, and each residual join that cannot be removed with its reason."""
     prunable, scored = plan.coverage()
     share = f"{100.0 * prunable / scored:.1f}%" if scored else "n/a"
     lines = [f"prunable: {prunable} of {scored} BatchNorm-scored channels ({share})"]
@@ -65,6 +92,26 @@ def coverage_lines(plan: PruningPlan) -> list[str]:
         )
         for g in approx:
             lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {g.approximate[0]}")
+    return lines + branch_lines(plan)
+
+
+def branch_lines(plan: PruningPlan, shown: int = 12) -> list[str]:
+    """Removable residual branches (depth) and the joins that cannot be removed, with why."""
+    if not plan.branches:
+        return []
+    removable = [b for b in plan.branches if b.removable]
+    fixed = [b for b in plan.branches if not b.removable]
+    lines = [f"removable residual branches: {len(removable)} of {len(plan.branches)} joins"]
+    for b in removable[:shown]:
+        lines.append(f"  {b.join}: groups {', '.join(map(str, b.groups))}; {len(b.modules())} layer(s) to replace")
+    if len(removable) > shown:
+        lines.append(f"  ... and {len(removable) - shown} more")
+    if fixed:
+        lines.append(f"not removable ({len(fixed)}):")
+        for b in fixed[:shown]:
+            lines.append(f"  {b.join}: {b.reason}")
+        if len(fixed) > shown:
+            lines.append(f"  ... and {len(fixed) - shown} more")
     return lines
 
 

@@ -13,6 +13,9 @@ plan marks an input as ``fold`` (a linear, or a convolution without padding, rea
 the planner proved constant), that constant times the removed weights is added to the layer's
 bias. The constants are measured by running the copy once with the removed channels' gammas
 set to zero; layers without a bias get one (listed in ``plan.new_biases``).
+
+Depth. A group that keeps no channel is not cut: the residual branch it lies in is removed as a
+whole after the channel cut (``prune.depth``), its constant output computed on the slim model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.depth import check_branches_fit, remove_branches
 from slim2deploy.prune.plan import Group, Member, PruningPlan
 from slim2deploy.prune.verify import verify_slim
 
@@ -38,7 +42,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, verify: bool = True) -> n
     naming the group, so a model that does not run is never returned.
     """
     slim = cut(model, plan)
-    if verify and any(g.pruned for g in plan.groups):
+    if verify and any(g.pruned for g in plan.groups):  # an emptied group is pruned too
         verify_slim(model, slim, plan, cut)
     return slim
 
@@ -47,9 +51,15 @@ def cut(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """The surgery itself, without the check that the result runs."""
     slim = copy.deepcopy(model)
     check_fits(slim, plan)
-    pruned = [g for g in plan.groups if g.pruned]
-    if not pruned:
-        return slim
+    # a group that keeps nothing goes with its branch, after the channels of the others are cut
+    pruned = [g for g in plan.groups if g.pruned and g.keep]
+    if pruned:
+        _cut_channels(slim, plan, pruned)
+    remove_branches(slim, plan)
+    return slim
+
+
+def _cut_channels(slim: nn.Module, plan: PruningPlan, pruned: list[Group]) -> None:
     for fqn in plan.new_biases:
         module = slim.get_submodule(fqn.rpartition(".")[0])
         w: torch.Tensor = module.weight  # type: ignore[assignment]
@@ -83,7 +93,6 @@ def cut(model: nn.Module, plan: PruningPlan) -> nn.Module:
         _lower_count(slim, fqn, index, n)
     for module in touched.values():
         update_sizes(module)
-    return slim
 
 
 def check_fits(model: nn.Module, plan: PruningPlan) -> None:
@@ -109,6 +118,7 @@ def check_fits(model: nn.Module, plan: PruningPlan) -> None:
                     f"{'' if m.dim < 0 else f'[{m.dim}]'} to hold a channel count, and it does not; "
                     "apply a plan to the architecture it was made for"
                 )
+    check_branches_fit(model, plan)
 
 
 def _count_holder(model: nn.Module, m: Member) -> Any:

@@ -2,7 +2,9 @@
 
 The slim model runs a random batch of the plan's input shape next to the original; their output
 shapes must agree, and where every removed channel is all-zero in the original (its BatchNorms
-have gamma = beta = 0, the case the planner's exactness rules are about), so must the outputs.
+have gamma = beta = 0, the case the planner's exactness rules are about), so must the outputs. A
+removed residual branch counts as all-zero when the gammas its constant was computed with are 0
+in the original (beta need not be: the constant includes it).
 On a failure, each pruned group is cut alone to find the one to blame, and one ``SlimError``
 names it.
 """
@@ -80,9 +82,18 @@ def _compare(want: list[torch.Tensor], slim: nn.Module, x: torch.Tensor, exact: 
 
 
 def _all_zero_removed(model: nn.Module, plan: PruningPlan) -> bool:
-    """Every removed channel has gamma = beta = 0 in each of its group's BatchNorms."""
+    """Every removed channel has gamma = beta = 0 in each of its group's BatchNorms, and every removed
+    branch's constant was computed with gammas that are 0 already."""
+    for b in plan.removed_branches():
+        for gi, names in zip(b.groups, b.gammas, strict=True):
+            if plan.groups[gi].keep:
+                continue
+            for fqn in names:
+                gamma = model.get_parameter(fqn)
+                if gamma.is_meta or gamma.any():
+                    return False
     for g in plan.groups:
-        if not g.pruned:
+        if not g.pruned or not g.keep:
             continue
         bns = [m for m in g.members if m.role == "bn"]
         if not bns or g.approximate:  # a layer reads the group raw: its outputs change by design

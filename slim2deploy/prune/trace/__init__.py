@@ -22,6 +22,7 @@ from slim2deploy.model.sparsity import bn_layers
 from slim2deploy.prune.plan import PruningPlan, copy_group
 from slim2deploy.prune.score import ScoreFn, max_abs_gamma
 from slim2deploy.prune.trace import ops_elementwise, ops_layers, ops_shape, ops_spatial
+from slim2deploy.prune.trace.branches import find_branches
 from slim2deploy.prune.trace.registry import HANDLERS, handles
 from slim2deploy.prune.trace.state import TraceState
 from slim2deploy.prune.trace.walk import export, walk
@@ -45,6 +46,7 @@ def trace_groups(
     groups that some layer reads raw (e.g. a pre-activation ResNet's residual stream, read by the
     next stage's shortcut convolution): their BatchNorms' gamma still ranks them, but cutting
     them changes the outputs, so fine-tuning has to recover it (``Group.approximate`` says where).
+    The residual joins found are in ``plan.branches``: removable ones name the groups inside them.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise SlimError("example_input must be a batched tensor, e.g. torch.zeros(1, 3, 32, 32)")
@@ -52,6 +54,7 @@ def trace_groups(
     state = TraceState(model, ep, fold, exact)
     walk(state)
     groups = state.groups()
+    branches = find_branches(state, groups)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     shapes = {m.tensor: list(tensors[m.tensor].shape) for g in groups for m in g.members if m.role != "size"}
     used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
@@ -78,6 +81,7 @@ def trace_groups(
         fold=fold,
         exact=exact,
         notes=notes,
+        branches=branches,
     )
     return rescore(traced, model, score=score)
 
