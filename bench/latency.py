@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slim2deploy.base.errors import NeedsTrust, SlimError  # noqa: E402
+from slim2deploy.base.errors import NeedsTrust, SlimError, one_line  # noqa: E402
 from slim2deploy.base.files import check_outputs  # noqa: E402
+from slim2deploy.base.interrupts import TERMINATED_STATUS, Terminated, sigterm_as_interrupt  # noqa: E402
 from slim2deploy.cli.common import OnlyWhen, Parser, at_least, number, refuse_ignored_flags  # noqa: E402
 from slim2deploy.measure.benchmark import benchmark  # noqa: E402
 from slim2deploy.measure.tables import format_table, plot, write_json, write_markdown  # noqa: E402
@@ -133,62 +134,71 @@ def build_parser() -> Parser:
     return p
 
 
+def run(args: argparse.Namespace, argv: list[str], parser: Parser) -> None:
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    refuse_ignored_flags(parser, argv, args, ONLY_WHEN)
+    if args.iters < args.rounds:
+        raise SlimError(f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds")
+    inputs = [*args.models, *([args.baseline] if args.baseline else [])]
+    distinct = {Path(m).resolve() for m in inputs}  # a baseline given as a model too is timed once
+    if args.ort_spinning and len(distinct) > 1:
+        raise SlimError(
+            f"--ort-spinning times one model alone, not {len(distinct)}: timed together, the spinning thread "
+            "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
+            "give one model, or drop --ort-spinning"
+        )
+    check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
+    result = benchmark(
+        args.models,
+        baseline=args.baseline,
+        batches=args.batch,
+        warmup_s=args.warmup_s,
+        iterations=args.iters,
+        rounds=args.rounds,
+        input_sets=args.input_sets,
+        measure_rss=not args.no_rss,
+        log=log,
+        device=args.backend,
+        threads=args.threads,
+        opt_level=args.ort_opt_level,
+        spinning=args.ort_spinning,
+        precision=args.precision,
+        mode=args.torch_mode,
+        compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph,
+    )
+    print(format_table(result), end="")
+    for path, write in ((args.json, write_json), (args.markdown, write_markdown), (args.plot, plot)):
+        if path is not None:
+            write(result, path)
+            print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        refuse_ignored_flags(parser, argv, args, ONLY_WHEN)
-        if args.iters < args.rounds:
-            raise SlimError(
-                f"--iters {args.iters} cannot be split into --rounds {args.rounds}; use --iters >= --rounds"
-            )
-        inputs = [*args.models, *([args.baseline] if args.baseline else [])]
-        distinct = {Path(m).resolve() for m in inputs}  # a baseline given as a model too is timed once
-        if args.ort_spinning and len(distinct) > 1:
-            raise SlimError(
-                f"--ort-spinning times one model alone, not {len(distinct)}: timed together, the spinning thread "
-                "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
-                "give one model, or drop --ort-spinning"
-            )
-        check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
-        result = benchmark(
-            args.models,
-            baseline=args.baseline,
-            batches=args.batch,
-            warmup_s=args.warmup_s,
-            iterations=args.iters,
-            rounds=args.rounds,
-            input_sets=args.input_sets,
-            measure_rss=not args.no_rss,
-            log=log,
-            device=args.backend,
-            threads=args.threads,
-            opt_level=args.ort_opt_level,
-            spinning=args.ort_spinning,
-            precision=args.precision,
-            mode=args.torch_mode,
-            compile_mode=args.compile_mode,
-            channels_last=args.channels_last,
-            cuda_graph=args.cuda_graph,
-        )
-        print(format_table(result), end="")
-        for path, write in ((args.json, write_json), (args.markdown, write_markdown), (args.plot, plot)):
-            if path is not None:
-                write(result, path)
-                print(f"wrote {path}")
+        with sigterm_as_interrupt():  # kill cleans up as Ctrl-C does: sessions, temporary files
+            run(args, argv, parser)
     except NeedsTrust as exc:
         print(
-            f"error: {exc.path} contains {exc.what}, which run code when loaded; latency.py does not unpickle. "
-            f"Export it to ONNX with 'slim2deploy export --model {exc.path} --trust-pickle --input-shape C,H,W "
-            "--out model.onnx' and time the .onnx",
+            f"error: {one_line(exc.path)} contains {exc.what}, which run code when loaded; latency.py does not "
+            f"unpickle. Export it to ONNX with 'slim2deploy export --model {one_line(exc.path)} --trust-pickle "
+            "--input-shape C,H,W --out model.onnx' and time the .onnx",
             file=sys.stderr,
         )
         return 2
     except SlimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return TERMINATED_STATUS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

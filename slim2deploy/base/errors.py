@@ -27,3 +27,12 @@ class NeedsTrust(SlimError):
             "the file's origin, pass --trust-pickle (trust_pickle=True); better, save a state_dict and create "
             "a slim2deploy checkpoint from it"
         )
+
+
+# every control character as an escape: a file name holding a newline must not split an error into two lines
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line: control characters (a newline in a file name, say) are shown escaped."""
+    return text.translate(_ESCAPES)

@@ -12,7 +12,8 @@ import importlib
 import importlib.util
 import sys
 
-from slim2deploy.base.errors import SlimError
+from slim2deploy.base.errors import SlimError, one_line
+from slim2deploy.base.interrupts import TERMINATED_STATUS, Terminated, sigterm_as_interrupt
 from slim2deploy.cli.common import HelpFormatter, Parser, refuse_ignored_flags
 
 # Order is the order shown in --help: the pipeline, first to last.
@@ -62,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        # the subcommand's own flags follow its name (the top level takes only --help and --version)
-        refuse_ignored_flags(args._parser, argv[argv.index(args.command) + 1 :], args, args._only_when)
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():  # kill cleans up as Ctrl-C does: temporary files, locks, workers
+            # the subcommand's own flags follow its name (the top level takes only --help and --version)
+            refuse_ignored_flags(args._parser, argv[argv.index(args.command) + 1 :], args, args._only_when)
+            return int(args._run(args) or 0)
     except SlimError as exc:
-        print(f"slim2deploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"slim2deploy {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return TERMINATED_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
