@@ -26,7 +26,7 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
 from slim2deploy.model.checkpoint import tensor_fault
 from slim2deploy.model.data import batches
-from slim2deploy.model.folder import AnyData, FolderData
+from slim2deploy.model.folder import AnyData, FolderData, check_classes_to_learn
 
 SCHEDULES = ("step", "cosine")
 
@@ -374,6 +374,7 @@ def fit(
             "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
             "and is noise elsewhere); use --batch-size 2 or more"
         )
+    check_classes_to_learn(train_ds, train_ds.name.removeprefix("npz:").removeprefix("folder:") or "the data")
     if len(train_ds) < cfg.batch_size * info.world:
         raise SlimError(
             f"{len(train_ds)} training images are fewer than one global batch "
