@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from slim2deploy.model.checkpoint import load_checkpoint
     from slim2deploy.pipeline.train import data_options
 
-    check_outputs({"--out": args.out}, inputs=[args.data])
+    check_outputs({"--out": args.out}, inputs=[args.data, args.model])
     ckpt = load_checkpoint(args.model) if args.model else None
     meta = ckpt.meta if ckpt else {}
     stats = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta else None

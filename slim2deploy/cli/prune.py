@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_outputs(
         {"--out": args.out, "--plan-json": args.plan_json, "--save-table": args.save_table, "--cache": args.cache},
-        inputs=[args.model],
+        inputs=[args.model, args.table],
         folders=["--cache"],
     )
     selection = selection_from_args(args)

@@ -19,7 +19,6 @@ output folder is locked for the whole run, so two builds never mix their files i
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -34,7 +33,8 @@ import torch
 from slim2deploy.base.cache import Shape, StageCache, exclusive_dir, stage_key
 from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text, sha256_file
+from slim2deploy.base.files import atomic_write_text, created_folder, sha256_file
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.calib import load_calib
 from slim2deploy.deploy.engine import ENGINE_POLICIES, EngineOptions, compile_engine, resolve_engine_policy
 from slim2deploy.deploy.export import DEFAULT_OPSET
@@ -45,7 +45,7 @@ from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.measure.targets import TIMING_METHOD
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
-from slim2deploy.model.folder import AnyData, check_fits, load_data, sample_arrays
+from slim2deploy.model.folder import AnyData, check_classes_to_learn, check_fits, load_data, sample_arrays
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import check_memory_for, count_macs, count_params
 from slim2deploy.pipeline.budget import Budget, check_table, prune_to_budget
@@ -161,13 +161,6 @@ def check_out(out: Path) -> None:
         raise SlimError(f"cannot write to {parent}; choose another --out")
 
 
-def make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SlimError(f"cannot create the output folder {out}: {exc.strerror}") from None
-
-
 @dataclass
 class Inputs:
     """What every stage reads, loaded and checked before the first stage runs."""
@@ -228,6 +221,7 @@ def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData:
     size = opts.pop("image_size")
     train_ds = load_data(cfg.data, "train", cfg.data_dir, size, ckpt.stats, **opts).subset(cfg.limit_train)
     check_fits(train_ds, ckpt.input_shape, ckpt.num_classes, cfg.data, ckpt.meta.get("classes"))
+    check_classes_to_learn(train_ds, cfg.data)
     batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has
     need = math.prod(ckpt.input_shape) * 4 * batch  # float32
     check_memory(need, "--batch-size", cfg.batch_size, f"one batch of {batch:,} float32 images")
@@ -438,7 +432,7 @@ def bench_stage(run: Run, baseline: Path, slim: Path) -> dict[str, Any] | None:
     settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
     key = stage_key(sha256_file(baseline), sha256_file(slim), settings)
     run.cached(6, "bench", key, files, work, "unchanged, skipped (the numbers below are from the previous run)")
-    comparison = Comparison.from_dict(json.loads(files[0].read_text()))
+    comparison = Comparison.from_dict(read_json(files[0], "benchmark result"))
     run.log(format_table(comparison))
     run.result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in files})
     return comparison.to_dict()
@@ -475,8 +469,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     check_out(out)
     inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before --out is touched
     check_batches(cfg, inputs)
-    make_out(out)
-    with exclusive_dir(out, "build"):
+    with created_folder(out), exclusive_dir(out, "build"):  # a failed build leaves no empty --out behind
         run = Run(cfg, out, inputs, StageCache(out / "build.json", log), log, BuildResult(out))
         slim_path = finetune_stage(run, prune_stage(run))
         slim_model = model_from_checkpoint(load_checkpoint(slim_path))
