@@ -8,11 +8,9 @@ traceback reaches the terminal and that a full disk is reported cleanly.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -25,22 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_refused, run_cli
+from conftest import snapshot as _snapshot
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.cli import main
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.zoo import create_model
 
-ERROR_LINE = re.compile(r"^([\w.]+( \w+)?: )?error: ")
 KWARGS = {"in_channels": 1, "num_classes": 3, "width": 0.125}
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (temporary ones included) with its content hash."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
-    }
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -177,32 +168,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save(model.eval(), d / "pickled.pt")
     f["root"] = d
     return f
-
-
-@pytest.fixture
-def cli(files, capsys):
-    """Run ``slim2deploy ARGS`` in this process; returns (status, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse refuses a flag
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
-
-
-def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, str], root: Path) -> str:
-    status, _, err = result
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert status == 2, err
-    assert len(errors) == 1 and ERROR_LINE.match(errors[0]), err
-    assert "Traceback" not in err
-    assert needle in errors[0], errors[0]
-    assert _snapshot(root) == before, "a refused command changed files"
-    return errors[0]
 
 
 OUTPUT_CASES = {
