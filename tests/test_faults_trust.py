@@ -470,19 +470,22 @@ def test_prune_never_writes_over_its_table(flag, work, cli):
 
 
 INPUT_CASES = {
-    "calib --out is the --model": (["calib", "--data", "{npz}", "--n", "8", "--model", "{ckpt}", "--out", "{ckpt}"],
+    "calib --out is the --model": (["calib", "--data", "{npz}", "--n", "8", "--model", "{run}", "--out", "{run}"],
                                    "--out"),
     "train --out is the --weights": ([*TRAIN, "--data", "{npz}", "--weights", "{sd}", "--out", "{sd}"], "--out"),
-    "train --history is the --resume": ([*TRAIN, "--data", "{npz}", "--resume", "{ckpt}", "--out", "{root}/t.pt",
-                                         "--epochs", "2", "--history", "{ckpt}"], "--history"),
+    "train --history is the --resume": ([*TRAIN, "--data", "{npz}", "--resume", "{run}", "--out", "{root}/t.pt",
+                                         "--epochs", "2", "--history", "{run}"], "--history"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(INPUT_CASES))
 def test_an_input_file_named_as_an_output_is_refused(case, work, cli):
+    """The checkpoint is a real run (it can be resumed), named .npz so that calib would write its set there."""
     template, flag = INPUT_CASES[case]
+    run = work["root"] / "run.npz"
+    assert cli(*TRAIN, "--data", work["npz"], "--out", run)[0] == 0
     before = snapshot(work["root"])
-    line = assert_refused(cli(*[a.format(**work) for a in template]), "is also an input", before, work["root"])
+    line = assert_refused(cli(*[a.format(**work, run=run) for a in template]), "is also an input", before, work["root"])
     assert f"error: {flag} " in line
 
 
@@ -555,6 +558,21 @@ def test_a_tensor_expanded_to_1e11_elements_is_refused_without_allocating(work, 
     line = assert_refused(cli("inspect", ckpt), "repeats 1 stored values over 100,000,000,000 elements", before,
                           work["root"])  # fmt: skip
     assert "--trust-pickle" not in line
+
+
+@pytest.mark.parametrize("command", ["inspect", "import --weights"])
+def test_a_torch_file_larger_than_the_memory_is_refused_before_it_is_read(command, work, cli, monkeypatch):
+    """torch files are stored uncompressed: one larger than the machine (here made smaller than the file)
+    cannot be loaded."""
+    import slim2deploy.base.environment as environment
+
+    monkeypatch.setattr(environment, "physical_memory", lambda: work["sd"].stat().st_size // 2)
+    before = snapshot(work["root"])
+    if command == "inspect":
+        args = ["inspect", work["ckpt"]]
+    else:
+        args = [*IMPORT, "--weights", work["sd"], "--out", work["root"] / "i.pt"]
+    assert_refused(cli(*args), "loading it needs at least", before, work["root"])
 
 
 @pytest.fixture

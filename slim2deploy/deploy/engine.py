@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from slim2deploy.base.environment import tensorrt_version
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_bytes, atomic_write_text, sha256_file
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.cuda import cuda_device_info
 from slim2deploy.deploy.export import PRECISION_KEY
 from slim2deploy.deploy.onnx_info import onnx_costs
@@ -137,11 +138,7 @@ def read_manifest(engine_path: str | os.PathLike[str]) -> EngineManifest | None:
     path = manifest_path(engine_path)
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimError(f"{path} is not valid JSON ({exc}); rebuild the engine") from exc
-    return EngineManifest.from_dict(data)
+    return EngineManifest.from_dict(read_json(path, "engine manifest", advice="rebuild the engine"))
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -85,7 +85,9 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
 # ONNX Runtime's peak host memory at batch N, estimated from the graph before any session exists:
 #   ORT_FLOOR_BYTES + WEIGHT_FACTOR x file bytes + ACTIVATION_FACTOR x live activations of one sample x N.
 # ``bench/onnx_memory.py`` prints it against the peak RSS of a fresh process running the model (CPU EP,
-# ONNX Runtime 1.32, 2 cores): over 6 models x 3 batches the peak was 36-95% of the estimate, never above.
+# ONNX Runtime 1.32, 2 cores): over 6 models (vgg11, resnet20, densenet40, mobilenet_v2, resnet18,
+# efficientnet_b0) at batches 1, 32 and 256 the peak was 40-78% of the estimate, never above it; densenet40
+# at 512 and 1024 images, 79-80%.
 # The floor is Python + numpy + onnxruntime loaded (62 MiB measured) and a session's own structures; the
 # weights are read, parsed and held (pre-packed copies too); the activations are the most tensors alive at
 # once in graph order, which the runtime's planner and arena round up (measured up to 3.3 times for a

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.environment import library_versions as library_versions_of
 from slim2deploy.base.errors import NeedsTrust, SlimError
 from slim2deploy.base.files import atomic_path, check_input_file
@@ -288,6 +289,8 @@ def load_torch_file(
     truncated file) is reported as damaged, with or without the opt-in.
     """
     check_input_file(path, what)
+    # torch files are stored uncompressed: the file's size is about what loading it takes
+    check_memory(path.stat().st_size, f"the {what}", path, "loading it", advice="it cannot be read on this machine")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
