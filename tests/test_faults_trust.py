@@ -628,6 +628,41 @@ def test_an_error_in_a_data_loading_worker_process_is_its_own_one_line(tmp_path,
     assert "DataLoader worker" not in line
 
 
+@pytest.fixture
+def bounded_wait():
+    """A reader blocked on a FIFO is interrupted after a minute instead of hanging the test run."""
+
+    def expire(signum, frame):
+        raise TimeoutError("the command waited on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+FIFO_INPUTS = {
+    "checkpoint": (["inspect", "{fifo}"], "fifo.pt"),
+    "weights": ([*IMPORT, "--weights", "{fifo}", "--out", "{root}/i.pt"], "fifo.pt"),
+    "data": ([*TRAIN, "--data", "{fifo}", "--out", "{root}/t.pt"], "fifo.npz"),
+    "calibration set": (["export", "--model", "{ckpt}", "--out", "{root}/q.onnx", "--precision", "int8", "--calib",
+                         "{fifo}"], "fifo.npz"),
+    "latency table": (["prune", "--model", "{ckpt}", "--speedup", "1.2", "--profile-batch", "2", "--table", "{fifo}",
+                       "--out", "{root}/s.pt"], "fifo.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(FIFO_INPUTS))
+def test_an_input_file_that_is_a_fifo_is_refused_not_waited_on(case, work, cli, bounded_wait):
+    template, name = FIFO_INPUTS[case]
+    fifo = work["root"] / name
+    os.mkfifo(fifo)
+    before = snapshot(work["root"])
+    args = [a.format(**work, fifo=fifo) for a in template]
+    assert_refused(cli(*args), f"{fifo} is a FIFO (named pipe), not a regular file", before, work["root"])
+
+
 # ---- 8. estimates and bounds ----------------------------------------------------------------------------------
 
 

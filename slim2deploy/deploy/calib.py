@@ -93,7 +93,7 @@ def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None
     """Read ``x`` from a calibration set and check it fits a model taking ``input_shape`` = (C, H, W)
     whose inputs are normalised with ``stats`` = (mean, std)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SlimError(f"no such calibration set: {path} (make one with 'slim2deploy calib')")
     arrays = read_npz(path, "calibration set")
     if "x" not in arrays:

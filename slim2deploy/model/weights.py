@@ -84,9 +84,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (see the module docstring); never runs code without ``trust_pickle``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlimError(f"no such weights file: {path}")
+    path = check_input_file(path, "weights file")
     if _is_safetensors(path):
         try:
             from safetensors.torch import load_file
@@ -111,7 +109,6 @@ def _is_safetensors(path: Path) -> bool:
     fits the file, then the JSON header's ``{``, as the format defines (a torch file starts otherwise)."""
     if path.suffix.lower() == ".safetensors":
         return True
-    check_input_file(path, "weights file")
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
