@@ -349,6 +349,22 @@ def train_one_epoch(
     return loss_sum / max(seen, 1), correct / max(seen, 1), lr
 
 
+def check_trainable(model: nn.Module, train_ds: AnyData, cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse, before any step, training that cannot work or means nothing: BatchNorm on batches of one
+    image, data of one class, fewer images than one global batch."""
+    if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SlimError(
+            "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
+            "and is noise elsewhere); use --batch-size 2 or more"
+        )
+    check_classes_to_learn(train_ds, train_ds.name.removeprefix("npz:").removeprefix("folder:") or "the data")
+    if len(train_ds) < cfg.batch_size * info.world:
+        raise SlimError(
+            f"{len(train_ds)} training images are fewer than one global batch "
+            f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
+        )
+
+
 def fit(
     model: nn.Module,
     train_ds: AnyData,
@@ -369,17 +385,7 @@ def fit(
     """
     cfg.validate()
     info = dist_info or DistInfo(device=pick_device("auto"))
-    if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise SlimError(
-            "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
-            "and is noise elsewhere); use --batch-size 2 or more"
-        )
-    check_classes_to_learn(train_ds, train_ds.name.removeprefix("npz:").removeprefix("folder:") or "the data")
-    if len(train_ds) < cfg.batch_size * info.world:
-        raise SlimError(
-            f"{len(train_ds)} training images are fewer than one global batch "
-            f"({cfg.batch_size} x {info.world}); lower --batch-size or use more data"
-        )
+    check_trainable(model, train_ds, cfg, info)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         make_deterministic()
