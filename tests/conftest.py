@@ -1,4 +1,7 @@
+import hashlib
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +82,76 @@ def torchrun(*args: str, procs: int = 2, timeout: int = 300) -> subprocess.Compl
     return subprocess.run(
         [*command, "-m", "slim2deploy", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+# an error line: "slim2deploy CMD: error: ...", argparse's "PROG: error: ...", or bench/latency.py's "error: ..."
+ERROR_LINE = re.compile(r"^([\w.]+( \w+)?: )?error: ")
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every entry under ``roots`` (temporary ones included; links not followed): a file's content hash, a
+    link's target, what anything else is (a folder, a FIFO); so a command that added, changed, replaced or
+    removed anything, a folder or a link included, leaves a different snapshot. Special files are never read."""
+    found = {}
+    for root in roots:
+        found[str(root)] = "exists" if os.path.lexists(root) else "missing"
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                path = Path(folder) / name
+                mode = os.lstat(path).st_mode
+                if stat.S_ISREG(mode):
+                    found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+                elif stat.S_ISLNK(mode):
+                    found[str(path)] = f"link to {os.readlink(path)}"
+                else:
+                    found[str(path)] = f"mode {stat.S_IFMT(mode):o}"
+    return found
+
+
+def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, str], *roots: Path) -> str:
+    """Exit status 2, exactly one error line (containing ``needle``), no traceback, nothing changed under
+    ``roots`` (``before`` is their snapshot); returns the error line."""
+    status, _, err = result
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2, err
+    assert len(errors) == 1 and ERROR_LINE.match(errors[0]), err
+    assert "Traceback" not in err
+    assert needle in errors[0], errors[0]
+    assert snapshot(*roots) == before, "a refused command changed files"
+    own = _own_flags(errors[0])
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", errors[0]))
+    assert own is None or named <= own, f"the error names flags its command does not have: {named - own}"
+    return errors[0]
+
+
+def _own_flags(line: str) -> set[str] | None:
+    """The flags of the command an error line comes from (None: the top-level parser's own line)."""
+    import argparse
+
+    from slim2deploy.cli import build_parser
+    from slim2deploy.cli.latency import build_parser as latency_parser
+
+    found = re.match(r"slim2deploy (\w+): error: ", line)
+    if found is None:
+        parser = latency_parser() if line.startswith(("error: ", "latency.py: error: ")) else None
+    else:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[found.group(1)]
+    return None if parser is None else {s for a in parser._actions for s in a.option_strings}
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``slim2deploy ARGS`` in this process (the code the command runs, without seconds of start-up);
+    returns (status, stdout, stderr)."""
+    from slim2deploy.cli import main
+
+    def run(*args: object) -> tuple[int, str, str]:
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse refuses a flag
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run

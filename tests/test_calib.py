@@ -86,7 +86,7 @@ def test_bad_calibration_sets_give_one_clear_error(tmp_path, case, expected):
 
 
 def test_check_calib_accepts_good_inputs_unchanged():
-    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     assert check_calib(x, (3, 8, 8)) is x
 
 

@@ -8,11 +8,9 @@ traceback reaches the terminal and that a full disk is reported cleanly.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -25,22 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_refused, run_cli
+from conftest import snapshot as _snapshot
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.cli import main
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.zoo import create_model
 
-ERROR_LINE = re.compile(r"^([\w.]+( \w+)?: )?error: ")
 KWARGS = {"in_channels": 1, "num_classes": 3, "width": 0.125}
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (temporary ones included) with its content hash."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
-    }
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -177,51 +168,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save(model.eval(), d / "pickled.pt")
     f["root"] = d
     return f
-
-
-@pytest.fixture
-def cli(files, capsys):
-    """Run ``slim2deploy ARGS`` in this process; returns (status, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse refuses a flag
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
-
-
-def _own_flags(line: str) -> set[str] | None:
-    """The flags of the command an error line comes from (None: the top-level parser's own line)."""
-    import argparse
-
-    from slim2deploy.cli import build_parser
-    from slim2deploy.cli.latency import build_parser as latency_parser
-
-    found = re.match(r"slim2deploy (\w+): error: ", line)
-    if found is None:
-        parser = latency_parser() if line.startswith("error: ") else None
-    else:
-        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[found.group(1)]
-    return None if parser is None else {s for a in parser._actions for s in a.option_strings}
-
-
-def assert_refused(result: tuple[int, str, str], needle: str, before: dict[str, str], root: Path) -> str:
-    status, _, err = result
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert status == 2, err
-    assert len(errors) == 1 and ERROR_LINE.match(errors[0]), err
-    assert "Traceback" not in err
-    assert needle in errors[0], errors[0]
-    assert _snapshot(root) == before, "a refused command changed files"
-    own = _own_flags(errors[0])
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", errors[0]))
-    assert own is None or named <= own, f"the error names flags its command does not have: {named - own}"
-    return errors[0]
 
 
 OUTPUT_CASES = {
@@ -914,7 +860,7 @@ def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
     )
     line = capsys.readouterr().err.strip()
     assert status == 2 and "slim2deploy export" in line and "--input-shape" in line
-    assert "pass --trust-pickle" not in line
+    assert "pass --trust-code" not in line
 
 
 def test_engine_without_tensorrt_is_a_clean_error(tmp_path, monkeypatch):

@@ -1,1 +1,2 @@
-"""Layer 0: what every stage needs: the project error, atomic file output, number formatting."""
+"""Layer 0: what every stage needs: the project error, file checks and atomic output, number formatting and the
+one JSON reader, the stage cache, the environment probe, SIGTERM handled as Ctrl-C."""

@@ -7,7 +7,9 @@ and a small ``info`` dict (numbers the stage measured). A stage is fresh when it
 same and every output still hashes to what was recorded; a missing or damaged output redoes it.
 
 The state file is only a cache: one that is unreadable or of the wrong shape (hand-edited,
-``null``, a list) is ignored with a message, and every stage runs again; a stage whose recorded
+``null``, a list, not UTF-8, nested a thousand deep) is ignored with a message, and every stage runs
+again; so is an entry naming an output that is not a plain file name (``../x``, ``/etc/x``): the
+names are used to find and delete earlier outputs, never outside the folder. A stage whose recorded
 info lacks what its reader needs (a value of the wrong type, a missing key: ``fits``) runs again. A lock
 (``exclusive_dir``) keeps two processes from writing one folder at once.
 """
@@ -15,17 +17,20 @@ info lacks what its reader needs (a value of the wrong type, a missing key: ``fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text, sha256_file
+from slim2deploy.base.files import atomic_write_text, file_kind, plain_name, sha256_file
+from slim2deploy.base.formats import read_json
 
 
 def stage_key(*parts: Any) -> str:
@@ -55,7 +60,7 @@ def _valid_entry(entry: Any) -> bool:
         isinstance(entry, dict)
         and isinstance(entry.get("key"), str)
         and isinstance(entry.get("outputs"), dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in entry["outputs"].items())
+        and all(plain_name(k) and isinstance(v, str) for k, v in entry["outputs"].items())
         and isinstance(entry.get("info", {}), dict)
     )
 
@@ -71,9 +76,9 @@ class StageCache:
         if not self.path.exists():
             return
         try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            log(f"note: {self.path} is unreadable ({exc}); ignoring it, every stage runs again")
+            raw = read_json(self.path, "build record", advice="ignoring it, every stage runs again")
+        except SlimError as exc:
+            log(f"note: {exc}")
             return
         if not isinstance(raw, dict):
             log(f"note: {self.path} holds a JSON {type(raw).__name__}, not a stage record; every stage runs again")
@@ -94,7 +99,7 @@ class StageCache:
             self.log(f"note: {self.path}: the recorded results of {stage} are malformed; it runs again")
             return False
         recorded = entry["outputs"]
-        return all(p.is_file() and recorded.get(p.name) == sha256_file(p) for p in outputs)
+        return all(_regular(p) and recorded.get(p.name) == sha256_file(p) for p in outputs)
 
     def done(self, stage: str, key: str, outputs: Sequence[Path], info: dict[str, Any] | None = None) -> None:
         """Record a finished stage (written at once, so a later crash keeps it)."""
@@ -138,8 +143,8 @@ class StageCache:
         unused = [entry for stage, entry in self.data.items() if stage not in self.used]
         removed, changed = [], []
         for name in sorted({name for entry in unused for name in entry["outputs"]} - kept):
-            path = self.path.parent / name
-            if not path.is_file():
+            path = self.path.parent / name  # a plain name (_valid_entry): inside the folder
+            if not _regular(path):  # gone, or replaced by a link or a folder: not the file the build wrote
                 continue
             if sha256_file(path) in {entry["outputs"].get(name) for entry in unused}:
                 path.unlink()
@@ -150,6 +155,10 @@ class StageCache:
             self.data = {stage: entry for stage, entry in self.data.items() if stage in self.used}
             atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
         return removed, changed
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and file_kind(path) is None
 
 
 @contextlib.contextmanager
@@ -176,10 +185,15 @@ def exclusive_dir(folder: str | os.PathLike[str], what: str = "build") -> Iterat
 def _lock(path: Path, folder: str | os.PathLike[str], what: str) -> int:
     """An open descriptor of ``path`` holding its flock; the file is the one at ``path`` now."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid written below would land in whatever file it names
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SlimError(f"{path} is {file_kind(path)}, not a lock file; remove it") from None
             raise SlimError(f"cannot create {path}: {exc.strerror}; choose an --out folder you can write to") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SlimError(f"{path} is {file_kind(path)}, not a lock file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -117,11 +117,16 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_memory(needed: int, flag: str, value: object, what: str) -> None:
-    """Refuse, before allocating, a flag value whose ``needed`` bytes (a lower bound) exceed the RAM."""
+def check_memory(
+    needed: int, flag: str, value: object, what: str, *, estimated: bool = False, advice: str | None = None
+) -> None:
+    """Refuse, before allocating, a flag value whose ``needed`` bytes exceed the RAM: a lower bound, or an
+    ``estimated`` need (one checked against measurements to be never below them); ``advice`` replaces
+    "use a smaller FLAG" where the value is not a flag."""
     total = physical_memory()
     if total is not None and needed > total:
+        bound = "an estimated" if estimated else "at least"
         raise SlimError(
-            f"{flag} {value}: {what} needs at least {needed / 2**30:,.1f} GiB, but this machine has "
-            f"{total / 2**30:,.1f} GiB of memory; use a smaller {flag}"
+            f"{flag} {value}: {what} needs {bound} {needed / 2**30:,.1f} GiB, but this machine has "
+            f"{total / 2**30:,.1f} GiB of memory; {advice or f'use a smaller {flag}'}"
         )

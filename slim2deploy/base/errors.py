@@ -39,3 +39,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+# every control character as an escape: a file name holding a newline must not split an error into two lines
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line: control characters (a newline in a file name, say) are shown escaped."""
+    return text.translate(_ESCAPES)

@@ -1,4 +1,12 @@
-"""Output files: checked before any work, written atomically, never left half-written."""
+"""Files in and out: outputs checked before any work, written atomically, never left half-written; inputs
+read only when they are regular files; names read back from the tool's own records used only when plain.
+
+An output is always a regular file inside a folder the user named: an existing path that is anything
+else (a symbolic link, a FIFO, a socket, a device) is refused, because the final rename would replace
+it with a file (a link's target is not written; as root, ``--json /dev/null`` would replace
+``/dev/null``). A folder output (``build --out``, ``--cache``) may be a link to a folder: the user
+named it, and every file the tool writes inside it is checked as above.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +39,63 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return a.resolve() == b.resolve()
+
+
+def file_kind(path: PathLike) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (``"a FIFO (named pipe)"``, ``"a symbolic link
+    to X"``, ...); None for a regular file or a missing path. The path itself is looked at, not a link's target."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+def check_input_file(path: PathLike, what: str) -> Path:
+    """``path`` as a Path when it is a regular file (a link to one is fine); else one SlimError naming it.
+
+    Checked before a reader opens it: a FIFO named like an image or a data file would block the reader
+    forever, a device would feed it endless bytes.
+    """
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise SlimError(f"no such {what}: {p}") from None
+    except OSError as exc:
+        raise SlimError(f"the {what} {p} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise SlimError(f"{p} is a folder, not a {what}")
+    if not stat.S_ISREG(mode):
+        kind = file_kind(p) if not p.is_symlink() else "a link to " + (file_kind(p.resolve()) or "a special file")
+        raise SlimError(f"{p} is {kind}, not a regular file; give the {what} file itself")
+    return p
+
+
+def plain_name(name: object) -> bool:
+    """Whether ``name`` is a file name on its own: no folder part, not ``.``/``..``, no NUL, not absolute.
+
+    Names read back from a file the tool wrote (a build's output names) are used only when plain: an
+    edited record must not make the tool touch a file outside the folder it belongs to.
+    """
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "\x00" not in name
+        and "/" not in name
+        and (os.altsep is None or os.altsep not in name)
+    )
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -68,11 +134,16 @@ def check_output(
 
 
 def _check_output(out: Path, what: str, inputs: Iterable[PathLike | None], folder: bool) -> Path:
+    kind = file_kind(out)
     if folder:
         if out.exists() and not out.is_dir():
             raise SlimError(f"{what} {out} is a file, but a folder is wanted; name a new or existing folder")
+        if kind is not None and not out.exists():
+            raise SlimError(f"{what} {out} is {kind}, which does not exist; remove the link or name a folder")
     elif out.is_dir():
         raise SlimError(f"{what} {out} is a folder; name a file inside it, e.g. {out / 'out'}")
+    elif kind is not None:
+        raise SlimError(f"{what} {out} is {kind}, not a regular file; {_why_not_replaced(kind)}")
     base = _nearest_existing(out if folder else out.parent)
     if not base.is_dir():
         raise SlimError(f"{what} {out}: {base} is a file, not a folder, so nothing can be written under it")
@@ -91,6 +162,12 @@ def _check_output(out: Path, what: str, inputs: Iterable[PathLike | None], folde
                 "move the input out of it or choose another folder"
             )
     return out
+
+
+def _why_not_replaced(kind: str) -> str:
+    if kind.startswith("a symbolic link"):
+        return "the output would replace the link with a file, not write where it points: name the target or a new file"
+    return "the output would replace it with a regular file: choose another name"
 
 
 def _check_replaceable(out: Path, what: str) -> None:
@@ -145,12 +222,38 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         os.umask(umask)
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+        kind = file_kind(final)  # checked before the work, but a link or FIFO may have been put there since
+        if kind is not None:
+            raise SlimError(f"could not write {final}: it is {kind}, not a regular file; {_why_not_replaced(kind)}")
         os.replace(tmp, final)
     except OSError as exc:
         raise SlimError(f"could not write {final}: {exc.strerror or exc}; nothing was changed there") from exc
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def created_folder(path: PathLike, what: str = "--out") -> Iterator[Path]:
+    """Create the folder ``path`` (and missing parents) for the block; if the block fails, remove again
+    the folders it created that are still empty, so a failed run leaves no empty output folder behind."""
+    folder = Path(path)
+    made = []
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SlimError(f"cannot create the output folder {what} {folder}: {exc.strerror or exc}") from None
+    try:
+        yield folder
+    except BaseException:
+        for created in made:  # deepest first
+            with contextlib.suppress(OSError):  # not empty (an output the failed run kept), or gone
+                created.rmdir()
+        raise
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -12,7 +12,8 @@ import importlib
 import importlib.util
 import sys
 
-from slim2deploy.base.errors import SlimError
+from slim2deploy.base.errors import SlimError, one_line
+from slim2deploy.base.interrupts import TERMINATED_STATUS, Terminated, sigterm_as_interrupt
 from slim2deploy.cli.parser import HelpFormatter, Parser
 from slim2deploy.cli.rules import refuse_ignored_flags
 
@@ -66,11 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[argv.index(args.command) + 1 :]
     args._parser.note_deprecated(own)
     try:
-        refuse_ignored_flags(args._parser, own, args, args._only_when)
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():  # kill cleans up as Ctrl-C does: temporary files, locks, workers
+            refuse_ignored_flags(args._parser, own, args, args._only_when)
+            return int(args._run(args) or 0)
     except SlimError as exc:
-        print(f"slim2deploy {args.command}: error: {args._parser.in_flags(str(exc))}", file=sys.stderr)
+        print(f"slim2deploy {args.command}: error: {one_line(args._parser.in_flags(str(exc)))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return TERMINATED_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from slim2deploy.base.errors import NeedsTrust, SlimError
+from slim2deploy.base.errors import NeedsTrust, SlimError, one_line
 from slim2deploy.base.files import check_outputs
+from slim2deploy.base.interrupts import TERMINATED_STATUS, Terminated, sigterm_as_interrupt
 from slim2deploy.cli.parser import HelpFormatter, Parser, at_least, number, positive_ints
 from slim2deploy.cli.rules import OnlyWhen, refuse_ignored_flags
 from slim2deploy.measure.benchmark import benchmark
@@ -143,64 +144,75 @@ def build_parser() -> Parser:
     return p
 
 
+def run(args: argparse.Namespace, argv: list[str], parser: Parser) -> None:
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    refuse_ignored_flags(parser, argv, args, ONLY_WHEN)
+    if args.bench_iterations < args.bench_rounds:
+        raise SlimError(
+            f"--bench-iterations {args.bench_iterations} cannot be split into --bench-rounds {args.bench_rounds}; "
+            "use --bench-iterations >= --bench-rounds"
+        )
+    inputs = [*args.models, *([args.baseline] if args.baseline else [])]
+    distinct = {Path(m).resolve() for m in inputs}  # a baseline given as a model too is timed once
+    if args.ort_spinning and len(distinct) > 1:
+        raise SlimError(
+            f"--ort-spinning times one model alone, not {len(distinct)}: timed together, the spinning thread "
+            "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
+            "give one model, or drop --ort-spinning"
+        )
+    check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
+    result = benchmark(
+        args.models,
+        baseline=args.baseline,
+        batches=args.bench_batch,
+        warmup_s=args.bench_warmup_s,
+        iterations=args.bench_iterations,
+        rounds=args.bench_rounds,
+        input_sets=args.input_sets,
+        measure_rss=not args.no_rss,
+        log=log,
+        device=args.device,
+        threads=args.threads,
+        opt_level=args.ort_opt_level,
+        spinning=args.ort_spinning,
+        precision=args.torch_precision,
+        mode=args.torch_mode,
+        compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph,
+    )
+    print(format_table(result), end="")
+    for path, write in ((args.json, write_json), (args.markdown, write_markdown), (args.plot, plot)):
+        if path is not None:
+            write(result, path)
+            print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     parser.note_deprecated(argv)
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        refuse_ignored_flags(parser, argv, args, ONLY_WHEN)
-        if args.bench_iterations < args.bench_rounds:
-            raise SlimError(
-                f"--bench-iterations {args.bench_iterations} cannot be split into --bench-rounds {args.bench_rounds}; "
-                "use --bench-iterations >= --bench-rounds"
-            )
-        inputs = [*args.models, *([args.baseline] if args.baseline else [])]
-        distinct = {Path(m).resolve() for m in inputs}  # a baseline given as a model too is timed once
-        if args.ort_spinning and len(distinct) > 1:
-            raise SlimError(
-                f"--ort-spinning times one model alone, not {len(distinct)}: timed together, the spinning thread "
-                "pools of the sessions not running take the cores from the one being timed (bench/ort_spinning.py); "
-                "give one model, or drop --ort-spinning"
-            )
-        check_outputs({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}, inputs=inputs)
-        result = benchmark(
-            args.models,
-            baseline=args.baseline,
-            batches=args.bench_batch,
-            warmup_s=args.bench_warmup_s,
-            iterations=args.bench_iterations,
-            rounds=args.bench_rounds,
-            input_sets=args.input_sets,
-            measure_rss=not args.no_rss,
-            log=log,
-            device=args.device,
-            threads=args.threads,
-            opt_level=args.ort_opt_level,
-            spinning=args.ort_spinning,
-            precision=args.torch_precision,
-            mode=args.torch_mode,
-            compile_mode=args.compile_mode,
-            channels_last=args.channels_last,
-            cuda_graph=args.cuda_graph,
-        )
-        print(format_table(result), end="")
-        for path, write in ((args.json, write_json), (args.markdown, write_markdown), (args.plot, plot)):
-            if path is not None:
-                write(result, path)
-                print(f"wrote {path}")
+        with sigterm_as_interrupt():  # kill cleans up as Ctrl-C does: sessions, temporary files
+            run(args, argv, parser)
     except NeedsTrust as exc:
         print(
-            f"error: {exc.path} contains {exc.what}, which run code when loaded; latency.py does not unpickle. "
-            f"Export it to ONNX with 'slim2deploy export --model {exc.path} --trust-code --input-shape C,H,W "
-            "--out model.onnx' and time the .onnx",
+            f"error: {one_line(exc.path)} contains {exc.what}, which run code when loaded; latency.py does not "
+            f"unpickle. Export it to ONNX with 'slim2deploy export --model {one_line(exc.path)} --trust-code "
+            "--input-shape C,H,W --out model.onnx' and time the .onnx",
             file=sys.stderr,
         )
         return 2
     except SlimError as exc:
-        print(f"error: {parser.in_flags(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(parser.in_flags(str(exc)))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return TERMINATED_STATUS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -99,12 +99,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slim2deploy.base.files import atomic_write_text, check_outputs
+    from slim2deploy.base.files import atomic_write_text, check_output, check_outputs
     from slim2deploy.model.loop import TrainConfig
     from slim2deploy.pipeline.train import train_command
 
-    # --resume may name --out (a run continues in place); the data file may not
+    # --resume may name --out (a run continues in place); no other input may be written over
     check_outputs({"--out": args.out, "--history": args.history}, inputs=[args.data, args.model, args.weights])
+    if args.history:
+        check_output(args.history, "--history", inputs=[args.resume])
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -19,6 +19,10 @@ from slim2deploy.model.folder import load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
 PLAUSIBLE_ABS_MAX = 50.0
+# Fewer images are refused: minmax takes each activation's extremes over the set and percentile/entropy a
+# histogram of it, so ranges from 1-2 images are those images' own outliers, and int8 clips what other inputs
+# reach. 8 is a floor, not a recommendation (the calib command makes 512 by default).
+MIN_CALIB_IMAGES = 8
 
 
 def stratified_indices(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -60,6 +64,10 @@ def make_calib_set(
 
     if n <= 0:
         raise SlimError(f"a calibration set needs at least one image, got --n {n}")
+    if n < MIN_CALIB_IMAGES:
+        raise SlimError(
+            f"a calibration set of {n} images gives int8 the ranges of those images alone; use --n 8 or more"
+        )
     out = Path(out)
     if out.suffix != ".npz":
         raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
@@ -85,7 +93,7 @@ def load_calib(path: str | Path, input_shape: tuple[int, int, int] | None = None
     """Read ``x`` from a calibration set and check it fits a model taking ``input_shape`` = (C, H, W)
     whose inputs are normalised with ``stats`` = (mean, std)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SlimError(f"no such calibration set: {path} (make one with 'slim2deploy calib')")
     arrays = read_npz(path, "calibration set")
     if "x" not in arrays:
@@ -141,6 +149,11 @@ def check_calib(
         raise SlimError(
             f"{source}: values reach {peak:.1f}, which looks like raw pixels rather than normalised inputs; "
             "calibration data must be preprocessed like the training data (see calib/README.md)"
+        )
+    if len(x) < MIN_CALIB_IMAGES:
+        raise SlimError(
+            f"{source}: {len(x)} images, but a calibration set needs at least {MIN_CALIB_IMAGES}: int8 ranges "
+            "from so few are those images' own; make a larger one with 'slim2deploy calib'"
         )
     # identical images give int8 no activation ranges, and agreement measured on them is 100% whatever
     check_varied(x, source)

@@ -9,7 +9,6 @@ inside TensorRT. Nothing here needs TensorRT.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -18,6 +17,7 @@ from typing import Any
 
 from slim2deploy.base.environment import tensorrt_version
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.cuda import cuda_device_info
 from slim2deploy.deploy.export import PRECISION_KEY
 
@@ -76,11 +76,7 @@ def read_manifest(engine_path: str | os.PathLike[str]) -> EngineManifest | None:
     path = manifest_path(engine_path)
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimError(f"{path} is not valid JSON ({exc}); rebuild the engine") from exc
-    return EngineManifest.from_dict(data)
+    return EngineManifest.from_dict(read_json(path, "engine manifest", advice="rebuild the engine"))
 
 
 def release(version: str) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from slim2deploy.base.environment import check_memory
 from slim2deploy.base.errors import SlimError
-from slim2deploy.deploy.onnx_info import batch_bytes
+from slim2deploy.deploy.onnx_info import ORT_FLOOR_BYTES, memory_estimate
 from slim2deploy.measure.environment import environment
 from slim2deploy.measure.memory import peak_rss
 from slim2deploy.measure.results import BatchResult, Comparison, LatencyStats, ModelResult, ModelSize, Speedup
@@ -171,19 +171,38 @@ def _check_same_input(runners: Sequence[Runner]) -> None:
             )
 
 
-def check_onnx_batches(paths: Sequence[Path], batches: Sequence[int], flag: str = "`bench_batch`") -> None:
-    """Refuse, before any session is made, a batch whose largest single tensor in an ONNX graph (its
-    input, or an activation onnx shape inference sizes) exceeds the memory: a lower bound, so
-    nothing that fits is refused. A static-batch graph is checked at its own batch only (it skips
-    the others)."""
-    for path in paths:
-        if runner_kind(path) != "onnx" or (found := batch_bytes(path)) is None:
-            continue
-        static, per_sample = found
-        runs = [b for b in batches if static is None or b == static]
-        if runs:
-            what = f"one batch through {path.name} (its largest tensor, {per_sample:,} bytes a sample)"
-            check_memory(max(runs) * per_sample, flag, max(runs), what)
+def check_onnx_batches(
+    paths: Sequence[Path], batches: Sequence[int], flag: str = "`bench_batch`", input_sets: int = 1
+) -> None:
+    """Refuse, before any session is made, batches whose ONNX models, timed together in one process, would
+    not fit in the memory: each graph's estimate (``onnx_info.memory_estimate``, checked against measured
+    peaks) plus the input sets the benchmark draws. A static-batch graph counts at its own batch only."""
+    estimates = [(p, e) for p in paths if runner_kind(p) == "onnx" and (e := memory_estimate(p)) is not None]
+    batch = max(batches)
+    running = [(p, e, b) for p, e in estimates if (b := batch if e.static_batch is None else e.static_batch) in batches]
+    if running:
+        need = ORT_FLOOR_BYTES + sum(
+            e.model_bytes(b) + _input_bytes(e.input_bytes, b, input_sets) for _, e, b in running
+        )
+        names = " and ".join(p.name for p, _, _ in running)
+        what = f"one batch through {names} (the graph's live activations, weights and ONNX Runtime's own memory)"
+        check_memory(need, flag, batch, what, estimated=True)
+
+
+def check_runner_batches(runners: Sequence[Runner], batches: Sequence[int], flag: str, input_sets: int = 1) -> None:
+    """Refuse, before any batch is drawn, batches that active runners knowing what a sample needs in a forward
+    pass (``Runner.sample_bytes``: the torch runner) cannot hold in memory at once, with the input sets."""
+    batch = max(batches)
+    sized = [(r, n) for r in runners if (n := r.sample_bytes()) is not None]
+    if sized:
+        need = sum(n * batch + _input_bytes(r.info.input_bytes(), batch, input_sets) for r, n in sized)
+        names = " and ".join(r.name for r, _ in sized)
+        check_memory(need, flag, batch, f"one batch through {names} (each layer's input plus output, at least)")
+
+
+def _input_bytes(sample: int, batch: int, input_sets: int) -> int:
+    # the sets drawn for a batch, each made in float64 (twice the float32 kept) before its cast
+    return (input_sets + 2) * sample * batch
 
 
 def benchmark(
@@ -220,11 +239,12 @@ def benchmark(
     model_names = list(names) if names else _unique_names(all_paths)
     if len(model_names) != len(all_paths):
         raise SlimError(f"got {len(model_names)} names for {len(all_paths)} models")
-    check_onnx_batches(all_paths, batches, batch_flag)
+    check_onnx_batches(all_paths, batches, batch_flag, input_sets)
     runners = [open_runner(p, **runner_options) for p in all_paths]
     try:
         for r in runners:
             r.activate()
+        check_runner_batches(runners, batches, batch_flag, input_sets)
         if baseline is not None:
             _check_same_input(runners)
         timings = measure(

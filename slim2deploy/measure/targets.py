@@ -21,7 +21,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +33,8 @@ from tqdm import tqdm
 
 from slim2deploy.base.environment import cpu_model, nvidia_smi, package_version
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text
+from slim2deploy.base.files import atomic_write_text, check_output
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.layer_onnx import write_layer_onnx
 from slim2deploy.measure.benchmark import measure
 from slim2deploy.prune.latency import LayerSpec
@@ -254,18 +257,45 @@ def make_target(name: str, batch: int = 64, precision: str = "fp32", threads: in
 
 
 class CellCache:
-    """Measured layer cells on disk: one JSON file per target key, cells keyed by signature and widths."""
+    """Measured layer cells on disk: one JSON file per target key, cells keyed by signature and widths.
 
-    def __init__(self, target: Target, directory: str | os.PathLike[str] | None = DEFAULT_CACHE) -> None:
+    Only a cache, so nothing in it stops a run: a file that cannot be read is ignored, a cell that is not
+    a finite positive number of milliseconds (an edited or damaged one) is dropped and timed again, and a
+    folder that cannot be written (a read-only home) means timing without keeping: each with a note.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        directory: str | os.PathLike[str] | None = DEFAULT_CACHE,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
         self.key = target.key()
+        self.note = note or (lambda text: print(f"note: {text}", file=sys.stderr))
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
         self.path = None if directory is None else Path(directory) / f"{target.name}-{digest}.json"
         self.cells: dict[str, float] = {}
         if self.path is not None and self.path.exists():
+            self.cells = self._read(self.path)
+        if directory is not None:
             try:
-                self.cells = {str(k): float(v) for k, v in json.loads(self.path.read_text())["cells"].items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                self.cells = {}  # a damaged cache is only lost time: measure again
+                check_output(directory, "the cell cache", folder=True)
+            except SlimError as exc:
+                self.note(f"{exc}; timing without keeping the cells (pass --cache DIR or --no-cache)")
+                self.path = None
+
+    def _read(self, path: Path) -> dict[str, float]:
+        try:
+            cells = read_json(path, "cell cache", advice="ignoring it, the cells are timed again")["cells"]
+            if not isinstance(cells, dict):
+                raise SlimError(f"the cell cache {path} holds no cells; ignoring it, the cells are timed again")
+        except (SlimError, KeyError, TypeError) as exc:
+            self.note(str(exc) if isinstance(exc, SlimError) else f"the cell cache {path} is malformed; ignoring it")
+            return {}
+        good = {str(k): float(v) for k, v in cells.items() if _positive_ms(v)}
+        if len(good) < len(cells):
+            self.note(f"{len(cells) - len(good)} cells in {path} are not positive milliseconds; they are timed again")
+        return good
 
     @staticmethod
     def cell_key(layer: LayerSpec, ci: int, co: int) -> str:
@@ -295,6 +325,15 @@ class CellCache:
         return len(unique)
 
     def save(self) -> None:
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"key": self.key, "cells": self.cells}, indent=0))
+        except (OSError, SlimError) as exc:  # the cells are in this run's table all the same
+            self.note(f"cannot keep the cells in {self.path} ({exc}); going on without the cache")
+            self.path = None
+
+
+def _positive_ms(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from slim2deploy.base.environment import check_memory
 from slim2deploy.base.environment import library_versions as library_versions_of
 from slim2deploy.base.errors import NeedsTrust, SlimError
-from slim2deploy.base.files import atomic_path
+from slim2deploy.base.files import atomic_path, check_input_file
 
 FORMAT = "slim2deploy.checkpoint/1"
 _FORMAT_FAMILY = "slim2deploy.checkpoint/"
@@ -132,6 +133,11 @@ def spec_problems(payload: dict[str, Any]) -> list[str]:
     for key in ("meta", "plan", "train_state"):
         if payload.get(key) is not None and not isinstance(payload[key], dict):
             problems.append(f"{key} must be a dict or absent, got {type(payload[key]).__name__}")
+    plan = payload.get("plan")
+    planned = plan.get("input_shape") if isinstance(plan, dict) else list(shape)
+    if not problems and not (isinstance(planned, list | tuple) and list(planned) == list(shape)):
+        # surgery replays the plan on an input of the plan's shape: another one than the model's is an edit
+        problems.append(f"plan.input_shape {planned!r} differs from input_shape {list(shape)}"[:200])
     if isinstance(payload.get("meta"), dict) and not problems:
         problems += _stats_problems(payload["meta"], shape[0])
         classes = payload["meta"].get("classes")
@@ -164,12 +170,23 @@ def _stats_problems(meta: dict[str, Any], channels: int) -> list[str]:
 
 
 def tensor_fault(state: dict[str, torch.Tensor]) -> str | None:
-    """What makes weights unusable, if anything: NaN or infinity, or a BatchNorm running_var below zero.
+    """What makes weights unusable, if anything: NaN or infinity, or a BatchNorm running_var below zero;
+    and, checked first because the others would allocate the tensor's full extent, a tensor that is not
+    dense or whose storage is smaller than its elements (an expanded view: 1e11 elements over one stored
+    value would be a 400 GB finiteness check). No model saves such weights.
 
     Shared by the checkpoint loader and the training loop, so a tensor a diverged run would save is
     exactly one the loader would refuse.
     """
     for name, tensor in state.items():
+        if tensor.layout != torch.strided:
+            return f"tensor {name!r} is stored as {tensor.layout}, not as a dense tensor as weights are"
+        stored = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > stored:
+            return (
+                f"tensor {name!r} {tuple(tensor.shape)} repeats {stored:,} stored values over {tensor.numel():,} "
+                "elements (an expanded view, stride 0), which no saved model holds"
+            )
         if not tensor.is_floating_point():
             continue
         finite = torch.isfinite(tensor)
@@ -236,14 +253,54 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return Path(path)
 
 
-def _pickled_module(path: Path, trust_code: bool) -> Any:
+def _pickled_module(path: Path, trust_code: bool, wanted: str) -> Any:
     if not trust_code:
-        raise NeedsTrust(path, "pickled Python objects (for example a whole nn.Module saved with torch.save(model))")
-    warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=3)
+        raise NeedsTrust(path, wanted)
+    warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=4)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling runs the file's code, which may raise anything
         raise SlimError(f"{path} could not be unpickled ({first_line(exc)}); is the code it needs importable?") from exc
+
+
+# what torch.load raises for a file that is damaged or not a torch file at all
+_DAMAGED = (
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+)
+
+
+def load_torch_file(path: Path, what: str, *, trust_code: bool = False, wanted: str = "pickled Python objects") -> Any:
+    """``torch.load`` of a file a user gave, without running its code unless ``trust_code``.
+
+    Only a file whose pickle names a class or function to import (a pickled object, refused by the
+    weights-only reader) needs the opt-in, and only it gets the advice to pass it (``NeedsTrust``,
+    ``wanted`` says what it holds); anything else that cannot be read (random bytes, a text file, a
+    truncated file) is reported as damaged, with or without the opt-in.
+    """
+    check_input_file(path, what)
+    # torch files are stored uncompressed: the file's size is about what loading it takes
+    check_memory(path.stat().st_size, f"the {what}", path, "loading it", advice="it cannot be read on this machine")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _REFUSED_GLOBAL.search(str(exc)):
+            raise SlimError(
+                f"{path} is corrupt or not a torch {what} (its data cannot be unpickled); re-create or re-download it"
+            ) from exc
+    except _DAMAGED as exc:
+        raise SlimError(
+            f"{path} is truncated or not a torch {what} ({first_line(exc)}); re-create or re-download it"
+        ) from exc
+    return _pickled_module(path, trust_code, wanted)
 
 
 def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint:
@@ -253,30 +310,8 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint
         raise SlimError(f"no such checkpoint: {path}")
     if path.is_dir():
         raise SlimError(f"{path} is a directory, not a checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not _REFUSED_GLOBAL.search(str(exc)):
-            raise SlimError(
-                f"{path} is corrupt or not a torch checkpoint (its data cannot be unpickled); re-create or "
-                "re-download it"
-            ) from exc
-        obj = _pickled_module(path, trust_code)
-    except (
-        RuntimeError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,
-        IndexError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        OverflowError,
-    ) as exc:
-        raise SlimError(
-            f"{path} is truncated or not a torch checkpoint ({first_line(exc)}); re-create or re-download it"
-        ) from exc
+    wanted = "pickled Python objects (for example a whole nn.Module saved with torch.save(model))"
+    obj = load_torch_file(path, "checkpoint", trust_code=trust_code, wanted=wanted)
     if isinstance(obj, nn.Module):
         check_tensors(obj.state_dict(), str(path))
         return Checkpoint(

@@ -16,21 +16,23 @@ distributed sharding and augmentation exactly reproducible (see ``batches``).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
-import sys
 import zipfile
 import zlib
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from slim2deploy.base.environment import physical_memory
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import check_input_file
+from slim2deploy.base.formats import binary_size
+from slim2deploy.model.images import open_rgb, scan_folder, split_90_10
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -46,10 +48,6 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-# what a folder loader reads (Pillow opens each as a still image; a GIF's first frame); other files are
-# skipped with one note saying how many, hidden files (".DS_Store", "._x.png") silently
-IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
-_NOTED: set[tuple[Path, str]] = set()  # (folder, note) already printed: one note per folder and process
 
 
 @dataclass
@@ -183,19 +181,61 @@ def check_varied(x: np.ndarray, source: str) -> None:
         )
 
 
+# a member expanding more than this many times over its compressed size is a zip bomb, not images: real
+# pixels deflate a few times, constant arrays (which check_varied refuses anyway) about 1000 times
+NPZ_MAX_RATIO = 200
+NPZ_RATIO_ABOVE = 64 << 20  # a smaller member is never refused for its ratio: it fits anyway
+
+
 def read_npz(path: Path, what: str = "data set") -> dict[str, np.ndarray]:
-    """All arrays of an .npz file, read now, so a truncated or foreign file is one SlimError."""
+    """All arrays of an .npz file, read now, so a truncated or foreign file is one SlimError; what it would
+    expand to is bounded from its zip directory and array headers before any array is read."""
+    check_input_file(path, f".npz {what}")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise SlimError(f"{path} holds a single .npy array, not an .npz archive of named arrays ({what})")
         with loaded:
+            assert loaded.zip is not None  # open until the block ends
+            _check_npz_sizes(loaded.zip, path, what)
             return {k: loaded[k] for k in loaded.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise SlimError(f"{path} is not a readable .npz {what} ({exc or type(exc).__name__}); re-create it") from exc
 
 
+def _check_npz_sizes(archive: zipfile.ZipFile, path: Path, what: str) -> None:
+    """Refuse an archive whose members expand past the memory, past ``NPZ_MAX_RATIO`` (a decompression
+    bomb), or declare arrays larger than the bytes they hold (numpy would allocate the declared size)."""
+    infos = archive.infolist()
+    total, ram = sum(i.file_size for i in infos), physical_memory()
+    if ram is not None and total > ram:
+        raise SlimError(
+            f"{path} expands to {binary_size(total)}, more than this machine's {binary_size(ram)} of memory; "
+            f"use a smaller {what}"
+        )
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > NPZ_RATIO_ABOVE and ratio > NPZ_MAX_RATIO:
+            raise SlimError(
+                f"{path}: {info.filename} expands {ratio:.0f}-fold, to {binary_size(info.file_size)}: refused unread "
+                "as a decompression bomb (images compress a few times); if it is real data, save it with np.savez"
+            )
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as member:
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(member) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > info.file_size:
+            raise SlimError(
+                f"{path}: {info.filename} declares an array of {binary_size(declared)} but holds "
+                f"{binary_size(info.file_size)}; the file is damaged: re-create it"
+            )
+
+
 def _read_idx(path: Path) -> np.ndarray:
+    check_input_file(path, "IDX file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -257,14 +297,6 @@ def _fashion_mnist(split: str, data_dir: str | None, stats: Stats) -> Dataset:
     return Dataset(x, torch.from_numpy(y), FASHION_MNIST_CLASSES, mean, std, "fashion-mnist")
 
 
-def _split_90_10(n: int, split: str, source: object) -> np.ndarray:
-    if n < 2:  # one image cannot be both trained on and held out: one split would be empty
-        raise SlimError(f"{source} has {n} image; splitting it into train and val needs at least 2")
-    order = np.random.default_rng(0).permutation(n)
-    cut = max(1, n // 10)
-    return order[cut:] if split == "train" else order[:cut]
-
-
 def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     arrays = read_npz(path)
     if all(k in arrays for k in ("x_train", "y_train", "x_val", "y_val")):
@@ -277,101 +309,13 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     # the class count comes from every split in the file, so train and val agree on it
     n_classes = max(int(v.max()) for v in labels.values()) + 1
     if "all" in names:
-        idx = _split_90_10(len(labels["all"]), split, path)
+        idx = split_90_10(len(labels["all"]), split, path)
         x, y = arrays["x"][idx], labels["all"][idx]
     else:
         part = "train" if split == "train" else "val"
         x, y = arrays[names[part][0]], labels[part]
     xt, mean, std = _normalise(x, stats, str(path))
     return Dataset(xt, torch.from_numpy(y), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}")
-
-
-def _class_folders(base: Path) -> list[str]:
-    """The class folders under ``base``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not
-    classes: as the first folders by name they would take label 0 and shift every real class by one."""
-    folders = [d.name for d in base.iterdir() if d.is_dir()]
-    classes = sorted(name for name in folders if not name.startswith("."))
-    hidden = sorted(set(folders) - set(classes))
-    if hidden:
-        folders_text = f"folder{'s' * (len(hidden) > 1)} {', '.join(hidden)}"
-        _note_once(base, f"note: {base}: hidden {folders_text} not read as classes")
-    if not classes:
-        raise SlimError(f"{base} has no class sub-folders; expected {base}/<class>/<image files>")
-    return classes
-
-
-def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(files, labels, classes) of ``split``, without opening an image; same layout rules as ``data``.
-
-    Labels are numbered by the training split's class folders whatever the split, so a class keeps
-    its index in val/ even where val/ lacks another class; a val/ class unknown to training has no
-    output of the model and is refused.
-    """
-    train_base = root / "train" if (root / "train").is_dir() else root
-    classes = _class_folders(train_base)
-    base = train_base
-    if split != "train" and train_base != root:
-        if not (root / "val").is_dir():
-            raise SlimError(f"{root} has train/ but no val/ folder")
-        base = root / "val"
-        unknown = sorted(set(_class_folders(base)) - set(classes))
-        if unknown:
-            raise SlimError(
-                f"{base} has class folders {', '.join(unknown)} that {train_base} lacks; labels follow the "
-                f"training classes ({', '.join(classes)}): rename or remove those folders"
-            )
-    files, skipped = [], Counter[str]()
-    for c in _class_folders(base):
-        for p in sorted((base / c).iterdir()):
-            if p.name.startswith("."):
-                continue
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((p, classes.index(c)))
-            elif p.is_file():
-                skipped[p.suffix.lower() or "no extension"] += 1
-    _note_skipped(base, skipped)
-    if not files:
-        raise SlimError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base}")
-    if base == root:
-        files = [files[i] for i in _split_90_10(len(files), split, root)]
-    return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
-
-
-def _note_skipped(base: Path, skipped: Counter[str]) -> None:
-    """One stderr line per folder naming the files a loader does not read, by extension."""
-    if not skipped:
-        return
-    n = sum(skipped.values())
-    kinds = ", ".join(f"{ext}: {count}" for ext, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-    reads = ", ".join(sorted(IMAGE_EXTENSIONS))
-    files = f"{n} file{'s' * (n != 1)}"
-    _note_once(base, f"note: skipped {files} under {base} that are not images ({kinds}); the loader reads {reads}")
-
-
-def _note_once(base: Path, note: str) -> None:
-    """Print ``note`` about the folder ``base`` to stderr, once per process."""
-    if (base, note) not in _NOTED:
-        _NOTED.add((base, note))
-        print(note, file=sys.stderr)
-
-
-def open_rgb(path: Path) -> Any:
-    """An image file as an 8-bit RGB PIL image, whatever its mode; every folder loader reads through here.
-
-    16-bit grayscale PNGs open as mode I;16 (or I) with values up to 65535, which ``convert`` clips
-    at 255 (nearly every pixel white): they are scaled to 8 bits first, so they land in the same
-    0..1 range as 8-bit images.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            if opened.mode.startswith("I"):
-                wide = np.asarray(opened).astype(np.float64) / 257.0
-                return Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L").convert("RGB")
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
 
 
 def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:

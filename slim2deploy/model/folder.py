@@ -18,19 +18,25 @@ the batch size: N processes compute what one computes (``fit`` syncs BatchNorm s
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import re
+import sys
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from slim2deploy.base.errors import SlimError
-from slim2deploy.model.data import IMAGE_EXTENSIONS, Dataset, Stats, check_stats, load_dataset, open_rgb, scan_folder
+from slim2deploy.base.errors import SlimError, one_line
+from slim2deploy.model.data import Dataset, Stats, check_stats, load_dataset
+from slim2deploy.model.images import open_rgb, scan_folder
 
 STREAM_ABOVE_BYTES = 1 << 30
 STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
@@ -120,13 +126,15 @@ class FolderData(torch.utils.data.Dataset):
 
     def batches(
         self, batch_size: int, *, shuffle: bool, epoch: int = 0, augment: bool = False, rank: int = 0, world: int = 1
-    ) -> DataLoader:
+    ) -> Batches:
         """This rank's batches of one epoch (the module docstring says which images each rank gets).
 
-        The DataLoader is made once per configuration and kept, so its workers persist across epochs.
+        The DataLoader is made once per configuration and kept, so its workers persist across epochs
+        (until ``close``).
         """
         key = (batch_size, shuffle, augment, rank, world)
         if key not in self._loaders:
+            _WITH_WORKERS[id(self)] = self
             sampler: DistributedSampler[int] = DistributedSampler(
                 self, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
             )
@@ -138,15 +146,69 @@ class FolderData(torch.utils.data.Dataset):
                 num_workers=self.workers,
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.workers > 0,
-                worker_init_fn=_one_thread,
+                worker_init_fn=_worker_init,
             )
         loader = self._loaders[key]
         assert isinstance(loader.sampler, _WithEpoch)
         loader.sampler.set_epoch(epoch, augment)
-        return loader
+        return Batches(loader)
+
+    def close(self) -> None:
+        """Stop the worker processes of this split's loaders (they are made again when asked for).
+
+        Dropping the last reference to a DataLoader shuts its persistent workers down in order: each
+        leaves its loop and removes its own temporary folder (``pymp-*``). Left to the interpreter's
+        exit, torch skips that and the workers are killed, which leaves the folders behind.
+        """
+        self._loaders.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_loaders": {}}  # workers get the data, not the loaders
+
+
+_WITH_WORKERS: weakref.WeakValueDictionary[int, FolderData] = weakref.WeakValueDictionary()
+
+
+@atexit.register  # registered after torch's own exit hook, so it runs first, while workers can still be stopped
+def _close_all() -> None:
+    for ds in list(_WITH_WORKERS.values()):
+        ds.close()
+
+
+# torch re-raises an error of a worker process in the main one as "Caught T in DataLoader worker process N."
+# followed by the worker's whole traceback; the user is owed the error's own line
+_FROM_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
+
+
+class Batches:
+    """A DataLoader's batches; an error raised in a worker process reaches the caller as one SlimError
+    with the worker's own message, not torch's wrapper and the worker's traceback."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.loader
+        except Exception as exc:
+            if not _FROM_WORKER.match(str(exc)):
+                raise
+            raise SlimError(worker_message(str(exc))) from None
+
+
+def worker_message(text: str) -> str:
+    """The message of the error a worker raised, from torch's re-raised text of it (see ``Batches``)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.endswith("Traceback (most recent call last):")]
+    tail = lines[starts[-1] + 1 :] if starts else lines[1:]
+    first = next((i for i, line in enumerate(tail) if not line.startswith(" ")), 0)  # after the frames
+    kind, _, message = " ".join(tail[first:]).partition(": ")
+    if kind.rsplit(".", 1)[-1] == SlimError.__name__:
+        return message
+    return f"a data loading worker failed: {kind.rsplit('.', 1)[-1]}: {message}"
 
 
 class _WithEpoch(Sampler[tuple[int, int]]):
@@ -166,8 +228,17 @@ class _WithEpoch(Sampler[tuple[int, int]]):
         return len(self.inner)
 
 
-def _one_thread(_: int) -> None:
+def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the training threads
+    sys.excepthook = _worker_excepthook
+
+
+def _worker_excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """What a worker's own threads report (errors reading images come through the main process, ``Batches``).
+    The thread that hands tensors over loses its connection when the main process is interrupted, which
+    says why itself; anything else is one line."""
+    if not issubclass(kind, ConnectionError | EOFError):
+        print(f"a data loading worker failed: {kind.__name__}: {one_line(str(value))}", file=sys.stderr)
 
 
 def default_workers() -> int:
@@ -183,14 +254,11 @@ def _estimate_stats(ds: FolderData) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 def decoded_bytes(root: Path, image_size: int | None, crop: int | None) -> int:
-    """What the whole folder would take as one float32 tensor (the in-memory loader's layout)."""
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]  # hidden files and folders are not read (data.scan_folder)
-    if not files:
-        return 0
+    """What the whole folder would take as one float32 tensor (the in-memory loader's layout): both splits,
+    listed as the loaders list them (``images.scan_folder``: links to class folders followed)."""
+    files = scan_folder(root, "train")[0]
+    if (root / "train").is_dir() == (root / "val").is_dir():  # train/ + val/, or one folder split 90/10
+        files += scan_folder(root, "val")[0]
     side = crop or image_size
     if side is None:
         first = open_rgb(files[0])
@@ -293,6 +361,18 @@ def check_fits(
             f"{num_classes} outputs; give data labelled with the model's classes 0..{num_classes - 1}"
         )
     return ds
+
+
+def check_classes_to_learn(ds: AnyData, source: str) -> None:
+    """Training data must hold images of at least two classes: with one, every prediction is right whatever
+    the model does (accuracy 1.000), and nothing is learnt."""
+    present = np.unique(ds.y.numpy() if isinstance(ds, Dataset) else ds.labels)
+    if len(present) < 2:
+        name = ds.classes[int(present[0])] if len(present) and int(present[0]) < len(ds.classes) else "?"
+        raise SlimError(
+            f"{source} has training images of one class only ({name}): a model learns nothing from it (its "
+            "accuracy would read 1.000 whatever it does); give images of at least two classes"
+        )
 
 
 def describe(ds: AnyData) -> str:

@@ -26,7 +26,7 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
 from slim2deploy.model.checkpoint import tensor_fault
 from slim2deploy.model.data import batches
-from slim2deploy.model.folder import AnyData, FolderData
+from slim2deploy.model.folder import AnyData, FolderData, check_classes_to_learn
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 
 SCHEDULES = ("step", "cosine")
@@ -390,6 +390,22 @@ def train_one_epoch(
     return loss_sum / max(seen, 1), correct / max(seen, 1), lr
 
 
+def check_trainable(model: nn.Module, train_ds: AnyData, cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse, before any step, training that cannot work or means nothing: BatchNorm on batches of one
+    image, data of one class, fewer images than one global batch."""
+    if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SlimError(
+            "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
+            "and is noise elsewhere); use a `batch_size` of 2 or more"
+        )
+    check_classes_to_learn(train_ds, train_ds.name.removeprefix("npz:").removeprefix("folder:") or "the data")
+    if len(train_ds) < cfg.batch_size * info.world:
+        raise SlimError(
+            f"{len(train_ds)} training images are fewer than one global batch "
+            f"({cfg.batch_size} x {info.world}); lower `batch_size` or use more data"
+        )
+
+
 def fit(
     model: nn.Module,
     train_ds: AnyData,
@@ -413,16 +429,7 @@ def fit(
     """
     cfg.validate()
     info = dist_info or DistInfo(device=pick_device("auto"))
-    if cfg.batch_size * info.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise SlimError(
-            "a training batch of 1 image gives BatchNorm no batch statistics (it fails on 1x1 feature maps "
-            "and is noise elsewhere); use a `batch_size` of 2 or more"
-        )
-    if len(train_ds) < cfg.batch_size * info.world:
-        raise SlimError(
-            f"{len(train_ds)} training images are fewer than one global batch "
-            f"({cfg.batch_size} x {info.world}); lower `batch_size` or use more data"
-        )
+    check_trainable(model, train_ds, cfg, info)
     if teacher is not None:
         teacher = teacher.to(info.device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,10 +103,48 @@ def forward_bytes(model: nn.Module, input_shape: Sequence[int]) -> tuple[object,
     return out, largest
 
 
+# an input larger than this gets its one-image pass measured on the meta device (no memory) before it runs
+META_ABOVE_BYTES = 16 << 20
+
+
+def check_one_image(
+    meta_model: Callable[[], nn.Module], input_shape: Sequence[int], what: str, images: int = 1
+) -> None:
+    """Refuse an input shape whose forward pass of ``images`` images cannot fit in this machine's memory,
+    before it runs.
+
+    The rule: the input tensor itself is a lower bound; for an input over ``META_ABOVE_BYTES`` (far
+    above 3 x 1024 x 1024 floats, so ordinary sizes pay nothing) the pass is measured as ``forward_bytes``
+    measures it, with the model ``meta_model()`` builds on the meta device, where tensors have shapes
+    but no memory. A model the meta device cannot run keeps the input bound. ``what`` names the shape.
+    """
+    need = math.prod(input_shape) * 4
+    if need > META_ABOVE_BYTES:
+        need = max(need, _meta_bytes(meta_model, input_shape))
+    advice = "it cannot run on this machine: use a machine with more memory, or a model made for smaller inputs"
+    passes = "one image" if images == 1 else f"a pass of {images} images"
+    check_memory(need * images, what, list(input_shape), f"{passes} through the model", advice=advice)
+
+
+def _meta_bytes(meta_model: Callable[[], nn.Module], input_shape: Sequence[int]) -> int:
+    try:
+        with torch.device("meta"):
+            return forward_bytes(meta_model(), input_shape)[1]
+    except Exception:  # noqa: BLE001 - any model code may refuse meta tensors: then the input is the bound
+        return 0
+
+
+def meta_copy(model: nn.Module) -> Callable[[], nn.Module]:
+    """``check_one_image``'s ``meta_model`` for a model that exists: a copy of it on the meta device."""
+    return lambda: copy.deepcopy(model).to("meta")
+
+
 def image_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Bytes one image needs at once in a forward pass (``forward_bytes``). That pass is also the one
     general check that the model takes images of this shape (too small for its pooling, another channel
-    count): refused here, before any work, instead of as a traceback from deep inside training."""
+    count): refused here, before any work, instead of as a traceback from deep inside training. A shape
+    whose pass cannot fit in memory is refused before it (``check_one_image``)."""
+    check_one_image(meta_copy(model), input_shape, "the input shape")
     try:
         return forward_bytes(model, input_shape)[1]
     except Exception as exc:  # noqa: BLE001 - whatever a model raises for inputs it cannot take

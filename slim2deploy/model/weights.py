@@ -15,9 +15,6 @@ which nothing matches is refused.
 
 from __future__ import annotations
 
-import pickle
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,8 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import check_tensors, dtype_problem
+from slim2deploy.base.files import check_input_file
+from slim2deploy.model.checkpoint import check_tensors, dtype_problem, load_torch_file
 from slim2deploy.model.zoo import create_model, create_pretrained, split_name
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -86,10 +84,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path, *, trust_code: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (see the module docstring); never runs code without ``trust_code``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlimError(f"no such weights file: {path}")
-    if path.suffix == ".safetensors":
+    path = check_input_file(path, "weights file")
+    if _is_safetensors(path):
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
@@ -102,22 +98,20 @@ def read_state_dict(path: str | Path, *, trust_code: bool = False) -> dict[str, 
             raise SlimError(f"{path} is not a readable .safetensors file ({exc})") from exc
         check_tensors(state, str(path))
         return state
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust_code:
-            raise SlimError(
-                f"{path} contains pickled Python objects besides tensors; unpickling them can run arbitrary "
-                "code, so it is refused. Pass `trust_code` if you trust its origin, or re-save it with "
-                "torch.save(model.state_dict(), path)"
-            ) from exc
-        warnings.warn(f"unpickling {path} with weights_only=False: this runs any code it contains", stacklevel=2)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise SlimError(f"{path} is truncated or not a torch file ({exc}); re-create or re-download it") from exc
-    state = _unwrap(obj, path)
+    wanted = "pickled Python objects besides tensors (re-save it with torch.save(model.state_dict(), path))"
+    state = _unwrap(load_torch_file(path, "weights file", trust_code=trust_code, wanted=wanted), path)
     check_tensors(state, str(path))
     return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A .safetensors file by its name (any case) or its content: an 8-byte little-endian header length that
+    fits the file, then the JSON header's ``{``, as the format defines (a torch file starts otherwise)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def classifier_keys(arch: str, kwargs: dict[str, Any]) -> set[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from slim2deploy.base.cache import StageCache, exclusive_dir
+from slim2deploy.base.files import created_folder
 from slim2deploy.deploy.engine import resolve_engine_policy
 from slim2deploy.deploy.precision import resolve_int8_flavour
 from slim2deploy.model.checkpoint import load_checkpoint
@@ -33,7 +34,6 @@ from slim2deploy.pipeline.build_inputs import (
     check_batches,
     check_out,
     load_inputs,
-    make_out,
     validate,
 )
 from slim2deploy.pipeline.build_stages import (
@@ -66,8 +66,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     check_out(out)
     inputs = load_inputs(cfg)  # a bad checkpoint, calibration set or dataset fails before the folder is touched
     check_batches(cfg, inputs)
-    make_out(out)
-    with exclusive_dir(out, "build"):
+    with created_folder(out), exclusive_dir(out, "build"):  # a failed build leaves no empty output folder behind
         run = Run(cfg, out, inputs, StageCache(out / "build.json", log), log, BuildResult(out), flavour)
         if "int8" in cfg.precisions:
             log(f"int8 flavour: {flavour} ({why})")

@@ -22,7 +22,7 @@ from slim2deploy.deploy.calib import load_calib
 from slim2deploy.deploy.engine import ENGINE_POLICIES, EngineOptions
 from slim2deploy.deploy.precision import CALIB_METHODS, check_precision, resolve_int8_flavour
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
-from slim2deploy.model.folder import AnyData, sample_arrays
+from slim2deploy.model.folder import AnyData, check_classes_to_learn, sample_arrays
 from slim2deploy.model.preprocess import data_for
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT, FINETUNE_EPOCHS, MAX_DROP
 from slim2deploy.model.stats import check_memory_for
@@ -199,6 +199,7 @@ def check_finetune_batch(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData:
     through it). Returns the training data: the fine-tune stage uses it, not a second read."""
     assert cfg.data is not None  # validate() insists on it
     train_ds = data_for(ckpt, cfg.data, "train", data_dir=cfg.data_dir, limit=cfg.limit_train, seed=cfg.seed)
+    check_classes_to_learn(train_ds, cfg.data)
     batch = min(cfg.batch_size, len(train_ds))  # the loader never stacks more images than the data has
     need = math.prod(ckpt.input_shape) * 4 * batch  # float32
     check_memory(need, "`batch_size`", cfg.batch_size, f"one batch of {batch:,} float32 images")
@@ -233,10 +234,3 @@ def _eval_data(cfg: BuildConfig, ckpt: Checkpoint) -> AnyData | None:
         if cfg.data:
             raise
         return None  # the training data is not on this machine; the report says accuracy is unknown
-
-
-def make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SlimError(f"cannot create the output folder {out}: {exc.strerror}") from None

@@ -6,7 +6,6 @@ measures on); a re-run skips a stage whose key and outputs are unchanged (``base
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ import torch
 
 from slim2deploy.base.cache import Shape, StageCache, stage_key
 from slim2deploy.base.files import atomic_write_text, sha256_file
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.engine import EngineOptions, compile_engine
 from slim2deploy.deploy.export import DEFAULT_OPSET
 from slim2deploy.measure import benchmark
@@ -231,7 +231,7 @@ def bench_stage(run: Run, graphs: dict[str, Path]) -> dict[str, Any] | None:
     settings = (cfg.bench_batches, cfg.bench_iterations, cfg.bench_rounds, cfg.bench_warmup_s, cfg.threads)
     key = stage_key(names, [sha256_file(p) for p in paths], settings)
     run.cached("bench", "bench", key, files, work, "unchanged, skipped (the numbers below are from the previous run)")
-    comparison = Comparison.from_dict(json.loads(files[0].read_text()))
+    comparison = Comparison.from_dict(read_json(files[0], "benchmark result"))
     run.log(format_table(comparison))
     run.result.artifacts.update({f"benchmark_{p.suffix[1:]}": str(p) for p in files})
     return comparison.to_dict()

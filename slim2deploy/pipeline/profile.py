@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
+from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, TIMING_METHOD, CellCache, Target, make_target
@@ -191,6 +192,11 @@ def profile(
         "approximate": not traced.exact,
     }
     table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0)
+    if not table.layers:
+        raise SlimError(
+            f"{src} has no layer whose width a prunable channel group changes: there is nothing to prune, so "
+            "nothing to profile"
+        )
     cache = cache or CellCache(target)
     cache.measure(target, table.lines_around(sizes), log)
     small = [s[0] if s else g.size for s, g in zip(steps, traced.groups, strict=True)]
@@ -241,10 +247,11 @@ def refine(
 def read_table(path: str | Path, traced: PruningPlan, ckpt: Checkpoint, target: Target) -> LatencyTable:
     """The table at ``path`` (``--table``), refused unless profiled for this model -- its channel groups,
     architecture and input size -- and measured the way ``target`` measures."""
+    data = read_json(path, "latency table", advice="profile the model again")
     try:
-        table = LatencyTable.from_json(Path(path).read_text())
-    except OSError as exc:
-        raise SlimError(f"cannot read the latency table {path}: {exc.strerror}") from exc
+        table = LatencyTable.from_dict(data)
+    except SlimError as exc:
+        raise SlimError(f"{path}: {exc}") from None
     table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
     if table.meta.get("timing") != TIMING_METHOD:
         raise SlimError(

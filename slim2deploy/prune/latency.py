@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.formats import parse_json
 from slim2deploy.prune.knapsack import staircase
 
 # a latency goal is aimed this fraction under: a model predicted exactly at the goal measures on
@@ -209,7 +210,7 @@ def _layer(where: str, d: Any, n_groups: int) -> LayerSpec:
     for key, ms in cells.items():
         if not isinstance(key, str) or not re.fullmatch(r"[1-9][0-9]*,[1-9][0-9]*", key):
             raise _bad(f"{where}.cells", f"has the key {key!r}, not 'c_in,c_out' (two positive whole numbers)")
-        _ms(f"{where}.cells[{key!r}]", ms)
+        _ms(f"{where}.cells[{key!r}]", ms, positive=True)  # a timed run takes time, however small the layer
     return LayerSpec(**{**d, "cells": dict(cells)})
 
 
@@ -353,6 +354,8 @@ class LatencyTable:
             if counts != sorted(set(counts)) or any(k > size for k in counts):
                 raise _bad(f"steps[{g}]", f"is {counts}, not ascending kept counts within 1..{size}")
         layers = [_layer(f"layers[{i}]", layer, len(sizes)) for i, layer in enumerate(_items("layers", d["layers"]))]
+        if not layers:  # profile refuses a model without prunable layers: such a table was edited
+            raise _bad("layers", "is empty: the table models no layer")
         table = cls(
             meta=dict(d["meta"]),
             sizes=sizes,
@@ -376,7 +379,4 @@ class LatencyTable:
 
     @classmethod
     def from_json(cls, text: str) -> LatencyTable:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise SlimError(f"latency table is not valid JSON ({exc}); profile the model again") from exc
+        return cls.from_dict(parse_json(text, "the latency table", advice="profile the model again"))

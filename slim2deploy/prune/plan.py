@@ -18,6 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.formats import parse_json
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO
 
 PLAN_VERSION = 1
@@ -197,11 +198,8 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise damaged(f"it is not valid JSON ({exc})") from exc
-        return cls.from_dict(data)
+        advice = "make the pruned checkpoint again from the sparse one with `slim2deploy prune`"
+        return cls.from_dict(parse_json(text, "the pruning plan", advice=advice))
 
     def check(self) -> None:
         """The plan is consistent in itself: shapes, indices, roles and extents all fit together."""

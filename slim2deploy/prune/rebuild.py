@@ -15,7 +15,7 @@ from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, dtype_problem, first_line
-from slim2deploy.model.stats import check_memory_for, forward_bytes, image_bytes
+from slim2deploy.model.stats import check_memory_for, check_one_image, forward_bytes, image_bytes
 from slim2deploy.model.zoo import create_model, is_user_factory
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.surgery import apply_plan
@@ -52,7 +52,8 @@ def rebuild(ckpt: Checkpoint, *, trust_code: bool = False) -> Rebuilt:
     Every command that builds a model from a checkpoint comes through here, so one forward pass on a
     zero input of the checkpoint's ``input_shape`` checks that the recorded shape fits the model, and
     its output width that the recorded ``num_classes`` does (labels are checked against that count);
-    the same pass measures what one image needs in memory, for the batch checks.
+    the same pass measures what one image needs in memory, for the batch checks. A shape whose pass
+    cannot fit in memory at all is refused before anything runs on it (``stats.check_one_image``).
     """
     if ckpt.module is not None:
         return Rebuilt(copy.deepcopy(ckpt.module).eval(), tuple(ckpt.input_shape))
@@ -61,6 +62,11 @@ def rebuild(ckpt: Checkpoint, *, trust_code: bool = False) -> Rebuilt:
             f"the checkpoint's model comes from {ckpt.arch!r}; importing it runs that module's code. "
             "Pass `trust_code` if you trust it"
         )
+    # replaying a plan checks the slim model against the unpruned one on two images of the input shape
+    images = 1 if ckpt.plan is None else 2
+    check_one_image(
+        lambda: create_model(ckpt.arch, **ckpt.arch_kwargs), ckpt.input_shape, "the checkpoint's input_shape", images
+    )
     model = create_model(ckpt.arch, **ckpt.arch_kwargs)
     if ckpt.plan is not None:
         model = apply_plan(model, PruningPlan.from_dict(ckpt.plan))

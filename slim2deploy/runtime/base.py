@@ -15,7 +15,7 @@ the runner, never found out by checking its class.
 from __future__ import annotations
 
 import abc
-import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.formats import read_json
 
 Feed = Mapping[str, np.ndarray] | np.ndarray
 
@@ -46,6 +47,10 @@ class RunnerInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sample_shape": list(self.sample_shape)}
+
+    def input_bytes(self) -> int:
+        """Bytes of one sample of the input."""
+        return math.prod(self.sample_shape) * np.dtype(self.input_dtype).itemsize
 
 
 class Runner(abc.ABC):
@@ -100,6 +105,11 @@ class Runner(abc.ABC):
         """Backend-specific memory figures in bytes (empty when the backend cannot tell)."""
         return {}
 
+    def sample_bytes(self) -> int | None:
+        """Host bytes one sample needs at once in a forward pass, at least, once active; None when unknown
+        (the benchmark checks a batch against the memory with it before drawing the batch)."""
+        return None
+
     def costs(self) -> tuple[dict[str, int], str]:
         """``({"params": .., "macs": ..}, where they came from)``; by default a ``<model>.json`` beside the file."""
         costs = sidecar_costs(self.path) if self.path is not None else {}
@@ -150,7 +160,7 @@ def sidecar_costs(path: Path) -> dict[str, int]:
     if not side.exists():
         return {}
     try:
-        data = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = read_json(side, "model's side file")
+    except SlimError:  # only numbers for the report: without them the costs are unknown
         return {}
-    return {k: int(data[k]) for k in ("params", "macs") if isinstance(data.get(k), int)}
+    return {k: int(data[k]) for k in ("params", "macs") if isinstance(data, dict) and isinstance(data.get(k), int)}

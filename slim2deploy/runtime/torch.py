@@ -31,8 +31,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import load_checkpoint
-from slim2deploy.model.stats import count_macs, count_params
-from slim2deploy.prune.rebuild import model_from_checkpoint
+from slim2deploy.model.stats import count_macs, count_params, image_bytes
+from slim2deploy.prune.rebuild import rebuild
 from slim2deploy.runtime.base import Runner, RunnerInfo
 from slim2deploy.runtime.registry import COMPILE_MODES, TORCH_MODES
 
@@ -128,6 +128,7 @@ class TorchRunner(Runner):
         self._compiled_batches: set[int] = set()
         self.params: int | None = None
         self.macs: int | None = None
+        self._sample_bytes: int | None = None
 
     def _load(self) -> tuple[nn.Module, tuple[int, ...]]:
         if self.module is not None:
@@ -135,11 +136,12 @@ class TorchRunner(Runner):
             return self.module.eval(), self.input_shape
         assert self.path is not None
         ckpt = load_checkpoint(self.path, trust_code=self.trust_code)
-        model = model_from_checkpoint(ckpt, trust_code=self.trust_code)
         sample_shape = tuple(int(d) for d in ckpt.input_shape)
         if not all(sample_shape):
             raise SlimError(f"{self.name} does not record its input shape; save it as a slim2deploy checkpoint")
-        return model.eval(), sample_shape
+        rebuilt = rebuild(ckpt, trust_code=self.trust_code)
+        self._sample_bytes = rebuilt.bytes_per_image()  # measured by the pass that checked the checkpoint
+        return rebuilt.model.eval(), sample_shape
 
     def _prepare(self, model: nn.Module, sample_shape: tuple[int, ...], device: str) -> tuple[nn.Module, int]:
         """The model as the mode deploys it, on its device, dtype and memory format."""
@@ -264,6 +266,11 @@ class TorchRunner(Runner):
             host = out.float().cpu().numpy()  # the copy back synchronises the stream
             self.last_compute_ms = start.elapsed_time(end)
             return host
+
+    def sample_bytes(self) -> int | None:
+        if self._sample_bytes is None and self.module is not None and self.input_shape is not None:
+            self._sample_bytes = image_bytes(self.module, self.input_shape)
+        return self._sample_bytes
 
     def memory(self) -> dict[str, int]:
         if not self.is_active or self._torch_device.type != "cuda":
