@@ -11,6 +11,7 @@ from conftest import run_cli, torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import TrainConfig, distill_loss, step_loss
 
@@ -108,19 +109,32 @@ def test_distillation_under_two_processes_equals_one_at_the_same_global_batch(pr
     assert any(not torch.equal(a[k], start[k]) for k in a)  # and it did train
 
 
-def test_resuming_a_distilled_fine_tune_continues_exactly(pruned, blobs_npz, tmp_path):
+def test_resuming_a_distilled_fine_tune_continues_exactly(pruned, blobs_npz, tmp_path, monkeypatch):
+    """A 2-epoch distilled fine-tune interrupted right after its first epoch was saved, then resumed, ends
+    with the weights of the same fine-tune run straight through."""
+    from slim2deploy.pipeline import train as train_mod
+
     full, slim = pruned
-    args = ["finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz)]
-    args += ["--batch-size", "32", "--device", "cpu", "--max-drop", "100"]
+    options = dict(data=str(blobs_npz), epochs=2, batch_size=32, device="cpu", max_drop=None, progress=False, log=None)
     whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
-    assert run_cli(*args, "--epochs", "2", "--out", str(whole)).returncode == 0
-    assert run_cli(*args, "--epochs", "1", "--out", str(part)).returncode == 0
-    proc = run_cli(*args, "--epochs", "2", "--resume", str(part), "--out", str(part))
-    assert proc.returncode == 0, proc.stderr
+    train_mod.finetune_checkpoint(slim, whole, distill=train_mod.Distill(full), **options)
+    real_save = train_mod.save_checkpoint
+
+    def save_then_stop(ckpt, path):
+        real_save(ckpt, path)
+        raise KeyboardInterrupt  # as if the run were killed right after its first epoch was saved
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full), **options)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert load_checkpoint(part).meta["epochs"] == 1
+    train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full), resume=part, **options)
     a, b = load_checkpoint(whole).state_dict, load_checkpoint(part).state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
-    other = run_cli(*args, "--epochs", "3", "--distill-weight", "0.2", "--resume", str(part), "--out", str(part))
-    assert other.returncode == 2 and "distill" in other.stderr  # another loss would not continue that run
+    with pytest.raises(SlimError, match="distill"):  # another loss would not continue that run
+        train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full, weight=0.2), resume=part,
+                                      **{**options, "epochs": 3})  # fmt: skip
 
 
 def test_the_allowance_refuses_a_collapsed_model_in_a_real_build(blobs_npz, tmp_path):

@@ -370,7 +370,7 @@ def test_cli_build_engine_require_compiles_both_engines(tmp_path):
     }
     proc = run_cli(
         "build", "--model", str(ROOT / "demo" / "vgg11-w0.25-sparse.pt"), "--ratio", "0.5", "--out", str(out),
-        "--engine", "require", "--engine-batch", "1,8", "--no-bench", "--eval-limit", "200", env=env,
+        "--engine", "require", "--engine-batch", "1,8", "--no-bench", "--max-drop", "5", "--eval-limit", "200", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

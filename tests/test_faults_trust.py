@@ -614,8 +614,10 @@ def test_an_input_shape_beyond_any_machine_is_refused_before_it(work, cli):
 def test_latency_script_refuses_a_checkpoint_batch_beyond_memory_before_drawing_it(work, capsys):
     before = snapshot(work["root"])
     args = [work["ckpt"], "--batch", f"1,{10**10}", "--iters", "2", "--rounds", "1", "--quiet", "--no-rss"]
-    line = assert_refused(_bench(args, capsys), f"--batch {10**10}: one batch through model.pt", before, work["root"])
-    assert line.startswith("error: ") and "use a smaller --batch" in line
+    line = assert_refused(
+        _bench(args, capsys), f"--bench-batch {10**10}: one batch through model.pt", before, work["root"]
+    )
+    assert line.startswith("error: ") and "use a smaller --bench-batch" in line
 
 
 def test_an_error_in_a_data_loading_worker_process_is_its_own_one_line(tmp_path, cli):

@@ -63,8 +63,9 @@ def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
         assert column in md
     study = result["latency_study"]
     lat = {r["variant"]: r for r in study["rows"]}
-    assert list(lat) == ["baseline", "latency", "gamma", "uniform"]
-    for name in ("latency", "gamma", "uniform"):
+    variants = ["latency", "gamma", "uniform", "scratch"]
+    assert list(lat) == ["baseline", *(f"{v}{kd}" for v in variants for kd in ("", "+kd"))]
+    for name in (r for r in lat if r != "baseline"):
         r = lat[name]
         assert 0.0 <= r["acc_before"] <= 1.0 and 0.0 <= r["acc"] <= 1.0
         assert 0 < r["macs"] < lat["baseline"]["macs"] and r["measured_ms"] > 0

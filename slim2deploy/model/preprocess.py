@@ -20,6 +20,7 @@ normalisation; what they read is checked to be the model's own kind (input shape
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,24 @@ def starting_stats(
     )
 
 
+def _npz_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of an .npz's images (``x_train``, else ``x``), read from the array's header alone; None for
+    anything unreadable (the loader then says what is wrong with the file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            member = next((f"{k}.npy" for k in ("x_train", "x") if f"{k}.npy" in names), None)
+            if member is None:
+                return None
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, _ = read(f)  # the header only, no data
+                return tuple(int(d) for d in shape)
+    except Exception:  # noqa: BLE001 - damaged, truncated or foreign: the loader's own checks explain it
+        return None
+
+
 def channels_of(data: str) -> int | None:
     """The channel count of a dataset's images, without reading it whole (None where it cannot tell cheaply):
     Fashion-MNIST is grey, a folder decodes to RGB, an .npz says in its array."""
@@ -66,12 +85,7 @@ def channels_of(data: str) -> int | None:
     if path.is_dir():
         return 3
     if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                key = "x_train" if "x_train" in arrays.files else "x"
-                shape = arrays[key].shape if key in arrays.files else None
-        except (OSError, ValueError, KeyError):
-            return None  # the loader says what is wrong with it
+        shape = _npz_shape(path)
         if shape is not None:
             return 1 if len(shape) == 3 else int(shape[1]) if len(shape) == 4 else None
     return None

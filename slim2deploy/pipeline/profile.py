@@ -286,7 +286,7 @@ def profile_checkpoint(
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
     ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
-    rebuilt.check_batch(batch, "--batch")
+    rebuilt.check_batch(batch, "`profile_batch`")
     model = rebuilt.model
     traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), exact=exact)
     cells = CellCache(tgt, cache)

@@ -229,8 +229,6 @@ def train_command(
         tqdm.write(describe_stats((train_ds.mean, train_ds.std), said))
     if val_ds.input_shape != train_ds.input_shape:
         raise SlimError(f"train images are {train_ds.input_shape}, validation images {val_ds.input_shape}")
-    if train_ds.num_classes < 2:
-        raise SlimError(f"{data} has {train_ds.num_classes} class: a classifier needs at least 2 to learn anything")
     # a batch is never more images than the data has: only what the loader will really stack is checked
     rebuilt.check_batch(min(cfg.batch_size, len(train_ds)), "`batch_size`")
 
