@@ -27,9 +27,9 @@ from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, prune_to_budg
 from slim2deploy.pipeline.profile import layer_specs
 from slim2deploy.prune.goal import Budget, by_budget
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.latency_solve import OutOfReach
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
-from slim2deploy.prune.select import OutOfReach
 from slim2deploy.prune.trace import trace_groups
 
 
@@ -130,7 +130,7 @@ def test_closed_loop_meets_the_budget_on_the_target(tmp_path):
     first = result.tries[0]
     assert first["measured_ms"] > first["goal_ms"] * (1 + MISS_TOLERANCE)
     assert 1 < len(result.tries) <= budget.selector.tries
-    assert result.met and result.chosen is result.tries[-1]
+    assert result.met and result.chosen == result.tries[-1]
     assert result.chosen["measured_ms"] <= result.chosen["goal_ms"] * (1 + MISS_TOLERANCE)
     assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(result.chosen["measured_ms"])
     kept = [len(g.keep) for g in result.plan.groups]
@@ -402,8 +402,8 @@ def test_a_model_far_faster_than_the_goal_is_widened_and_the_try_nearest_the_aim
     assert first["measured_ms"] < first["goal_ms"] * (1 - OVERSHOOT)
     assert len(result.tries) > 1 and result.met
     met = [t for t in result.tries if t["measured_ms"] <= t["goal_ms"] * (1 + MISS_TOLERANCE)]
-    aim = 1 - budget.margin
-    assert chosen is min(met, key=lambda t: abs(t["measured_ms"] / t["goal_ms"] - aim))
+    aim = 1 - budget.selector.margin
+    assert chosen == min(met, key=lambda t: abs(t["measured_ms"] / t["goal_ms"] - aim))
     assert chosen["measured_ms"] > first["measured_ms"]
     assert target.model_ms(tmp_path / "slim.pt") == pytest.approx(chosen["measured_ms"])
     measured = [t["measured_ms"] for t in result.tries]
