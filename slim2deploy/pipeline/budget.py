@@ -254,11 +254,11 @@ class _Loop:
     target: Target
     log: Callable[[str], None] | None
 
-    def floor(self) -> list[int]:
-        """The smallest kept counts the rails (and ``keep``) allow among the table's profiled steps; with depth,
-        every removable branch the table prices removed."""
+    def fastest(self) -> list[int]:
+        """The fastest kept counts the rails (and ``keep``) allow among the table's profiled steps, as the table
+        predicts; with depth, removable branches the table prices removed where that is faster."""
         groups, _, removable = selection_groups(self.traced, self.selection)
-        return problem(self.table, groups, self.selection.rails, removable, 0.0).floor()
+        return problem(self.table, groups, self.selection.rails, removable, 0.0).fastest()
 
     def select(self, budget_ms: float) -> tuple[PruningPlan, Selection]:
         chosen = replace(self.selection, selector=LatencySelector(self.table.to_dict(), latency_ms=budget_ms))
@@ -271,7 +271,7 @@ class _Loop:
         try:
             return (*self.select(budget_ms), budget_ms, False)
         except OutOfReach:
-            floor_ms = self.table.predict(self.floor())
+            floor_ms = self.table.predict(self.fastest())
             budget = _goal(self.selection)
             if first and floor_ms > budget_ms / aim * (1 + 1e-9):
                 if not budget.or_smallest:

@@ -38,7 +38,7 @@ Option = tuple[int, ...]  # the kept counts of an item's groups, in its order
 
 
 class OutOfReach(SlimError):
-    """A latency budget that even the smallest model the rails allow is predicted to miss."""
+    """A latency budget that even the fastest model the rails allow is predicted to miss."""
 
 
 @dataclass
@@ -70,11 +70,16 @@ class Problem:
     def removal(self, item: Item) -> Option:
         return tuple(0 if g == item.dead else self.groups[g].size for g in item.groups)
 
-    def floor(self) -> list[int]:
-        """The smallest model the rails allow: every priced branch removed, every other group at its floor."""
+    def fastest(self) -> list[int]:
+        """The fastest model the rails allow, as the table predicts: every group at its floor, and each priced
+        branch removed where that is faster (a branch whose layers the table overprices may save less)."""
         counts = [g.size for g in self.groups]
         for item in self.items:
-            put(counts, item, self.removal(item) if item.branch else tuple(self.options[g][0] for g in item.groups))
+            put(counts, item, tuple(self.options[g][0] for g in item.groups))
+        for item in self.items:
+            if item.branch is not None:
+                gone = with_option(counts, item, self.removal(item))
+                counts = gone if self.table.predict(gone) <= self.table.predict(counts) else counts
         return counts
 
     def cost(self, item: Item, counts: Sequence[int]) -> float:
@@ -196,11 +201,11 @@ def _deadness(groups: Sequence[Group]) -> Callable[[int], tuple[float, float, in
 def solve(p: Problem, budget: float) -> list[int]:
     """Kept counts per group (0: that group's branch removed, the rest of it whole) within ``budget`` ms."""
     table = p.table
-    smallest = p.floor()
-    floor_ms = table.predict(smallest)
+    fastest = p.fastest()
+    floor_ms = table.predict(fastest)
     if floor_ms > budget:
-        _out_of_reach(p, budget, floor_ms)
-    best = (p.value(smallest), smallest)
+        _out_of_reach(p, budget, floor_ms, fastest)
+    best = (p.value(fastest), fastest)
     current = [g.size for g in p.groups]
     for _ in range(4):  # re-linearise around the latest solution
         menus = [p.menu(item, current) for item in p.items]
@@ -230,7 +235,7 @@ def solve(p: Problem, budget: float) -> list[int]:
     return p.fill(best[1], budget)
 
 
-def _out_of_reach(p: Problem, budget: float, floor_ms: float) -> None:
+def _out_of_reach(p: Problem, budget: float, floor_ms: float, fastest: list[int]) -> None:
     table = p.table
     # a speed-up below 1x is no goal --speedup takes: then the rails themselves are what to change
     why = (
@@ -239,9 +244,14 @@ def _out_of_reach(p: Problem, budget: float, floor_ms: float) -> None:
         else f"no faster than the unpruned {table.full_ms:.4g} ms: the rails allow no speed-up on this target;"
     )
     depth = any(item.branch for item in p.items)
+    gone = len(table.removed(fastest))
     raise OutOfReach(
-        f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the smallest model the rails allow"
-        + (" (every removable residual branch removed)" if depth else "")
+        f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the fastest model the rails allow"
+        + (
+            f" ({gone} of its {sum(1 for i in p.items if i.branch)} removable residual branches removed)"
+            if depth
+            else ""
+        )
         + f" is predicted at {floor_ms:.4g} ms, {why} loosen --min-channels / --max-prune / --round-to"
         + ("" if depth or not table.branches else ", or let pruning remove residual branches (drop --no-depth)")
     )
