@@ -380,6 +380,14 @@ def test_calibrate_depth_predicts_the_model_without_branches_and_shares_by_join_
     assert table.predict(bare) == pytest.approx(0.5)
     unexplained = table.base_ms + 0.3 - 0.5
     assert [b.extra_ms for b in table.branches] == pytest.approx([unexplained / 4, 3 * unexplained / 4])
+    # measured slower than the layers explain (standalone probes overpricing tiny layers): removing a branch
+    # still saves at least nothing, even at its narrowest
+    table.calibrate_depth(5.0, bare)
+    narrowest = [8, 8, 8]
+    assert [b.extra_ms for b in table.branches] == pytest.approx([-1.0, -0.5])  # its layer's cost at 8 channels
+    for b in table.branches:
+        kept = table.predict(narrowest)
+        assert table.predict([0 if g in b.groups else k for g, k in enumerate(narrowest)]) <= kept + 1e-12
 
 
 def _groups(sizes, scores):

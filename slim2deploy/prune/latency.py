@@ -111,14 +111,17 @@ class LatencyTable:
         """Make the table predict ``measured_ms`` for ``counts`` (the smallest model with every branch removed,
         measured with ``calibrate``'s two): what the layers do not explain of it is shared out among the removed
         branches in proportion to what each adds at its join (the tensor its BatchNorms, activations and add
-        read and write; per-kernel costs go with it)."""
+        read and write). Removing a branch never costs time: where standalone probes overprice its layers (their
+        own launch, on a tiny layer) a branch saves at least nothing, even at its narrowest, and the closed
+        loop corrects the rest."""
         gone = self.removed(counts)
         for b in self.branches:
             b.extra_ms = 0.0
         unexplained = self.predict(counts) - float(measured_ms)
         total = sum(b.size for b in gone)
+        narrowest = [kept[0] if kept else size for kept, size in zip(self.steps, self.sizes, strict=True)]
         for b in gone:
-            b.extra_ms = unexplained * b.size / total
+            b.extra_ms = max(unexplained * b.size / total, -self.part_ms(narrowest, b.layers))
 
     def removed(self, counts: Sequence[int]) -> list[BranchSpec]:
         """The branches ``counts`` remove: one of their groups keeps no channel."""

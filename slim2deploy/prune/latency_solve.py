@@ -155,9 +155,10 @@ def with_option(counts: Sequence[int], item: Item, option: Option) -> list[int]:
 
 
 def _undominated(rated: list[tuple[Option, float, float]]) -> list[tuple[Option, float, float]]:
-    """Cheapest first; an option costing more than another and worth no more is dropped (ties: the wider)."""
+    """Cheapest first; an option costing more than another and worth no more is dropped. Of equals a branch's
+    removal wins (fewer kernels, and exact where it is worth nothing), then the wider."""
     kept: list[tuple[Option, float, float]] = []
-    for entry in sorted(rated, key=lambda e: (e[1], -e[2], [-k for k in e[0]])):
+    for entry in sorted(rated, key=lambda e: (e[1], -e[2], 0 not in e[0], [-k for k in e[0]])):
         if not kept or entry[2] > kept[-1][2]:
             kept.append(entry)
     return kept
