@@ -8,6 +8,7 @@ layers do not model, which removing a branch saves too (what ``LatencyTable.cali
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -180,3 +181,22 @@ def test_the_cli_prunes_to_a_speedup_on_onnx_runtime_removing_dead_branches(spar
         "prune", "--model", sparse, "--out", tmp_path / "t.pt", *loose, "--table", narrow, "--no-depth"
     )
     assert status == 0 and not _removed(tmp_path / "t.pt"), err
+
+
+def test_inspect_and_the_build_report_show_what_depth_removed(sparse, tmp_path, cli):
+    out = tmp_path / "build"
+    status, _, err = cli("build", "--model", sparse, "--out", out, "--ratio", "0.3", "--engine", "off",
+                         "--bench-batch", "1,4", "--bench-iterations", "3", "--bench-rounds", "1")  # fmt: skip
+    assert status == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["structure"]["blocks_removed"]) == set(DEAD) and report["structure"]["blocks_removable"] == 9
+    graphs = report["structure"]["graphs"]
+    assert graphs["baseline"]["layers"] == 22 and graphs["slim"]["layers"] == 22 - 2 * len(DEAD)
+    assert graphs["slim"]["nodes"] < graphs["baseline"]["nodes"]
+    assert set(report["latency"]) == {"1", "4"} and all(v["slim_ms"] > 0 for v in report["latency"].values())
+    md = (out / "report.md").read_text()
+    assert "Residual blocks removed: 2 of 9 removable (" in md and "| conv/linear layers (ONNX) | 22 | 18 |" in md
+    assert "| ONNX nodes |" in md and "latency, batch 1 (" in md and "latency, batch 4 (" in md
+    status, shown, _ = cli("inspect", "--model", out / "slim.pt")
+    assert status == 0 and "layers     18 convolutions and linears (unpruned: 22)" in shown
+    assert "removed    2 residual block(s)" in shown
