@@ -98,8 +98,11 @@ def prune_stage(run: Run) -> Path:
         return {"seconds": round(seconds, 2), "latency": latency}
 
     measured = goal_of(cfg.selection) is not None
-    extra = ([] if cfg.exact else ["approximate"]) + ([TIMING_METHOD] if measured else [])
-    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)  # timed: how it was timed
+    # a latency goal's model depends on how it was timed, and with depth on whether removal was priced (a build
+    # from before that chose widths only under the same selection)
+    timed = [TIMING_METHOD, *(["priced depth"] if cfg.selection.depth else [])] if measured else []
+    extra = ([] if cfg.exact else ["approximate"]) + timed
+    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)
     run.cached("prune", "prune", key, [slim_path, plan_path], work, "unchanged, skipped", PRUNE_INFO)
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
     return slim_path
