@@ -8,7 +8,7 @@ For each torchvision model (random weights, BatchNorm gamma drawn so that half o
 channels are near zero: ``draw_sparse_gammas``), a slim2deploy checkpoint is written once; then,
 per target, the model is pruned to ``--speedup`` 1.5 and 2.0 (``prune_to_budget``: profile, select,
 cut, closed loop) and at ``--ratio 0.5`` (the paper's global threshold), and baseline and slim model
-are benchmarked interleaved (``measure.benchmark.compare``) at every batch, on GPU targets by CUDA
+are benchmarked interleaved (``measure.benchmark.time_pair``) at every batch, on GPU targets by CUDA
 events around the model alone. The ratio model's predicted latency comes from the target's table
 of the speed-up runs. Every finished (model, target, selection) row is written at once to the
 JSON beside ``--out`` and skipped when the command runs again, so a run cut short by
@@ -34,7 +34,7 @@ from gpu_doc import render
 from slim2deploy.base.environment import tensorrt_version
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_write_text
-from slim2deploy.measure.benchmark import compare
+from slim2deploy.measure.benchmark import time_pair
 from slim2deploy.measure.environment import environment
 from slim2deploy.measure.targets import TARGETS, make_target
 from slim2deploy.model.checkpoint import load_checkpoint
@@ -198,7 +198,7 @@ def run_row(args: argparse.Namespace, model: str, target_name: str, selection: s
     row["prune_s"] = time.perf_counter() - started
     row["macs_ratio"] = macs_ratio(slim, src)
     log(f"benchmark at batches {args.batches}")
-    comp = compare(
+    comp = time_pair(
         base_art,
         slim_art,
         batches=args.batches,

@@ -3,7 +3,7 @@
     python bench/latency_target.py [--speedup 2] [--batch 64] [--models demo,resnet56] [--cache DIR] [--approximate]
 
 For each model: ``prune_to_budget`` (profile on ort-cpu, select, cut, closed loop), then the
-unpruned and the slim ONNX graphs measured interleaved with ``measure.benchmark.compare`` (the
+unpruned and the slim ONNX graphs measured interleaved with ``measure.benchmark.time_pair`` (the
 engine of ``bench/latency.py``). ``demo`` is ``demo/vgg11-w0.25-sparse.pt``; ``resnet56`` is the
 zoo model at width 1.0 and 28x28x1 with BatchNorm gamma drawn sparse (half of every layer near
 zero, the rest uniform in [0.2, 1]), as the DESIGN's GPU measurements were made. Prints one row
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from slim2deploy.measure.benchmark import compare
+from slim2deploy.measure.benchmark import time_pair
 from slim2deploy.measure.targets import make_target
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs
@@ -82,7 +82,7 @@ def main() -> None:
             ort = make_target("ort-cpu")
             base_onnx = checkpoint_artifact(src, ort, work, name)
             slim_onnx = checkpoint_artifact(slim, ort, work, f"{name}-slim")
-            comp = compare(
+            comp = time_pair(
                 base_onnx,
                 slim_onnx,
                 batches=[args.batch],

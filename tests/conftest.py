@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+# caches the suite fills (measured latency cells, mypy's) stay in the checkout's ignored .test-cache/, never
+# in the home folder; set before slim2deploy is imported (its default cache folder is read at import)
+os.environ["XDG_CACHE_HOME"] = str(ROOT / ".test-cache")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -24,6 +27,30 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
+
+
+_CHILD_PROCESS = re.compile(r"\b(run_cli|torchrun|run_script|subprocess\.run|subprocess\.Popen)\(")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that run the real CLI (or torchrun, or a script) in a child process ``subprocess``, so a
+    quick run can leave them out (``-m "not subprocess"``; ``make test`` runs everything), and skip ``gpu``
+    tests where there is no CUDA GPU."""
+    import inspect
+
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if _CHILD_PROCESS.search(source):
+            item.add_marker(pytest.mark.subprocess)
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_runtime import SAMPLE, export_tiny
+from test_runners import SAMPLE, export_tiny
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.onnx_info import onnx_costs
-from slim2deploy.measure.benchmark import benchmark, compare
+from slim2deploy.measure.benchmark import benchmark, time_pair
 from slim2deploy.measure.memory import peak_rss
 from slim2deploy.measure.results import Comparison, LatencyStats
 from slim2deploy.measure.tables import format_table, to_markdown, write_reports
@@ -45,7 +45,7 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def comparison(pair) -> Comparison:
     base, slim, _, _ = pair
-    return compare(base, slim, batches=[4, 1], **FAST)
+    return time_pair(base, slim, batches=[4, 1], **FAST)
 
 
 def test_interleaved_comparison_has_sane_statistics(comparison, pair):

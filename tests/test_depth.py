@@ -252,13 +252,13 @@ def test_random_branches_and_channels_removed_together_stay_exact(name: str) -> 
 def test_conv_bn_folding_for_torch_runtimes_traces_through_the_replaced_modules() -> None:
     """runtime.torch folds Conv+BN with torch.fx: Skip and Const are recorded as calls, so the batch a
     branch's constant is filled to (torchvision adds into it in place) stays the input's."""
-    from slim2deploy.runtime.torch import fold_conv_bn
+    from slim2deploy.runtime.torch import fuse_conv_bn
 
     base, x, traced = _traced("tv_resnet18")
     branch = [b for b in traced.branches if b.removable][2]
     assert branch.batched
     slim = apply_plan(base, select(traced, _emptying(traced, branch.groups[0])))
-    folded, pairs = fold_conv_bn(slim)
+    folded, pairs = fuse_conv_bn(slim)
     assert pairs > 0
     batch = torch.randn(4, *x.shape[1:])
     with torch.no_grad():

@@ -136,3 +136,14 @@ def test_the_allowance_refuses_a_collapsed_model_in_a_real_build(blobs_npz, tmp_
     assert "warning: only" in proc.stdout + proc.stderr  # the gammas were never sparse: said before
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"]["within_allowance"] is False and (out / "slim.onnx").exists()
+
+
+@pytest.mark.gpu
+def test_a_distilled_fine_tune_runs_on_cuda_with_amp(pruned, blobs_npz, tmp_path):
+    full, slim = pruned
+    out = tmp_path / "ft.pt"
+    args = ["--epochs", "1", "--batch-size", "32", "--device", "cuda", "--amp", "--max-drop", "100"]
+    proc = run_cli("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *args,
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(out).meta["finetune"]["distill"]["sha256"]

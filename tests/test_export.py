@@ -10,7 +10,7 @@ from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.deploy.export import FP32_RTOL, export_onnx, fold_conv_bn, graph_leftovers, load_onnx
+from slim2deploy.deploy.export import FP32_RTOL, export_onnx, fuse_conv_bn_nodes, graph_leftovers, load_onnx
 from slim2deploy.measure.compare import check_parity, run_all
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
@@ -90,14 +90,14 @@ def _conv_bn_graph(rng: np.random.Generator) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_fold_conv_bn_keeps_outputs_and_removes_bn(tmp_path):
+def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
     for i in range(5):
         model = _conv_bn_graph(np.random.default_rng(i))
         onnx.save(model, str(tmp_path / "before.onnx"))
         assert graph_leftovers(model) != []
-        assert fold_conv_bn(model) == 1
+        assert fuse_conv_bn_nodes(model) == 1
         onnx.save(model, str(tmp_path / "after.onnx"))
         assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
         with OrtRunner(tmp_path / "before.onnx", "cpu", "disable") as before_runner:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_runtime import export_tiny
+from test_runners import export_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "latency.py"
@@ -152,7 +152,7 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     """--batch N on an .onnx: refused when one tensor of the batch alone exceeds the memory: the input
     (share 2: twice the memory) or, where the input would fit (share 0.5), an activation of the graph
     that onnx shape inference sizes. Nothing is written."""
-    from test_runtime import SAMPLE
+    from test_runners import SAMPLE
 
     base, _ = models
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

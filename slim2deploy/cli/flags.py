@@ -116,7 +116,7 @@ def add_stats_args(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--mean",
         default=None,
-        help="input normalisation mean per channel, e.g. 0.485,0.456,0.406 (default: see README, 'Normalisation')",
+        help="input normalisation mean per channel, e.g. 0.485,0.456,0.406 (default: the rule in docs/training.md)",
     )
     g.add_argument("--std", default=None, help="input normalisation std per channel, e.g. 0.229,0.224,0.225")
 

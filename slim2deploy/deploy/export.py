@@ -133,7 +133,7 @@ def _exporter_dynamo(model: Any, x: Any, path: Path, opset: int, dynamic_batch: 
     program.save(str(path), external_data=False)
 
 
-def fold_conv_bn(model: onnx.ModelProto) -> int:
+def fuse_conv_bn_nodes(model: onnx.ModelProto) -> int:
     """Fold every BatchNormalization whose only input producer is a Conv used by nothing else; returns count."""
     from onnx import numpy_helper
 
@@ -296,7 +296,7 @@ def export_onnx(
     simplifier = None
     if simplify:
         proto, simplifier = _simplify(proto)
-    fold_conv_bn(proto)
+    fuse_conv_bn_nodes(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         onnx.checker.check_model(proto, full_check=True)

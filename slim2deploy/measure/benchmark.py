@@ -277,12 +277,12 @@ def benchmark(
     )
 
 
-def compare(
+def time_pair(
     baseline_path: str | os.PathLike[str],
     slim_path: str | os.PathLike[str],
     batches: Sequence[int] = (1, 64),
     **kwargs: Any,
 ) -> Comparison:
-    """Baseline against slim model, measured interleaved (``slim2deploy build`` uses this)."""
+    """Baseline against slim model, measured interleaved (the bench scripts use this)."""
     kwargs.setdefault("names", ["baseline", "slim"])
     return benchmark([slim_path], baseline=baseline_path, batches=batches, **kwargs)

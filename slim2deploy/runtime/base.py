@@ -54,9 +54,8 @@ class RunnerInfo:
 
 
 class Runner(abc.ABC):
-    backend = "base"  # what RunnerInfo.backend reports
     kind = "base"  # the registry's name for this runtime (``open_runner(..., backend=kind)``)
-    library: str | None = None  # the heavy module activation imports, if any
+    library: str | None = None  # the library that runs the model (what RunnerInfo.backend reports), if any
     # a fresh process that opens this runner by ``kind`` and ``options`` measures the model's own
     # peak host memory; None where that number would mean nothing (GPU memory is reported instead)
     rss_prefix: str | None = None

@@ -97,7 +97,7 @@ def providers_for(device: str, available: list[str]) -> list[str]:
     if wanted[0] not in available:
         raise SlimError(
             f"ONNX Runtime here has no {wanted[0]} (available: {', '.join(available)}); "
-            "install onnxruntime-gpu for cuda/tensorrt or use --backend cpu"
+            "install onnxruntime-gpu for cuda/tensorrt or use the cpu `device`"
         )
     return wanted
 
@@ -160,7 +160,6 @@ class OrtRunner(Runner):
     for a model timed alone.
     """
 
-    backend = "onnxruntime"
     kind = "onnx"
     library = "onnxruntime"
     rss_prefix = "ort"
@@ -218,7 +217,7 @@ class OrtRunner(Runner):
         used = self._session.get_providers()
         meta = self._session.get_modelmeta().custom_metadata_map
         return RunnerInfo(
-            backend=self.backend,
+            backend=self.library or self.kind,
             path=str(self.path),
             input_name=inp.name,
             sample_shape=tuple(int(d) for d in dims[1:]),

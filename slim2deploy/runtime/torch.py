@@ -41,7 +41,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FOLD_RTOL = 1e-4
 
 
-def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
+def fuse_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` (eval mode) with each Conv -> BatchNorm pair fused into one Conv; (model, pairs)."""
     model = copy.deepcopy(model).eval()
     try:
@@ -75,7 +75,6 @@ def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
 class TorchRunner(Runner):
     """A checkpoint path (or an ``nn.Module`` with ``input_shape``) run by torch in one of TORCH_MODES."""
 
-    backend = "torch"
     kind = "torch"
     library = "torch"
 
@@ -147,7 +146,7 @@ class TorchRunner(Runner):
         """The model as the mode deploys it, on its device, dtype and memory format."""
         pairs = 0
         if self.mode in ("folded", "compiled"):
-            folded, pairs = fold_conv_bn(model)
+            folded, pairs = fuse_conv_bn(model)
             weight = next(model.parameters(), None)
             probe = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
             probe = probe.to(weight.device) if weight is not None else probe
@@ -179,9 +178,9 @@ class TorchRunner(Runner):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise SlimError("torch sees no CUDA GPU here; use --backend cpu")
+            raise SlimError("torch sees no CUDA GPU here; use the cpu `device`")
         if device == "cpu" and (self.precision == "fp16" or self.cuda_graph):
-            raise SlimError("fp16 and CUDA graphs need the cuda device; drop them or use --backend cuda")
+            raise SlimError("fp16 and CUDA graphs need the cuda device; drop them or use the cuda `device`")
         if self.threads:
             torch.set_num_threads(self.threads)
         model, sample_shape = self._load()
@@ -193,7 +192,7 @@ class TorchRunner(Runner):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats(self._torch_device)
         return RunnerInfo(
-            backend=self.backend,
+            backend=self.library or self.kind,
             path=str(self.path) if self.path is not None else "",
             input_name="input",
             sample_shape=sample_shape,

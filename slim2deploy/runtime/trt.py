@@ -29,7 +29,6 @@ class TrtRunner(Runner):
     shape and replayed (TensorRT requires one plain enqueue after a shape change first).
     """
 
-    backend = "tensorrt"
     kind = "tensorrt"
     library = "tensorrt"
 
@@ -86,7 +85,7 @@ class TrtRunner(Runner):
             "io_buffer_bytes": sum(sizes.values()),
         }
         return RunnerInfo(
-            backend=self.backend,
+            backend=self.library or self.kind,
             path=str(self.path),
             input_name=self._input,
             sample_shape=max_shape[1:],

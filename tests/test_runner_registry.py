@@ -14,7 +14,7 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_export import randomise_bn
-from test_runtime import SAMPLE, export_tiny
+from test_runners import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
@@ -24,7 +24,7 @@ from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
 from slim2deploy.runtime.ort import OrtRunner, onnx_metadata
 from slim2deploy.runtime.registry import RUNTIMES, device_choices, open_runner, runner_kind
-from slim2deploy.runtime.torch import TorchRunner, fold_conv_bn
+from slim2deploy.runtime.torch import TorchRunner, fuse_conv_bn
 
 ZOO = [
     ("vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28)),
@@ -105,7 +105,7 @@ def test_folding_matches_eager_and_removes_only_foldable_batchnorms(name, kwargs
     torch.manual_seed(0)
     model = randomise_bn(create_model(name, **kwargs))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded, pairs = fold_conv_bn(model)
+    folded, pairs = fuse_conv_bn(model)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     left = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
     assert pairs > 0 and len(left) == len(bns) - pairs
@@ -127,7 +127,7 @@ def test_a_conv_feeding_a_residual_add_keeps_its_batchnorm_apart():
             return self.bn(y) + self.conv2(y)  # conv's output has two users: folding bn into it is wrong
 
     model = randomise_bn(Block())
-    folded, pairs = fold_conv_bn(model)
+    folded, pairs = fuse_conv_bn(model)
     x = torch.randn(2, 4, 6, 6)
     assert pairs == 0
     with torch.no_grad():
