@@ -305,7 +305,7 @@ def add_rails_args(
 DEPTH_HELP = (
     "remove a residual branch (a ResNet block's convolutions) whose channels the selection would empty, instead "
     "of keeping it at the rails' floor -- a ratio: when none of one of its groups' channels scores above the "
-    "threshold; --speedup/--latency-ms: when removing it keeps the most |gamma| within the budget. On by default: "
+    "threshold; --speedup/--latency-ms: when removing it keeps the most gamma within the budget. On by default: "
     "exact where that group's gamma are 0 (the block becomes its input plus a constant), it removes whole kernels, "
     "what ONNX Runtime and a GPU at small batches pay for, and the floor would keep channels gamma says nothing about"
 )
