@@ -227,6 +227,8 @@ def solve(p: Problem, budget: float) -> list[int]:
                 lo, found = t, trial
                 if p.value(trial) > best[0]:
                     best = (p.value(trial), trial)
+            elif picked is None:  # nothing fits what was handed over: hand over more
+                lo = t
             else:
                 hi = t
             t = (lo + hi) / 2
