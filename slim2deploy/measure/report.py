@@ -117,22 +117,7 @@ def build_markdown(report: dict[str, Any]) -> str:
         )
     lines += _blocks_line(report)
     lines += ["", *_accuracy_lines(acc)]
-    lat = report.get("latency_target")
-    if lat:
-        lines += [
-            "",
-            f"## Latency budget: {lat['goal']} ({'met' if lat['met'] else 'MISSED'})",
-            "",
-            "The slim model measured on the target interleaved with the unpruned one, after each selection:",
-            "",
-            "| try | budget ms | predicted ms | measured ms | unpruned ms | goal ms |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for i, t in enumerate(lat["tries"], 1):
-            lines.append(
-                f"| {i} | {t['budget_ms']:.4g} | {t['predicted_ms']:.4g} | {t['measured_ms']:.4g} | "
-                f"{t['baseline_ms']:.4g} | {t['goal_ms']:.4g} |"
-            )
+    lines += _budget_lines(report.get("latency_target"))
     parity = {n: e.get("parity") for n, e in exports.items() if e.get("parity")}
     if parity:
         lines += [
@@ -178,6 +163,27 @@ def build_markdown(report: dict[str, Any]) -> str:
         for prec_name, path in paths.items():
             lines.append(f"- {name} {prec_name}: `{path}`")
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(lat: dict[str, Any] | None) -> list[str]:
+    """The closed loop's tries, for a latency goal."""
+    if not lat:
+        return []
+    lines = [
+        "",
+        f"## Latency budget: {lat['goal']} ({'met' if lat['met'] else 'MISSED'})",
+        "",
+        "The slim model measured on the target interleaved with the unpruned one, after each selection:",
+        "",
+        "| try | budget ms | predicted ms | measured ms | unpruned ms | goal ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, t in enumerate(lat["tries"], 1):
+        lines.append(
+            f"| {i} | {t['budget_ms']:.4g} | {t['predicted_ms']:.4g} | {t['measured_ms']:.4g} | "
+            f"{t['baseline_ms']:.4g} | {t['goal_ms']:.4g} |"
+        )
+    return lines
 
 
 def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
