@@ -1,6 +1,7 @@
 """Pruning to a latency target on ONNX Runtime CPU: predicted against measured, and the speed-up.
 
     python bench/latency_target.py [--speedup 2] [--batch 64] [--models demo,resnet56] [--cache DIR] [--approximate]
+                                   [--no-depth]
 
 For each model: ``prune_to_budget`` (profile on ort-cpu, select, cut, closed loop), then the
 unpruned and the slim ONNX graphs measured interleaved with ``measure.benchmark.time_pair`` (the
@@ -59,6 +60,7 @@ def main() -> None:
         action="store_true",
         help="also prune groups read raw by another layer (resnet56's stage 1-2 residual streams)",
     )
+    p.add_argument("--no-depth", action="store_true", help="prune width only (never remove a residual branch)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="latency-target-") as tmp:
@@ -67,6 +69,7 @@ def main() -> None:
             src = ROOT / "demo" / "vgg11-w0.25-sparse.pt" if name == "demo" else sparse_resnet56(work / f"{name}.pt")
             budget = by_budget(
                 Rails(min_channels=args.min_channels, round_to=args.round_to),
+                depth=not args.no_depth,
                 speedup=args.speedup,
                 batch=args.batch,
                 threads=args.threads,
@@ -100,20 +103,21 @@ def main() -> None:
                 model_from_checkpoint(load_checkpoint(src)), x
             )
             c = result.chosen
+            blocks = f"{len(result.plan.removed_branches())}/{sum(b.removable for b in result.plan.branches)}"
             rows.append(
-                f"| {name} | {macs:.3f} | {len(result.tries)} | {seconds:.0f} | {c['predicted_ms']:.3f} | "
+                f"| {name} | {macs:.3f} | {blocks} | {len(result.tries)} | {seconds:.0f} | {c['predicted_ms']:.3f} | "
                 f"{c['measured_ms']:.3f} | {c['predicted_speedup']:.2f}x | "
                 f"{c['baseline_ms'] / c['measured_ms']:.2f}x | {base_ms:.3f} | {slim_ms:.3f} | {speed.speedup:.2f}x |"
             )
             print(rows[-1], flush=True)
     approx = (", --approximate" if args.approximate else "") + f", rails {args.min_channels}/{args.round_to}"
-    approx += f", margin {args.margin:g}"
+    approx += f", margin {args.margin:g}" + (", --no-depth" if args.no_depth else "")
     print(f"\nORT CPU, batch {args.batch}, --speedup {args.speedup}{approx}, threads {args.threads or 'default'}")
     print(
-        "| model | MACs ratio | tries | prune s | predicted ms | loop measured ms | predicted speed-up | "
-        "loop speed-up | bench baseline ms | bench slim ms | bench speed-up |"
+        "| model | MACs ratio | blocks removed | tries | prune s | predicted ms | loop measured ms | "
+        "predicted speed-up | loop speed-up | bench baseline ms | bench slim ms | bench speed-up |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -27,9 +27,9 @@ from slim2deploy.pipeline.budget import MISS_TOLERANCE, OVERSHOOT, prune_to_budg
 from slim2deploy.pipeline.profile import layer_specs
 from slim2deploy.prune.goal import Budget, by_budget
 from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.latency_solve import OutOfReach
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
-from slim2deploy.prune.select import OutOfReach
 from slim2deploy.prune.trace import trace_groups
 
 

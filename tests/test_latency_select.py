@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.prune.knapsack import solve_mckp, staircase
-from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.latency import BranchSpec, LatencyTable, LayerSpec
+from slim2deploy.prune.latency_solve import OutOfReach
 from slim2deploy.prune.plan import Group
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.select import LatencySelector, Selection
@@ -157,6 +158,7 @@ def test_table_solver_and_targets_import_without_torch():
 
     code = (
         "import sys; import slim2deploy.prune.latency, slim2deploy.prune.knapsack, slim2deploy.measure.targets; "
+        "import slim2deploy.prune.latency_solve; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -284,3 +286,227 @@ def test_rails_that_allow_no_speedup_say_so_instead_of_a_speedup_below_one():
         LatencySelector(table.to_dict(), speedup=1.1).kept_counts(groups, Rails(min_channels=1))
     msg = str(err.value)
     assert "no speed-up" in msg and "--round-to" in msg and "ask for at most" not in msg and "0." not in msg, msg
+
+
+# --- depth: tables that price removing residual branches ------------------------------------------------------
+
+
+def _branch_table(sizes, steps, costs, branches, extras, base=None, fixed=()):
+    """An additive table (each layer's widths set by one group) whose ``branches`` (lists of groups) each also
+    hold a layer no group changes (its cost in ``fixed``, 0 for none) and save ``extras`` more when removed."""
+    base = 0.5 + sum(extras) if base is None else base  # the model without branches still takes time
+    table = _additive_table(sizes, steps, costs, base)
+    for b, (groups, extra) in enumerate(zip(branches, extras, strict=True)):
+        layers = list(groups)  # _additive_table: layer g is group g's
+        if fixed and fixed[b]:
+            table.layers.append(LayerSpec(f"se{b}", "conv", 8, [], 8, None, cells={"8,8": fixed[b]}))
+            layers.append(len(table.layers) - 1)
+        table.branches.append(BranchSpec(f"add{b}", list(groups), layers, 64, extra))
+    table.depth = True
+    table.calibrate(base + sum(c[-1] for c in costs) + sum(fixed))
+    return table
+
+
+def _value(scores, counts, table):
+    gone = {g for b in table.removed(counts) for g in b.groups}
+    return sum(
+        sum(sorted(s, reverse=True)[:k]) for i, (s, k) in enumerate(zip(scores, counts, strict=True)) if i not in gone
+    )
+
+
+def test_predict_with_a_removed_branch_drops_its_layers_and_its_extra():
+    table = _branch_table([16, 16, 8], [[8, 16], [8, 16], [8]], [[1.0, 2.0], [0.5, 1.0], [0.3]], [[0, 1]], [0.25],
+                          fixed=[0.4])  # fmt: skip
+    full = table.predict([16, 16, 8])
+    assert full == pytest.approx(table.full_ms)
+    # group 0 emptied: its branch goes (groups 0 and 1, their layers and the fixed one), and 0.25 ms more
+    gone = table.predict([0, 16, 8])
+    assert gone == pytest.approx(table.base_ms + 0.3 - 0.25)
+    assert table.predict([16, 0, 8]) == gone == table.predict([0, 8, 8])  # whichever group, whatever the other
+    assert [b.join for b in table.removed([0, 16, 8])] == ["add0"] and not table.removed([8, 8, 8])
+    for layer in table.layers:  # a width of 0 is never a cell: none was looked up or estimated
+        assert all(0 not in key for key in (*layer.measured(), *layer._estimated))
+    assert table.lines_around([0, 16, 8]) == []  # nothing to profile for a branch that is gone
+
+
+def test_a_table_with_branches_round_trips_and_old_tables_have_no_depth():
+    table = _branch_table([16, 24], [[8, 16], [8, 16, 24]], [[1.0, 2.0], [0.5, 0.6, 0.9]], [[0]], [-0.1], fixed=[0.2])
+    again = LatencyTable.from_json(table.to_json())
+    assert again == table and again.depth and again.branches[0].layers == [0, 2]
+    for counts in itertools.product([0, 8, 16], [8, 16, 24]):
+        assert again.predict(counts) == pytest.approx(table.predict(counts))
+    old = table.to_dict()
+    del old["depth"], old["branches"]  # as written before depth
+    assert not LatencyTable.from_dict(old).depth and LatencyTable.from_dict(old).branches == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (_set("depth", value="yes"), "depth"),
+        (_set("depth", value=False), "branches"),
+        (_set("branches", value={}), "branches"),
+        (_set("branches", 0, value=[]), "branches[0]"),
+        (_set("branches", 0, "groups", value=[]), "branches[0].groups"),
+        (_set("branches", 0, "groups", value=[7]), "branches[0].groups"),
+        (_set("branches", 0, "groups", value=[0, 0]), "branches[0].groups"),
+        (_set("branches", 1, "groups", value=[0]), "branches[1].groups"),
+        (_set("branches", 0, "layers", value=[9]), "branches[0].layers"),
+        (_set("branches", 1, "layers", value=[0]), "branches[1].layers"),
+        (_set("branches", 0, "size", value=0), "branches[0].size"),
+        (_set("branches", 0, "extra_ms", value=math.nan), "branches[0].extra_ms"),
+        (_set("branches", 0, "extra_ms", value=1e9), "base_ms"),  # the smallest model would take no time
+        (_set("branches", 0, "join", value=3), "branches[0].join"),
+        (_set("branches", 0, "speed", value=1), "branches[0].speed"),
+        (_set("branches", 0, "layers", delete=True), "branches[0].layers"),
+    ],
+)
+def test_an_edited_branch_record_is_one_error_naming_the_field(edit, named):
+    table = _branch_table([16, 24, 8], [[8, 16], [8, 16, 24], [8]], [[1.0, 2.0], [0.5, 0.6, 0.9], [0.2]], [[0], [1]],
+                          [0.1, 0.1])  # fmt: skip
+    d = table.to_dict()
+    edit(d)
+    with pytest.raises(SlimError) as err:
+        LatencyTable.from_json(json.dumps(d))
+    msg = str(err.value)
+    assert named in msg and "profile the model again" in msg and "\n" not in msg, msg
+
+
+def test_calibrate_depth_predicts_the_model_without_branches_and_shares_by_join_size():
+    table = _branch_table([16, 16, 8], [[8, 16], [8, 16], [8]], [[1.0, 2.0], [0.5, 1.0], [0.3]], [[0], [1]], [0, 0])
+    table.branches[1].size = 3 * table.branches[0].size
+    bare = [0, 0, 8]
+    table.calibrate_depth(0.5, bare)
+    assert table.predict(bare) == pytest.approx(0.5)
+    unexplained = table.base_ms + 0.3 - 0.5
+    assert [b.extra_ms for b in table.branches] == pytest.approx([unexplained / 4, 3 * unexplained / 4])
+    # measured slower than the layers explain (standalone probes overpricing tiny layers): removing a branch
+    # still saves at least nothing, even at its narrowest
+    table.calibrate_depth(5.0, bare)
+    narrowest = [8, 8, 8]
+    assert [b.extra_ms for b in table.branches] == pytest.approx([-1.0, -0.5])  # its layer's cost at 8 channels
+    for b in table.branches:
+        kept = table.predict(narrowest)
+        assert table.predict([0 if g in b.groups else k for g, k in enumerate(narrowest)]) <= kept + 1e-12
+
+
+def _groups(sizes, scores):
+    return [Group(size, [], list(range(size)), scores=s) for size, s in zip(sizes, scores, strict=True)]
+
+
+def test_the_knapsack_removes_a_dead_branch_to_reach_the_budget_and_keeps_a_live_one():
+    # group 0 is a branch (2 ms at 16, 1 ms at 8); group 1 a plain layer (2 ms at 16, 1 ms at 8)
+    table = _branch_table([16, 16], [[8, 16], [8, 16]], [[1.0, 2.0], [1.0, 2.0]], [[0]], [0.5], base=0.5)
+    budget = 2.0  # full 4.5 ms: narrowing both (2.5) is not enough, removing the branch (2.0) is
+    dead, live = [0.0] * 16, [1.0] * 16
+    counts, facts = LatencySelector(table.to_dict(), latency_ms=budget).kept_counts(
+        _groups([16, 16], [dead, live]), Rails(min_channels=1), removable={0}
+    )
+    assert counts == [0, 16] and facts["predicted_ms"] <= budget
+    # a branch whose channels matter is narrowed when that reaches the budget, not removed
+    counts, _ = LatencySelector(table.to_dict(), latency_ms=3.0).kept_counts(
+        _groups([16, 16], [live, [0.1] * 16]), Rails(min_channels=1), removable={0}
+    )
+    assert counts[0] > 0
+    # without depth (no removable group) the same budget is out of reach, and says so
+    with pytest.raises(OutOfReach, match="drop --no-depth"):
+        LatencySelector(table.to_dict(), latency_ms=budget).kept_counts(
+            _groups([16, 16], [dead, live]), Rails(min_channels=1)
+        )
+    with pytest.raises(OutOfReach, match=r"\(1 of its 1 removable residual branches removed\)"):
+        LatencySelector(table.to_dict(), latency_ms=0.5).kept_counts(
+            _groups([16, 16], [dead, live]), Rails(min_channels=1), removable={0}
+        )
+
+
+def test_a_table_without_depth_is_refused_only_where_a_branch_may_go():
+    table = _additive_table([16, 16], [[8, 16], [8, 16]], [[1.0, 2.0], [1.0, 2.0]])
+    groups = _groups([16, 16], [[1.0] * 16] * 2)
+    with pytest.raises(SlimError, match="profiled without depth.*--no-depth") as err:
+        LatencySelector(table.to_dict(), speedup=1.2).kept_counts(groups, Rails(min_channels=1), removable={0})
+    assert "\n" not in str(err.value)
+    LatencySelector(table.to_dict(), speedup=1.2).kept_counts(groups, Rails(min_channels=1))  # width only: fine
+    priced = _branch_table([16, 16], [[8, 16], [8, 16]], [[1.0, 2.0], [1.0, 2.0]], [[0]], [0.5])
+    counts, _ = LatencySelector(priced.to_dict(), speedup=1.2).kept_counts(groups, Rails(min_channels=1))
+    assert all(counts)  # a table with depth, pruning without: nothing is removed
+
+
+@st.composite
+def branch_cases(draw):
+    """Additive tables with branches of one or two groups (at least one), some holding a layer no group changes."""
+    sizes, steps, costs, scores, speedup = draw(additive_cases())
+    n = len(sizes)
+    order = draw(st.permutations(range(n)))
+    branches, cut = [], 0
+    for _ in range(draw(st.integers(1, n))):
+        if cut < n:
+            width = draw(st.integers(1, min(2, n - cut)))
+            branches.append(sorted(order[cut : cut + width]))
+            cut += width
+    extras = [draw(st.sampled_from([-0.1, 0.0, 0.5, 1.0])) for _ in branches]  # what a removal saves more
+    fixed = [draw(st.sampled_from([0.0, 0.3])) for _ in branches]
+    weight = [draw(st.sampled_from([0.0, 0.05, 1.0])) for _ in range(n)]  # dead, weak or live channels
+    scores = [[w * v for v in s] for s, w in zip(scores, weight, strict=True)]
+    return sizes, steps, costs, scores, speedup * draw(st.sampled_from([1.0, 1.5, 2.5])), branches, extras, fixed
+
+
+@settings(max_examples=150, deadline=None)
+@given(branch_cases())
+def test_latency_selector_with_branches_matches_brute_force(case):
+    sizes, steps, costs, scores, speedup, branches, extras, fixed = case
+    table = _branch_table(sizes, steps, costs, branches, extras, fixed=fixed)
+    groups = _groups(sizes, scores)
+    removable = {g for b in branches for g in b}
+    selector = LatencySelector(table.to_dict(), speedup=speedup, tolerance=0.0)
+    budget = table.full_ms / speedup
+    choices = [[0, *s] if i in removable else s for i, s in enumerate(steps)]
+    feasible = [_value(scores, c, table) for c in itertools.product(*choices) if table.predict(c) <= budget + 1e-9]
+    if not feasible:
+        with pytest.raises(OutOfReach):
+            selector.kept_counts(groups, Rails(min_channels=1, max_prune=1.0, round_to=4), removable)
+        return
+    counts, facts = selector.kept_counts(groups, Rails(min_channels=1, max_prune=1.0, round_to=4), removable)
+    assert facts["predicted_ms"] == pytest.approx(table.predict(counts)) and table.predict(counts) <= budget + 1e-9
+    assert _value(scores, counts, table) == pytest.approx(max(feasible), abs=1e-9)
+    for b in table.removed(counts):  # one group emptied, the others of the branch whole
+        assert sorted(counts[g] for g in b.groups)[1:] == sorted(sizes[g] for g in b.groups if counts[g])
+
+
+@st.composite
+def bottleneck_cases(draw):
+    """A bottleneck branch (conv1 -> G0, conv2 G0 -> G1, conv3 G1 -> the stream) next to a plain layer (G2):
+    conv2's cost depends on both of the branch's groups, so latency is not additive there."""
+    sizes = [draw(st.sampled_from([16, 24])) for _ in range(3)]
+    weights = [draw(st.sampled_from([0.0, 0.1, 1.0])) for _ in range(3)]
+    scores = [[w * draw(st.floats(0, 1)) for _ in range(s)] for s, w in zip(sizes, weights, strict=True)]
+    return sizes, scores, draw(st.floats(1.2, 4.0)), draw(st.sampled_from([0.0, 0.05]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bottleneck_cases())
+def test_latency_selector_with_a_bottleneck_branch_stays_within_budget_and_near_brute_force(case):
+    sizes, scores, speedup, extra = case
+    steps = [list(range(8, s + 1, 8)) for s in sizes]
+    wiring = [("conv1", 16, [], 0), ("conv2", 0, [[0, 1]], 1), ("conv3", 0, [[1, 1]], None), ("fc", 16, [], 2)]
+    layers = []
+    for name, fixed_in, ins, out in wiring:
+        layer = LayerSpec(name, "conv", fixed_in, ins, 16 if out is None else 0, out)
+        for ci in steps[ins[0][0]] if ins else [fixed_in]:
+            for co in [16] if out is None else steps[out]:
+                layer.record(ci, co, 0.01 * math.ceil(ci / 8) * math.ceil(co / 8))
+        layers.append(layer)
+    table = LatencyTable({"target": "test"}, sizes, steps, layers, 0.0, depth=True)
+    table.branches = [BranchSpec("add", [0, 1], [0, 1, 2], 256, extra)]
+    table.calibrate(0.1 + extra + table.predict(sizes))
+    budget = table.full_ms / speedup
+    choices = [[0, *steps[0]], [0, *steps[1]], steps[2]]
+    feasible = [_value(scores, c, table) for c in itertools.product(*choices) if table.predict(c) <= budget + 1e-9]
+    selector = LatencySelector(table.to_dict(), speedup=speedup, tolerance=0.0)
+    groups = _groups(sizes, scores)
+    if not feasible:
+        with pytest.raises(OutOfReach):
+            selector.kept_counts(groups, Rails(min_channels=1), removable={0, 1})
+        return
+    counts, _ = selector.kept_counts(groups, Rails(min_channels=1), removable={0, 1})
+    assert table.predict(counts) <= budget + 1e-9
+    assert _value(scores, counts, table) >= 0.9 * max(feasible) - 1e-9

@@ -120,7 +120,7 @@ class LatencyStudy:
             res = prune_to_budget(sparse_ckpt, lat_ckpt, budget, table_out=table_path, log=s.log)
             return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
 
-        prune_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD)
+        prune_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD, "priced depth")
         pruned = s.cached("latency-prune", prune_key, [lat_ckpt, table_path], budget_prune)
         table = LatencyTable.from_json(table_path.read_text())
         ckpt = load_checkpoint(lat_ckpt)

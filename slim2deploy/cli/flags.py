@@ -247,6 +247,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     )
     add_rails_args(g)
     add_keep_arg(g)
+    add_depth_args(g)
     g.add_argument(
         "--no-fold",
         action="store_true",
@@ -301,6 +302,23 @@ def add_rails_args(
     g.add_argument("--round-to", type=at_least(1), default=DEFAULT_ROUND_TO, help=round_to_help)
 
 
+DEPTH_HELP = (
+    "remove a residual branch (a ResNet block's convolutions) whose channels the selection would empty, instead "
+    "of keeping it at the rails' floor -- a ratio: when none of one of its groups' channels scores above the "
+    "threshold; --speedup/--latency-ms: when removing it keeps the most gamma within the budget. On by default: "
+    "exact where that group's gamma are 0 (the block becomes its input plus a constant), it removes whole kernels, "
+    "what ONNX Runtime and a GPU at small batches pay for, and the floor would keep channels gamma says nothing about"
+)
+NO_DEPTH_HELP = "never empty a group to remove a residual branch: prune width only"
+
+
+def add_depth_args(g: argparse._ActionsContainer, help: str = DEPTH_HELP, no_help: str = NO_DEPTH_HELP) -> None:
+    """--depth / --no-depth (one switch, on by default): what ``selection_from_args`` reads as ``depth``."""
+    pair = g.add_mutually_exclusive_group()
+    pair.add_argument("--depth", dest="depth", action="store_const", const=True, default=True, help=help)
+    pair.add_argument("--no-depth", dest="depth", action="store_const", const=False, help=no_help)
+
+
 APPROXIMATE_HELP = (
     "also prune channel groups that some layer reads raw, not through a BatchNorm of the group "
     "(e.g. a pre-activation ResNet's residual stream, read by the next stage's shortcut convolution): "
@@ -324,10 +342,11 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
 
     keep = tuple(args.keep or ())
     if args.ratio is not None:
-        return by_ratio(args.ratio, rails_from_args(args), keep=keep)
+        return by_ratio(args.ratio, rails_from_args(args), keep=keep, depth=args.depth)
     return by_budget(
         rails_from_args(args),
         keep,
+        args.depth,
         speedup=args.speedup,
         latency_ms=args.latency_ms,
         target=args.target,

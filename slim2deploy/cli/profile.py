@@ -6,6 +6,7 @@ import argparse
 
 from slim2deploy.cli.flags import (
     add_approximate_arg,
+    add_depth_args,
     add_rails_args,
     add_target_args,
     add_trust_arg,
@@ -33,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("kept counts to profile (the rails 'prune' will use)")
     add_rails_args(g, round_to_help="1 profiles every count (slow)")
     add_approximate_arg(g, help="also profile the groups 'prune --approximate' may cut (read raw by another layer)")
+    add_depth_args(
+        g,
+        help="also time the model with every removable residual branch removed, so that the table prices removing "
+        "one for 'prune --speedup/--latency-ms' (on by default, as pruning with depth is)",
+        no_help="a width-only table (for 'prune --no-depth'): it cannot price removing a residual branch",
+    )
     p.add_argument(
         "--speedup",
         type=number(above=1),
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         trust_code=args.trust_code,
         input_shape=args.input_shape,
         exact=not args.approximate,
+        depth=args.depth,
     )
     print("kept counts where latency steps up (ms in the model at full width):")
     for g, steps in table.staircases().items():

@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "cut them out and save architecture + plan + slim weights. Prints the per-layer table. "
         "With --speedup or --latency-ms instead of --ratio: profile the layers on --target (or reuse "
         "--table), keep the most |gamma| whose predicted latency fits, then measure the slim model on the "
-        "target against the unpruned one and tighten (or widen) until it fits (--tries).",
+        "target against the unpruned one and tighten (or widen) until it fits (--tries). With --depth (the "
+        "default) a residual branch goes whole where the selection empties one of its groups.",
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="sparse-trained checkpoint")
     p.add_argument("--out", required=True, metavar="SLIM.pt", help="pruned checkpoint to write")

@@ -72,6 +72,8 @@ FLAGS: dict[str, str] = {
     "--keep": "a layer kept out of every selection",
     "--no-fold": "do not fold removed channels' constants into biases",
     "--approximate": "also prune groups read raw by another layer",
+    "--depth": "let a selection empty a group inside a residual branch, removing the branch",
+    "--no-depth": "never empty a group to remove a residual branch",
     "--table": "a latency table to reuse",
     "--save-table": "write the latency table used",
     "--tries": "measured tries of the closed loop",

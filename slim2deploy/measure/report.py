@@ -31,8 +31,61 @@ PRECISION_INFO: Shape = {
 }
 
 
+# ONNX ops that are a convolution or a linear layer: what "layers" counts in a graph
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.3f}x" if a and b is not None else "-"
+
+
+def graph_counts(op_counts: Any) -> dict[str, int] | None:
+    """Convolution/linear layers and all nodes of an ONNX graph from its op counts (``ExportResult.op_counts``);
+    None where the record holds no such counts."""
+    if not isinstance(op_counts, dict) or not all(isinstance(v, int) for v in op_counts.values()):
+        return None
+    return {"layers": sum(op_counts.get(op, 0) for op in LAYER_OPS), "nodes": sum(op_counts.values())}
+
+
+def batch_latency(benchmark: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Median latency (ms) of the baseline and slim fp32 graphs at every batch the benchmark timed both."""
+    if not benchmark:
+        return {}
+    models = {m.name: m for m in Comparison.from_dict(benchmark).models}
+    if "baseline" not in models or "slim" not in models:
+        return {}
+    found = {}
+    for slim in models["slim"].batches:
+        base = models["baseline"].at(slim.batch)
+        if base is not None:
+            found[str(slim.batch)] = {"baseline_ms": base.latency.median_ms, "slim_ms": slim.latency.median_ms}
+    return found
+
+
+def _structure_lines(report: dict[str, Any]) -> list[str]:
+    """Table rows: conv/linear layers and ONNX nodes, latency at each benchmarked batch."""
+    graphs = (report.get("structure") or {}).get("graphs") or {}
+    lines = []
+    if "baseline" in graphs and "slim" in graphs:
+        for key, what in (("layers", "conv/linear layers (ONNX)"), ("nodes", "ONNX nodes")):
+            b, s = graphs["baseline"][key], graphs["slim"][key]
+            lines.append(f"| {what} | {b} | {s} | {_ratio(b, s)} |")
+    for batch, ms in (report.get("latency") or {}).items():
+        b, s = ms["baseline_ms"], ms["slim_ms"]
+        lines.append(f"| latency, batch {batch} (ORT CPU fp32, median ms) | {b:.3f} | {s:.3f} | {_ratio(b, s)} |")
+    return lines
+
+
+def _blocks_line(report: dict[str, Any]) -> list[str]:
+    structure = report.get("structure") or {}
+    removable, removed = structure.get("blocks_removable", 0), structure.get("blocks_removed", [])
+    if not removable:
+        return []
+    shown = ", ".join(removed[:8]) + (", ..." if len(removed) > 8 else "")
+    return [
+        "",
+        f"Residual blocks removed: {len(removed)} of {removable} removable" + (f" ({shown})." if removed else "."),
+    ]
 
 
 def build_markdown(report: dict[str, Any]) -> str:
@@ -56,28 +109,15 @@ def build_markdown(report: dict[str, Any]) -> str:
     if "baseline" in exports and "slim" in exports:
         b, s = exports["baseline"].get("bytes"), exports["slim"].get("bytes")
         lines.append(f"| ONNX fp32 bytes | {si(b)} | {si(s)} | {_ratio(b, s)} |")
+    lines += _structure_lines(report)
     if acc.get("baseline") is not None:
         lines.append(
             f"| top-1 accuracy (torch, {acc['images']} held-out images) | {acc['baseline']:.2%} | {acc['final']:.2%} | "
             f"{-acc['drop_points']:+.2f} pts |"
         )
+    lines += _blocks_line(report)
     lines += ["", *_accuracy_lines(acc)]
-    lat = report.get("latency_target")
-    if lat:
-        lines += [
-            "",
-            f"## Latency budget: {lat['goal']} ({'met' if lat['met'] else 'MISSED'})",
-            "",
-            "The slim model measured on the target interleaved with the unpruned one, after each selection:",
-            "",
-            "| try | budget ms | predicted ms | measured ms | unpruned ms | goal ms |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for i, t in enumerate(lat["tries"], 1):
-            lines.append(
-                f"| {i} | {t['budget_ms']:.4g} | {t['predicted_ms']:.4g} | {t['measured_ms']:.4g} | "
-                f"{t['baseline_ms']:.4g} | {t['goal_ms']:.4g} |"
-            )
+    lines += _budget_lines(report.get("latency_target"))
     parity = {n: e.get("parity") for n, e in exports.items() if e.get("parity")}
     if parity:
         lines += [
@@ -123,6 +163,27 @@ def build_markdown(report: dict[str, Any]) -> str:
         for prec_name, path in paths.items():
             lines.append(f"- {name} {prec_name}: `{path}`")
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(lat: dict[str, Any] | None) -> list[str]:
+    """The closed loop's tries, for a latency goal."""
+    if not lat:
+        return []
+    lines = [
+        "",
+        f"## Latency budget: {lat['goal']} ({'met' if lat['met'] else 'MISSED'})",
+        "",
+        "The slim model measured on the target interleaved with the unpruned one, after each selection:",
+        "",
+        "| try | budget ms | predicted ms | measured ms | unpruned ms | goal ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, t in enumerate(lat["tries"], 1):
+        lines.append(
+            f"| {i} | {t['budget_ms']:.4g} | {t['predicted_ms']:.4g} | {t['measured_ms']:.4g} | "
+            f"{t['baseline_ms']:.4g} | {t['goal_ms']:.4g} |"
+        )
+    return lines
 
 
 def _accuracy_lines(acc: dict[str, Any]) -> list[str]:

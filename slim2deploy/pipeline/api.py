@@ -50,6 +50,7 @@ def slim(
     max_prune: float = DEFAULT_MAX_PRUNE,
     round_to: int = DEFAULT_ROUND_TO,
     keep: Sequence[str] = (),
+    depth: bool = True,
     fold: bool = True,
     exact: bool = True,
     trust_code: bool = False,
@@ -57,15 +58,16 @@ def slim(
 ) -> PruningPlan:
     """Prune the checkpoint ``src`` into ``dst``: to a ``ratio`` of its prunable channels (the paper's global
     threshold), or to a ``speedup`` / ``latency_ms`` measured on ``target`` (closed loop); returns the plan.
+    ``depth``: a residual branch may be removed whole where the selection empties one of its groups.
     ``log`` receives the per-layer summary and the loop's progress."""
     if sum(v is not None for v in (ratio, speedup, latency_ms)) != 1:
         raise SlimError("give exactly one of `ratio`, `speedup` and `latency_ms`")
     rails = Rails(min_channels, max_prune, round_to)
     if ratio is not None:
-        selection = by_ratio(ratio, rails, keep)
+        selection = by_ratio(ratio, rails, keep, depth)
     else:
         selection = by_budget(
-            rails, keep, speedup=speedup, latency_ms=latency_ms, target=target, batch=profile_batch,
+            rails, keep, depth, speedup=speedup, latency_ms=latency_ms, target=target, batch=profile_batch,
             precision=profile_precision, threads=profile_threads, table=table, cache=cache, no_cache=no_cache,
             tries=tries, margin=margin,
         )  # fmt: skip

@@ -39,8 +39,9 @@ from slim2deploy.pipeline.profile import model_artifact, profile, read_table, re
 from slim2deploy.pipeline.prune import load_for_pruning, prune_checkpoint, save_pruned
 from slim2deploy.prune.goal import Budget, goal_of
 from slim2deploy.prune.latency import LatencyTable
+from slim2deploy.prune.latency_solve import OutOfReach, problem
 from slim2deploy.prune.plan import PruningPlan
-from slim2deploy.prune.select import LatencySelector, OutOfReach, Selection, kept_whole, select
+from slim2deploy.prune.select import LatencySelector, Selection, select, selection_groups
 from slim2deploy.prune.summary import summarize
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
@@ -148,9 +149,9 @@ def _latency_table(
     """The table the goal names (``table``), or one profiled now on ``target`` and refined once."""
     budget = _goal(selection)
     if budget.table:
-        return read_table(budget.table, traced, ckpt, target)
+        return read_table(budget.table, traced, ckpt, target, selection.depth)
     cache = CellCache(target, cache_dir(budget))
-    table = profile(model, traced, ckpt, src, target, selection.rails, cache=cache, log=log)
+    table = profile(model, traced, ckpt, src, target, selection.rails, depth=selection.depth, cache=cache, log=log)
     first = replace(selection, selector=LatencySelector(table.to_dict(), budget.latency_ms, budget.speedup))
     try:
         refine(table, traced, first, target, cache=cache, log=log)
@@ -173,7 +174,7 @@ def check_table(selection: Selection, model: nn.Module, ckpt: Checkpoint, *, fol
     budget = goal_of(selection)
     if budget is not None and budget.table:
         traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), fold=fold, exact=exact)
-        read_table(budget.table, traced, ckpt, target_of(budget))
+        read_table(budget.table, traced, ckpt, target_of(budget), selection.depth)
 
 
 @dataclass
@@ -253,14 +254,11 @@ class _Loop:
     target: Target
     log: Callable[[str], None] | None
 
-    def floor(self) -> list[int]:
-        """The smallest kept counts the rails (and ``keep``) allow among the table's profiled steps."""
-        held = kept_whole(self.traced.groups, self.selection.keep)
-        rails = self.selection.rails
-        return [
-            min(set(rails.allowed(g.size)) & set(steps), default=g.size) if g.prunable and i not in held else g.size
-            for i, (steps, g) in enumerate(zip(self.table.steps, self.traced.groups, strict=True))
-        ]
+    def fastest(self) -> list[int]:
+        """The fastest kept counts the rails (and ``keep``) allow among the table's profiled steps, as the table
+        predicts; with depth, removable branches the table prices removed where that is faster."""
+        groups, _, removable = selection_groups(self.traced, self.selection)
+        return problem(self.table, groups, self.selection.rails, removable, 0.0).fastest()
 
     def select(self, budget_ms: float) -> tuple[PruningPlan, Selection]:
         chosen = replace(self.selection, selector=LatencySelector(self.table.to_dict(), latency_ms=budget_ms))
@@ -273,7 +271,7 @@ class _Loop:
         try:
             return (*self.select(budget_ms), budget_ms, False)
         except OutOfReach:
-            floor_ms = self.table.predict(self.floor())
+            floor_ms = self.table.predict(self.fastest())
             budget = _goal(self.selection)
             if first and floor_ms > budget_ms / aim * (1 + 1e-9):
                 if not budget.or_smallest:

@@ -20,7 +20,14 @@ from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.engine import EngineOptions, compile_engine
 from slim2deploy.deploy.export import DEFAULT_OPSET
 from slim2deploy.measure import benchmark
-from slim2deploy.measure.report import EXPORT_INFO, PRECISION_INFO, PRUNE_INFO, write_build_report
+from slim2deploy.measure.report import (
+    EXPORT_INFO,
+    PRECISION_INFO,
+    PRUNE_INFO,
+    batch_latency,
+    graph_counts,
+    write_build_report,
+)
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.measure.targets import TIMING_METHOD
@@ -31,6 +38,7 @@ from slim2deploy.pipeline.build_inputs import BuildConfig, BuildResult, Inputs
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
 from slim2deploy.pipeline.train import Distill, finetune_checkpoint
 from slim2deploy.prune.goal import goal_of
+from slim2deploy.prune.plan import PruningPlan
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -90,8 +98,11 @@ def prune_stage(run: Run) -> Path:
         return {"seconds": round(seconds, 2), "latency": latency}
 
     measured = goal_of(cfg.selection) is not None
-    extra = ([] if cfg.exact else ["approximate"]) + ([TIMING_METHOD] if measured else [])
-    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)  # timed: how it was timed
+    # a latency goal's model depends on how it was timed, and with depth on whether removal was priced (a build
+    # from before that chose widths only under the same selection)
+    timed = [TIMING_METHOD, *(["priced depth"] if cfg.selection.depth else [])] if measured else []
+    extra = ([] if cfg.exact else ["approximate"]) + timed
+    key = stage_key(sha256_file(cfg.model), cfg.selection.to_dict(), cfg.fold, *extra)
     run.cached("prune", "prune", key, [slim_path, plan_path], work, "unchanged, skipped", PRUNE_INFO)
     run.result.artifacts.update(slim=str(slim_path), plan=str(plan_path))
     return slim_path
@@ -248,6 +259,8 @@ def report_stage(run: Run, slim_model: torch.nn.Module, parts: dict[str, Any]) -
         "selection": cfg.selection.describe(),
         "latency_target": run.cache.info("prune").get("latency"),
         **{n: {"params": count_params(m), "macs": count_macs(m, inputs.example)} for n, m in models.items()},
+        "structure": structure(run.out / "plan.json", parts.get("exports") or {}),
+        "latency": batch_latency(parts.get("benchmark")),
         **parts,
     }
     written = write_build_report(report, run.out)
@@ -255,6 +268,18 @@ def report_stage(run: Run, slim_model: torch.nn.Module, parts: dict[str, Any]) -
     run.stage("report", ", ".join(str(p) for p in written))
     run.result.report = report
     run.result.artifacts.update({f"report_{p.suffix[1:]}": str(p) for p in written})
+
+
+def structure(plan_path: Path, exports: dict[str, Any]) -> dict[str, Any]:
+    """What pruning removed besides channels: residual blocks (by their join), and the conv/linear layers and
+    nodes of the fp32 ONNX graphs, baseline and slim."""
+    plan = PruningPlan.from_json(plan_path.read_text())
+    graphs = {name: graph_counts((exports.get(name) or {}).get("op_counts")) for name in ("baseline", "slim")}
+    return {
+        "blocks_removed": [b.join for b in plan.removed_branches()],
+        "blocks_removable": sum(b.removable for b in plan.branches),
+        "graphs": {name: counts for name, counts in graphs.items() if counts is not None},
+    }
 
 
 def accuracy_report(run: Run, before: float | None, pruned: float | None, tuned: float | None) -> dict[str, Any]:

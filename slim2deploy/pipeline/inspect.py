@@ -13,6 +13,7 @@ from slim2deploy.base.files import atomic_path
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.model.sparsity import GammaStats, all_gammas, bn_layers, gamma_stats
 from slim2deploy.model.stats import count_macs, count_params
+from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.score import gamma_warning
@@ -32,6 +33,7 @@ class Inspection:
     meta: dict[str, Any] = field(default_factory=dict)
     coverage: dict[str, Any] = field(default_factory=dict)
     removed_blocks: list[str] = field(default_factory=list)  # joins of the residual branches pruning removed
+    layers: list[int] = field(default_factory=list)  # a pruned checkpoint's conv/linear layers: [unpruned, now]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class Inspection:
             "meta": self.meta,
             "coverage": self.coverage,
             "removed_blocks": self.removed_blocks,
+            "layers": self.layers,
         }
 
     def table(self) -> str:
@@ -57,6 +60,8 @@ class Inspection:
         for key in ("dataset", "epochs", "val_acc", "small_gamma_share"):
             if key in self.meta:
                 lines.append(f"{key:<10} {self.meta[key]}")
+        if self.layers:
+            lines.append(f"layers     {self.layers[1]} convolutions and linears (unpruned: {self.layers[0]})")
         if self.removed_blocks:
             shown = ", ".join(self.removed_blocks[:6]) + (", ..." if len(self.removed_blocks) > 6 else "")
             lines.append(f"removed    {len(self.removed_blocks)} residual block(s): {shown}")
@@ -96,7 +101,15 @@ def inspect_checkpoint(ckpt: Checkpoint, *, trust_code: bool = False) -> Inspect
         meta,
         planner_coverage(model, x),
         [b.join for b in plan.removed_branches()] if plan is not None else [],
+        _layers(ckpt, model) if plan is not None and ckpt.module is None else [],
     )
+
+
+def _layers(ckpt: Checkpoint, slim: torch.nn.Module) -> list[int]:
+    """Convolutions and linears of the architecture unpruned and of ``slim`` (a removed branch's are gone)."""
+    kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+    unpruned = create_model(ckpt.arch, **ckpt.arch_kwargs)
+    return [sum(isinstance(m, kinds) for m in net.modules()) for net in (unpruned, slim)]
 
 
 def planner_coverage(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:

@@ -10,6 +10,7 @@ calibrate the part no group changes.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ from slim2deploy.deploy.precision import to_fp16
 from slim2deploy.measure.targets import DEFAULT_CACHE, TIMING_METHOD, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint, load_checkpoint
 from slim2deploy.pipeline.prune import load_for_pruning, save_pruned
-from slim2deploy.prune.latency import LatencyTable, LayerSpec
+from slim2deploy.prune.latency import BranchSpec, LatencyTable, LayerSpec
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.rebuild import model_from_checkpoint
-from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select
+from slim2deploy.prune.select import LatencySelector, Selection, WidthsSelector, select, selection_groups
 from slim2deploy.prune.surgery import apply_plan
 from slim2deploy.prune.trace import trace_groups
 
@@ -169,6 +170,25 @@ def checkpoint_artifact(path: str | Path, target: Target, workdir: Path, stem: s
     return model_artifact(model_from_checkpoint(ckpt), ckpt, Path(path), target, workdir, stem)
 
 
+def branch_specs(traced: PruningPlan, layers: list[LayerSpec]) -> list[BranchSpec]:
+    """The removable branches as a table prices them, with the table layers inside each (every convolution and
+    linear under a module the branch replaces). One per join: of two branches joined by one add only the first
+    may go (``prune.select``)."""
+    specs, joins = [], set()
+    for b in traced.branches:
+        if not b.removable or b.node in joins:
+            continue
+        joins.add(b.node)
+        inside = [i for i, layer in enumerate(layers) if any(_under(layer.name, p) for p in b.modules())]
+        size = sum(math.prod(b.shapes[p]) for p in b.const)  # what the join adds: the constant it keeps
+        specs.append(BranchSpec(b.join, list(b.groups), inside, max(1, size)))
+    return specs
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
 def profile(
     model: nn.Module,
     traced: PruningPlan,
@@ -177,10 +197,13 @@ def profile(
     target: Target,
     rails: Rails,
     *,
+    depth: bool = True,
     cache: CellCache | None = None,
     log: Log | None = None,
 ) -> LatencyTable:
-    """A latency table for ``model`` on ``target``: lines through the full model, calibrated."""
+    """A latency table for ``model`` on ``target``: lines through the full model, calibrated on it and the
+    smallest model the rails allow; with ``depth`` also on that one with every removable branch removed, so the
+    table prices removing each."""
     x = torch.zeros(1, *ckpt.input_shape)
     sizes = [g.size for g in traced.groups]
     steps = [rails.allowed(g.size) if g.prunable else [] for g in traced.groups]
@@ -191,31 +214,59 @@ def profile(
         "input_shape": list(ckpt.input_shape),
         "approximate": not traced.exact,
     }
-    table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0)
+    table = LatencyTable(meta, sizes, steps, layer_specs(model, traced, x), full_ms=0.0, depth=depth)
     if not table.layers:
         raise SlimError(
             f"{src} has no layer whose width a prunable channel group changes: there is nothing to prune, so "
             "nothing to profile"
         )
+    if depth:
+        table.branches = branch_specs(traced, table.layers)
     cache = cache or CellCache(target)
     cache.measure(target, table.lines_around(sizes), log)
     small = [s[0] if s else g.size for s, g in zip(steps, traced.groups, strict=True)]
+    bare = list(small)
+    for b in table.branches:
+        bare[b.groups[0]] = 0
+    counts = [small, bare] if table.branches else [small]
     with tempfile.TemporaryDirectory(prefix="slim2deploy-profile-") as tmp:
         work = Path(tmp)
         base = model_artifact(model, ckpt, Path(src), target, work, "baseline")
-        narrow = Selection(WidthsSelector(tuple(small)), rails)
-        plan = select(traced, narrow)
-        slim = apply_plan(model, plan)
-        save_pruned(ckpt, src, slim, plan, narrow, work / "smallest.pt")
-        tiny = model_artifact(slim, ckpt, work / "smallest.pt", target, work, "smallest")
-        full_ms, small_ms = target.latencies([base, tiny])
-    table.calibrate(full_ms, small_ms, small)
+        models = [
+            _pruned_artifact(model, traced, ckpt, src, target, rails, c, work, f"small{i}")
+            for i, c in enumerate(counts)
+        ]
+        measured = target.latencies([base, *models])
+    table.calibrate(measured[0], measured[1], small)
+    if table.branches:
+        table.calibrate_depth(measured[2], bare)
     if log:
         log(
-            f"unpruned model {full_ms:.4g} ms, smallest {small_ms:.4g} ms on {target.describe()}; "
-            f"{len(table.layers)} layers profiled, in-model / standalone cost {table.scale:.2f}"
+            f"unpruned model {measured[0]:.4g} ms, smallest {measured[1]:.4g} ms"
+            + (f", without its {len(table.branches)} removable branches {measured[2]:.4g} ms" if table.branches else "")
+            + f" on {target.describe()}; {len(table.layers)} layers profiled, in-model / standalone cost "
+            f"{table.scale:.2f}"
         )
     return table
+
+
+def _pruned_artifact(
+    model: nn.Module,
+    traced: PruningPlan,
+    ckpt: Checkpoint,
+    src: str | Path,
+    target: Target,
+    rails: Rails,
+    counts: list[int],
+    work: Path,
+    stem: str,
+) -> Path:
+    """``model`` cut to ``counts`` (0: the branch of that group removed) as the file ``target`` runs."""
+    narrow = Selection(WidthsSelector(tuple(counts)), rails)
+    plan = select(traced, narrow)
+    slim = apply_plan(model, plan)
+    save_pruned(ckpt, src, slim, plan, narrow, work / f"{stem}.pt")
+    return model_artifact(slim, ckpt, work / f"{stem}.pt", target, work, stem)
 
 
 def refine(
@@ -232,27 +283,35 @@ def refine(
     if not isinstance(selection.selector, LatencySelector):
         raise SlimError("refine needs a latency selection")
     cache = cache or CellCache(target)
+    groups, _, removable = selection_groups(traced, selection)
     counts: list[int] = []
     for _ in range(rounds):
         selector = LatencySelector(
             table.to_dict(), selection.selector.latency_ms, selection.selector.speedup, selection.selector.tolerance
         )
-        new, _ = selector.kept_counts(traced.groups, selection.rails)
+        new, _ = selector.kept_counts(groups, selection.rails, removable)
         if new == counts or not cache.measure(target, table.lines_around(new), log):
             return new
         counts = new
     return counts
 
 
-def read_table(path: str | Path, traced: PruningPlan, ckpt: Checkpoint, target: Target) -> LatencyTable:
+def read_table(
+    path: str | Path, traced: PruningPlan, ckpt: Checkpoint, target: Target, depth: bool = True
+) -> LatencyTable:
     """The table at ``path`` (``--table``), refused unless profiled for this model -- its channel groups,
-    architecture and input size -- and measured the way ``target`` measures."""
+    architecture and input size -- measured the way ``target`` measures, and (pruning with ``depth`` a model
+    with removable branches) profiled with depth."""
     data = read_json(path, "latency table", advice="profile the model again")
     try:
         table = LatencyTable.from_dict(data)
     except SlimError as exc:
         raise SlimError(f"{path}: {exc}") from None
     table.check_model([g.size for g in traced.groups], [g.prunable for g in traced.groups])
+    try:
+        table.check_depth({i for b in traced.branches if b.removable for i in b.groups} if depth else set())
+    except SlimError as exc:
+        raise SlimError(f"{path}: {exc}") from None
     if table.meta.get("timing") != TIMING_METHOD:
         raise SlimError(
             f"{path}: the latency table was timed by an older method of this tool (ONNX Runtime thread pools left "
@@ -280,9 +339,11 @@ def profile_checkpoint(
     trust_code: bool = False,
     input_shape: tuple[int, int, int] | None = None,
     exact: bool = True,
+    depth: bool = True,
     log: Log | None = print,
 ) -> LatencyTable:
-    """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out."""
+    """What ``slim2deploy profile`` does: checkpoint in, latency table (JSON) out; ``depth``: priced removing
+    residual branches too (``speedup``: refined for a pruning with depth)."""
     rails = rails or Rails()
     tgt = make_target(target, batch, precision, threads)
     ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
@@ -290,15 +351,9 @@ def profile_checkpoint(
     model = rebuilt.model
     traced = trace_groups(model, torch.zeros(1, *ckpt.input_shape), exact=exact)
     cells = CellCache(tgt, cache)
-    table = profile(model, traced, ckpt, src, tgt, rails, cache=cells, log=log)
+    table = profile(model, traced, ckpt, src, tgt, rails, depth=depth, cache=cells, log=log)
     if speedup is not None:
-        refine(
-            table,
-            traced,
-            Selection(LatencySelector(table.to_dict(), speedup=speedup), rails),
-            tgt,
-            cache=cells,
-            log=log,
-        )
+        selection = Selection(LatencySelector(table.to_dict(), speedup=speedup), rails, depth=depth)
+        refine(table, traced, selection, tgt, cache=cells, log=log)
     atomic_write_text(dst, table.to_json())
     return table

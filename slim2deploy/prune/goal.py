@@ -1,4 +1,4 @@
-"""A latency goal as a selection: ``Selection(Budget(speedup=2), rails, keep)`` (plain data, no torch).
+"""A latency goal as a selection: ``Selection(Budget(speedup=2), rails, keep, depth)`` (plain data, no torch).
 
 A ratio or a list of widths selects from the scores alone; a latency goal cannot: it needs a latency table
 of the model on its target and a closed loop that measures what it cut (``pipeline.budget``). So ``Budget``
@@ -88,6 +88,6 @@ def goal_of(selection: Selection) -> Budget | None:
     return selection.selector if isinstance(selection.selector, Budget) else None
 
 
-def by_budget(rails: Rails | None = None, keep: Sequence[str] = (), **goal: Any) -> Selection:
-    """``Selection(Budget(**goal), rails, keep)``."""
-    return Selection(Budget(**goal), rails or Rails(), tuple(keep))
+def by_budget(rails: Rails | None = None, keep: Sequence[str] = (), depth: bool = True, **goal: Any) -> Selection:
+    """``Selection(Budget(**goal), rails, keep, depth)``."""
+    return Selection(Budget(**goal), rails or Rails(), tuple(keep), depth)

@@ -2,13 +2,15 @@
 
 Solved by building the Pareto frontier of (cost, value) over the groups one at a time: a partial
 solution that costs more and is worth no more than another is dropped, and so is one over the
-budget. What is left is exact (no discretisation of the costs); the frontier stays small
-because a group offers a dozen or so kept counts and most combinations are dominated.
+budget. What is left is exact (no discretisation of the costs); the frontier stays small enough
+(most combinations are dominated), and is built with numpy array operations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 Choice = tuple[float, float]  # (cost, value)
 
@@ -20,29 +22,28 @@ def solve_mckp(choices: Sequence[Sequence[Choice]], budget: float) -> list[int] 
     valuable solutions the cheapest is returned.
     """
     eps = 1e-9 * max(1.0, abs(budget))
-    # frontier entries: (cost, value, parent entry in the previous frontier, option index)
-    frontiers: list[list[tuple[float, float, int, int]]] = [[(0.0, 0.0, -1, -1)]]
+    # the frontier as arrays (a residual branch's options are its groups' combinations: thousands of
+    # partial solutions times dozens of options per group), and per group each entry's parent and option
+    cost, value = np.zeros(1), np.zeros(1)
+    back: list[tuple[np.ndarray, np.ndarray]] = []
     for options in choices:
-        candidates = [
-            (cost + c, value + v, parent, j)
-            for parent, (cost, value, _, _) in enumerate(frontiers[-1])
-            for j, (c, v) in enumerate(options)
-            if cost + c <= budget + eps
-        ]
-        if not candidates:
+        c = np.array([o[0] for o in options], dtype=float)
+        v = np.array([o[1] for o in options], dtype=float)
+        costs, values = (cost[:, None] + c).ravel(), (value[:, None] + v).ravel()
+        fits = np.flatnonzero(costs <= budget + eps)
+        if not fits.size:
             return None
-        candidates.sort(key=lambda e: (e[0], -e[1]))
-        frontier: list[tuple[float, float, int, int]] = []
-        for entry in candidates:
-            if not frontier or entry[1] > frontier[-1][1]:
-                frontier.append(entry)
-        frontiers.append(frontier)
-    best = max(range(len(frontiers[-1])), key=lambda i: (frontiers[-1][i][1], -frontiers[-1][i][0]))
+        order = fits[np.lexsort((-values[fits], costs[fits]))]  # by cost, the more valuable first
+        ranked = values[order]
+        better = ranked > np.maximum.accumulate(np.concatenate(([-np.inf], ranked[:-1])))
+        kept = order[better]  # each worth more than everything cheaper
+        cost, value = costs[kept], values[kept]
+        back.append((kept // len(options), kept % len(options)))
+    best = len(value) - 1  # the frontier rises in value with cost: the last entry is worth most, cheapest so
     picked: list[int] = []
-    for frontier in reversed(frontiers[1:]):
-        _, _, parent, j = frontier[best]
-        picked.append(j)
-        best = parent
+    for parents, option in reversed(back):
+        picked.append(int(option[best]))
+        best = int(parents[best])
     return picked[::-1]
 
 

@@ -13,8 +13,10 @@ rails + depth) is plain data: it is recorded in the plan and is what a build cac
 
 Depth (``Selection.depth``, on by default): a group that lies inside a removable residual branch
 (``PruningPlan.branches``) may keep no channel, which removes the whole branch (``prune.depth``);
-the rails' floor holds for every group that stays. The ratio and widths selectors use it; the
-latency selector does not (yet), so it never empties a group.
+the rails' floor holds for every group that stays. A ratio empties such a group when none of its
+channels scores above the threshold; a latency budget when removing the branch keeps the most
+importance within the budget (its table prices the removal). A branch with a group ``keep`` holds
+whole is never removed.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.prune.knapsack import solve_mckp, staircase
 from slim2deploy.prune.latency import LatencyTable
+from slim2deploy.prune.latency_solve import problem, solve
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
 from slim2deploy.prune.score import ScoreFn, gamma_warning, max_abs_gamma
@@ -126,27 +128,17 @@ class WidthsSelector(Selector):
         ], {}
 
 
-class OutOfReach(SlimError):
-    """A latency budget that even the smallest model the rails allow is predicted to miss."""
-
-
 @register_selector
 @dataclass(frozen=True)
 class LatencySelector(Selector):
-    """Keep the most importance whose predicted latency on the table's target fits a budget.
+    """Keep the most importance whose predicted latency on the table's target fits a budget
+    (``prune.latency_solve``: a knapsack over the table's profiled steps the rails allow, removing
+    residual branches the table prices where that keeps more).
 
     The budget is ``latency_ms``, or the table's measured full-model latency divided by
-    ``speedup``. Importance of keeping k channels of a group is the sum of its k largest scores
-    (the paper's |gamma|, raw): like the paper's one global threshold this assumes one scale for
-    all BatchNorms, which sparse training gives (one lambda pulls every gamma towards zero), so
-    no per-group normalisation is applied. Kept counts are the table's profiled steps the rails
-    allow, as a staircase where equal cost means the larger count. Layers whose input and output
-    widths both change make the latency non-additive over groups; the knapsack (exact, see
-    ``prune.knapsack``) is solved on costs linearised around the current solution, with the budget
-    handed to it searched (bisection) for the largest whose solution the table predicts within the
-    real budget; then re-linearised around that solution (bounded), keeping the best. Exact where
-    latency is additive over groups (every layer changes with one group); a heuristic, always
-    within budget, where it is not.
+    ``speedup``. Importance of keeping k channels of a group is the sum of its k largest scores;
+    a removed branch's groups are worth nothing. ``tolerance``: kept counts whose cost is within
+    it of a wider count's are the same step (the wider is kept).
     """
 
     table: dict[str, Any]
@@ -181,91 +173,17 @@ class LatencySelector(Selector):
     def kept_counts(
         self, groups: Sequence[Group], rails: Rails, removable: Collection[int] = ()
     ) -> tuple[list[int], dict[str, Any]]:
-        table = LatencyTable.from_dict(self.table)  # never empties a group: the table has no cost of removing one
-        table.check_model([g.size for g in groups], [g.prunable for g in groups])
+        table = LatencyTable.from_dict(self.table)
+        question = problem(table, groups, rails, removable, self.tolerance)
         budget = self.budget_ms(table) * (1 + 1e-9)  # float noise: a model predicted at the budget fits it
-        options: dict[int, list[int]] = {}
-        gains: dict[int, list[float]] = {}
-        for i, g in enumerate(groups):
-            allowed = sorted(set(rails.allowed(g.size)) & set(table.steps[i]))
-            if g.prunable and allowed:
-                options[i] = allowed
-                ranked = sorted((abs(s) for s in g.scores or []), reverse=True)
-                gains[i] = [0.0]
-                for s in ranked:
-                    gains[i].append(gains[i][-1] + s)
-        smallest = [options[i][0] if i in options else g.size for i, g in enumerate(groups)]
-        floor_ms = table.predict(smallest)
-        if floor_ms > budget:
-            # a speed-up below 1x is no goal --speedup takes: then the rails themselves are what to change
-            why = (
-                f"a speed-up of {table.full_ms / floor_ms:.2f}x over {table.full_ms:.4g} ms; ask for at most that, or"
-                if floor_ms < table.full_ms
-                else f"no faster than the unpruned {table.full_ms:.4g} ms: the rails allow no speed-up on this target;"
-            )
-            raise OutOfReach(
-                f"a latency of {budget:.4g} ms on {table.describe()} is out of reach: the smallest model the rails "
-                f"allow is predicted at {floor_ms:.4g} ms, {why} loosen --min-channels / --max-prune / --round-to"
-            )
-
-        def value(counts: list[int]) -> float:
-            return sum(gains[i][k] for i, k in enumerate(counts) if i in gains)
-
-        best = (value(smallest), smallest)
-        current = [g.size for g in groups]
-        order = sorted(options)
-        for _ in range(4):  # re-linearise around the latest solution
-            curves = [
-                staircase(options[i], [table.group_ms(i, k, current) for k in options[i]], self.tolerance)
-                for i in order
-            ]
-            fixed = table.predict(current) - sum(table.group_ms(i, current[i], current) for i in order)
-            choices = [[(c, gains[i][k]) for k, c in curve] for i, curve in zip(order, curves, strict=True)]
-            # the linearised cost is off where both widths of a layer change: search the budget handed to
-            # the knapsack for the largest one whose solution the table itself predicts within budget
-            lo, hi, t, found = 0.0, 2.0, 1.0, None
-            for _ in range(11):
-                picked = solve_mckp(choices, budget * t - fixed)
-                trial = list(current)
-                for i, curve, j in zip(order, curves, picked or [], strict=False):
-                    trial[i] = curve[j][0]
-                if picked is not None and table.predict(trial) <= budget:
-                    lo, found = t, trial
-                    if value(trial) > best[0]:
-                        best = (value(trial), trial)
-                else:
-                    hi = t
-                t = (lo + hi) / 2
-            if found is None or found == current:
-                break
-            current = found
-        counts = _fill(table, options, gains, best[1], budget)
-        predicted = table.predict(counts)
+        counts = solve(question, budget)
         return counts, {
             "threshold": None,
             "budget_ms": budget,
-            "predicted_ms": predicted,
+            "predicted_ms": table.predict(counts),
             "full_ms": table.full_ms,
             "target": table.describe(),
         }
-
-
-def _fill(
-    table: LatencyTable, options: dict[int, list[int]], gains: dict[int, list[float]], counts: list[int], budget: float
-) -> list[int]:
-    """Spend what the budget has left: widen one group at a time, best value gain first."""
-    counts = list(counts)
-    while True:
-        moves = [
-            (gains[i][k] - gains[i][counts[i]], i, k)
-            for i, ks in options.items()
-            for k in ks
-            if k > counts[i] and table.predict([*counts[:i], k, *counts[i + 1 :]]) <= budget
-        ]
-        if not moves:
-            return counts
-        _, i, k = max(moves)
-        counts[i] = k
 
 
 @dataclass(frozen=True)
@@ -338,11 +256,24 @@ def kept_whole(groups: Sequence[Group], patterns: Sequence[str]) -> dict[int, st
     return found
 
 
+def selection_groups(traced: PruningPlan, selection: Selection) -> tuple[list[Group], dict[int, str], set[int]]:
+    """The traced groups as the selector sees them: copies, those ``keep`` holds made unprunable (``held``: index
+    -> pattern); and with depth the groups it may empty (``removable``: of the removable branches none of whose
+    groups is held -- a kept layer never goes with its branch)."""
+    groups = [copy_group(g) for g in traced.groups]
+    held = kept_whole(groups, selection.keep)
+    for i, pattern in held.items():
+        groups[i].reasons.append(f"kept whole: keep {pattern!r}")
+    branches = [b for b in traced.branches if b.removable and all(groups[i].prunable for i in b.groups)]
+    return groups, held, {i for b in branches for i in b.groups} if selection.depth else set()
+
+
 def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
     """A new plan whose groups keep their highest-scoring channels in the counts the selector chose."""
+    groups, held, removable = selection_groups(traced, selection)
     plan = replace(
         traced,
-        groups=[copy_group(g) for g in traced.groups],
+        groups=groups,
         new_biases=[],
         notes=list(traced.notes),
         selection=selection.to_dict(),
@@ -351,10 +282,6 @@ def select(traced: PruningPlan, selection: Selection) -> PruningPlan:
         round_to=selection.rails.round_to,
         ratio=getattr(selection.selector, "ratio", None),
     )
-    held = kept_whole(plan.groups, selection.keep)
-    for i, pattern in held.items():
-        plan.groups[i].reasons.append(f"kept whole: keep {pattern!r}")
-    removable = {i for b in plan.branches if b.removable for i in b.groups} if selection.depth else set()
     counts, facts = selection.selector.kept_counts(plan.groups, selection.rails, removable)
     if held:
         plan.notes.append(_keep_cost(selection, traced.groups, counts, held, removable))
