@@ -20,16 +20,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from slim2deploy.deploy.export import export_onnx  # noqa: E402
-from slim2deploy.deploy.onnx_info import memory_estimate  # noqa: E402
-from slim2deploy.measure.memory import peak_rss  # noqa: E402
-from slim2deploy.model.zoo import create_model  # noqa: E402
-from slim2deploy.runtime.registry import open_runner  # noqa: E402
+from slim2deploy.deploy.export import export_onnx
+from slim2deploy.deploy.onnx_info import memory_estimate
+from slim2deploy.measure.memory import peak_rss
+from slim2deploy.model.zoo import create_model
+from slim2deploy.runtime.registry import open_runner
 
 # name -> (how to build it, its input C x H x W)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {

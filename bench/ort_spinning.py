@@ -16,16 +16,13 @@ Needs numpy, onnx and onnxruntime (no torch).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slim2deploy.deploy.layer_onnx import write_layer_onnx  # noqa: E402
-from slim2deploy.measure.benchmark import measure  # noqa: E402
-from slim2deploy.prune.latency import LayerSpec  # noqa: E402
-from slim2deploy.runtime.ort import OrtRunner  # noqa: E402
+from slim2deploy.deploy.layer_onnx import write_layer_onnx
+from slim2deploy.measure.benchmark import measure
+from slim2deploy.prune.latency import LayerSpec
+from slim2deploy.runtime.ort import OrtRunner
 
 
 def round_medians(paths: list[Path], args: argparse.Namespace, spinning: bool) -> list[list[float]]:

@@ -119,3 +119,16 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
 def test_modules_stay_small():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_nothing_edits_the_import_path():
+    """bench/ scripts import the installed package; an edited ``sys.path`` would let them run another copy."""
+    roots = [PACKAGE, PACKAGE.parent / "bench"]
+    edits = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys"
+    ]
+    assert not edits, f"sys.path used at {edits}"
