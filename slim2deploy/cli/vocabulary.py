@@ -74,6 +74,7 @@ FLAGS: dict[str, str] = {
     "--approximate": "also prune groups read raw by another layer",
     "--depth": "let a selection empty a group inside a residual branch, removing the branch",
     "--no-depth": "never empty a group to remove a residual branch",
+    "--importance": "the score that ranks channels for pruning",
     "--table": "a latency table to reuse",
     "--save-table": "write the latency table used",
     "--tries": "measured tries of the closed loop",
