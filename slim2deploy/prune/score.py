@@ -99,6 +99,6 @@ def gamma_warning(groups: Sequence[Group]) -> str | None:
     return (
         f"only {share:.1%} of the BatchNorm gammas that rank the prunable channels are near zero (< {NEAR_ZERO:g}): "
         "the model was not sparse-trained, so gamma says little about which channels matter and pruning removes "
-        "them almost at random; sparse-train it first ('slim2deploy train --model CKPT --sparsity 1e-4 ...') and "
+        "them almost at random; sparse-train it first (train with an L1 sparsity penalty such as 1e-4) and "
         "fine-tune after pruning"
     )

@@ -150,7 +150,7 @@ class LatencySelector(Selector):
 
     def __post_init__(self) -> None:
         if (self.latency_ms is None) == (self.speedup is None):
-            raise SlimError("give exactly one latency budget: --speedup S or --latency-ms T")
+            raise SlimError("give exactly one latency budget: `speedup` or `latency_ms`")
         value = self.speedup if self.speedup is not None else self.latency_ms
         if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
             raise SlimError(f"the latency budget must be a positive number, got {value!r}")
