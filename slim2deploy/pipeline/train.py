@@ -15,16 +15,9 @@ from tqdm import tqdm
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
+from slim2deploy.model.distributed import DistInfo, init_distributed, shutdown_distributed
 from slim2deploy.model.folder import AnyData, check_fits, describe, load_data
-from slim2deploy.model.loop import (
-    DistInfo,
-    EpochResult,
-    TrainConfig,
-    evaluate,
-    fit,
-    init_distributed,
-    shutdown_distributed,
-)
+from slim2deploy.model.loop import EpochResult, TrainConfig, evaluate, fit
 from slim2deploy.model.preprocess import (
     Stats,
     channels_of,
