@@ -11,7 +11,7 @@ import gc
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ class TrainConfig:
     sparsity_mode: str = "subgradient"  # or "proximal"
     sparsity_warmup: float = 0.0  # epochs over which lambda ramps from 0
     sparsity_scope: str = "all"  # or "prunable"/"approximate": only gammas of channels prune can remove
+    sparsity_block: float = 0.0  # lambda of the group lasso on each removable residual branch's gammas
     amp: bool = False
     augment: bool = True
     seed: int = 0
@@ -64,6 +65,7 @@ class TrainConfig:
             ("--sparsity", self.sparsity),
             ("--weight-decay", self.weight_decay),
             ("--sparsity-warmup", self.sparsity_warmup),
+            ("--sparsity-block", self.sparsity_block),
         ):
             if not (value >= 0 and math.isfinite(value)):
                 raise SlimError(f"{flag} must be a finite number >= 0, got {value}")
@@ -216,11 +218,12 @@ def train_one_epoch(
     progress: bool,
     desc: str,
     teacher: nn.Module | None = None,
+    blocks: Sequence[sparsity.GammaGroup] = (),
 ) -> tuple[float, float, float]:
-    """One epoch of SGD with the sparsity penalty (and distillation from ``teacher``); returns (train loss,
+    """One epoch of SGD with the sparsity penalties (and distillation from ``teacher``); returns (train loss,
     train accuracy, last lr).
 
-    ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalty acts on ``model``.
+    ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalties act on ``model``.
     """
     net.train()
     amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
@@ -268,6 +271,8 @@ def train_one_epoch(
             # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
             # the same effective step here gives lambda the same pull as in subgradient mode.
             sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
+        block = sparsity.warmed_up(cfg.sparsity_block, at, cfg.sparsity_warmup)
+        sparsity.group_proximal_step(model, lr / (1 - cfg.momentum), block, blocks)  # the same effective step
         value = loss.item()
         if not math.isfinite(value):
             raise SlimError(
@@ -321,10 +326,12 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     teacher: nn.Module | None = None,
+    blocks: Sequence[sparsity.GammaGroup] = (),
 ) -> list[EpochResult]:
     """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch.
 
     ``masks`` limits the sparsity penalty to the channels they mark (``--sparsity-scope prunable``).
+    ``blocks``: the gamma groups ``cfg.sparsity_block`` acts on (``prune.trace.branch_groups``).
     ``teacher`` (a model of the same inputs and classes) adds distillation from its logits on the same
     augmented batch (``step_loss``); it runs in eval mode without gradients, one copy per process.
     """
@@ -352,7 +359,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         train_loss, train_acc, lr = train_one_epoch(
-            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher
+            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher, blocks
         )
         # buffers too: a huge --sparsity can leave the weights finite but blow up BatchNorm's running_var,
         # which the checkpoint loader would then refuse (and inference turns into garbage)
@@ -363,8 +370,10 @@ def fit(
             if not math.isfinite(val_loss):
                 fault = f"the validation loss is {val_loss}"
         if fault is not None:
-            cause = f"The learning rate `lr` ({cfg.lr:g})" + (
-                f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else ""
+            cause = (
+                f"The learning rate `lr` ({cfg.lr:g})"
+                + (f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else "")
+                + (f" or `sparsity_block` ({cfg.sparsity_block:g})" if cfg.sparsity_block else "")
             )
             raise SlimError(
                 f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "
