@@ -1,5 +1,6 @@
 """The block-level penalty (--sparsity-block): a group lasso on each removable residual branch's gammas."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import torch
 from conftest import ROOT, assert_refused, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from torch import nn
 
 from slim2deploy.model import sparsity
-from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.data import Dataset
 from slim2deploy.model.loop import TrainConfig, fit
 from slim2deploy.model.zoo import create_model
@@ -170,3 +172,31 @@ def test_torchrun_and_resume_match_one_uninterrupted_process(tmp_path, blobs_npz
     # and the penalty acted: some branch group is exactly 0
     model = model_from_checkpoint(load_checkpoint(full))
     assert any((g.values(model) == 0).all() for g in branch_groups(model, torch.zeros(1, 1, 16, 16)))
+
+
+def test_inspect_shows_each_removable_block_and_plots_its_gammas(tmp_path, cli):
+    kwargs = {"width": 0.5, "num_classes": 10, "in_channels": 1}
+    model = create_model("resnet20", **kwargs)
+    bns = dict(model.named_modules())
+    with torch.no_grad():
+        bns["layer1.1.bn2"].weight.zero_()  # exactly empty: removing the block changes nothing
+        bns["layer2.0.bn2"].weight.fill_(3e-3)  # under a threshold at 1e-2
+        bns["layer3.2.bn2"].weight[:-1] = 0.0  # one channel keeps it
+    src = tmp_path / "m.pt"
+    save_checkpoint(checkpoint_for(model, "resnet20", kwargs, (1, 16, 16), 10), src)
+    status, out, err = cli("inspect", "--model", src, "--json", tmp_path / "m.json", "--plot", tmp_path / "m.png")
+    assert status == 0, err
+    rows = {line[:15]: line[15:].split(maxsplit=3) for line in out.splitlines() if line.startswith("add in layer")}
+    assert rows["add in layer1.1"] == ["8", "0.00e+00", "100.0%", "exact"]
+    assert rows["add in layer2.0"] == ["16", "3.00e-03", "100.0%", "< 1e-2"]
+    assert rows["add in layer3.2"] == ["32", "5.00e-01", "96.9%", "no"]
+    assert "2 of 9 removable at a global threshold of 1e-2 now" in out
+    blocks = {b["block"]: b for b in json.loads((tmp_path / "m.json").read_text())["blocks"]}
+    assert blocks["add in layer2.0"]["count"] == 16 and len(blocks["add in layer2.0"]["gammas"]) == 16
+    assert Image.open(tmp_path / "m.png").size[0] > 0
+    # pruned at a threshold that takes the two: they are listed as removed, the other seven remain
+    slim = tmp_path / "slim.pt"
+    assert cli("prune", "--model", src, "--ratio", "0.25", "--out", slim)[0] == 0
+    status, out, _ = cli("inspect", "--model", slim)
+    assert "removed    2 residual block(s): add in layer1.1, add in layer2.0" in out
+    assert "0 of 7 removable at a global threshold of 1e-2 now" in out

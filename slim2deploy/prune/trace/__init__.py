@@ -28,7 +28,7 @@ from slim2deploy.prune.trace.registry import HANDLERS, handles
 from slim2deploy.prune.trace.state import TraceState
 from slim2deploy.prune.trace.walk import export, walk
 
-__all__ = ["HANDLERS", "branch_groups", "handles", "prunable_masks", "rescore", "trace_groups"]
+__all__ = ["HANDLERS", "branch_groups", "groups_in_branches", "handles", "prunable_masks", "rescore", "trace_groups"]
 _OPS = (ops_elementwise, ops_layers, ops_shape, ops_spatial)  # imported for their handlers
 
 
@@ -109,7 +109,11 @@ def prunable_masks(model: nn.Module, example_input: torch.Tensor, exact: bool = 
 def branch_groups(model: nn.Module, example_input: torch.Tensor) -> list[GammaGroup]:
     """The BatchNorm gammas of every group inside a removable residual branch of the pruning plan, one
     ``GammaGroup`` each (named after the branch's join): all zero, the group is empty and the branch goes."""
-    traced = trace_groups(model, example_input)
+    return groups_in_branches(trace_groups(model, example_input))
+
+
+def groups_in_branches(traced: PruningPlan) -> list[GammaGroup]:
+    """``branch_groups`` of a model already traced."""
     found = []
     for b in traced.branches:
         for k, i in enumerate(b.groups if b.removable else []):
