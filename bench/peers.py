@@ -169,7 +169,7 @@ def trained_resnet56(args: argparse.Namespace, work: Path) -> Path:
     )  # fmt: skip
     train_command(
         arch="resnet56", width=1.0, data="fashion-mnist", data_dir=None, image_size=None,
-        limit_train=args.train_limit, eval_limit=args.eval_limit, cfg=cfg, out=str(out), device="cpu",
+        limit_train=args.train_limit, eval_limit=args.eval_limit, cfg=cfg, out=str(out), device="auto",
     )  # fmt: skip
     return out
 
@@ -239,7 +239,7 @@ def add_accuracy(entries: list[Entry], ckpt: Checkpoint, args: argparse.Namespac
 def time_all(entries: list[Entry], x: torch.Tensor, args: argparse.Namespace, work: Path, stem: str) -> Comparison:
     for i, e in enumerate(entries):
         e.onnx = work / f"{stem}-{i}.onnx"
-        export_onnx(e.model.eval(), x, e.onnx)
+        export_onnx(e.model.cpu().eval(), x, e.onnx)  # fine-tuning may have moved it to a GPU
     return benchmark(
         [e.onnx for e in entries[1:] if e.onnx is not None],
         baseline=entries[0].onnx,
