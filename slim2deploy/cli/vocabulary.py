@@ -55,6 +55,7 @@ FLAGS: dict[str, str] = {
     "--sparsity-mode": "how the L1 penalty is applied",
     "--sparsity-warmup": "epochs over which lambda ramps up",
     "--sparsity-scope": "which gammas the L1 penalty acts on",
+    "--sparsity-block": "lambda of the group lasso on removable residual branches' gammas",
     "--finetune-epochs": "build: epochs of fine-tuning after pruning",
     "--finetune-lr": "build: initial learning rate of fine-tuning",
     "--teacher": "the model to distil from",
