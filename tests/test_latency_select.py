@@ -273,7 +273,7 @@ def test_an_edited_table_is_one_error_naming_the_field(edit, named):
 
 def test_a_valid_table_still_round_trips_and_a_non_mapping_says_so():
     table = _valid_table()
-    assert table.base_ms < 0  # a calibration may fit a base below zero: the table is still valid
+    table.base_ms = -0.1  # as calibration fitted before it kept the base at 0 or above: still a valid table
     assert LatencyTable.from_json(table.to_json()) == table
     with pytest.raises(SlimError, match="a JSON list, expected a mapping"):
         LatencyTable.from_json(json.dumps([table.to_dict()]))
@@ -396,22 +396,35 @@ def test_a_refined_table_is_fitted_again_to_its_measured_anchors():
     table = _branch_table([16, 16, 8], [[8, 16], [8, 16], [8]], [[1.0, 2.0], [0.5, 1.0], [0.3]], [[0]], [0.0])
     small, bare = table.anchors()
     assert small == [8, 8, 8] and bare == [0, 8, 8]
-    table.small_ms, table.bare_ms = 1.2, 0.6
+    table.small_ms, table.bare_ms = 2.3, 1.0
     table.recalibrate()
     fitted = [table.predict(c) for c in (table.sizes, small, bare)]
-    assert fitted == pytest.approx([table.full_ms, 1.2, 0.6])
-    table.layers[0].record(3, 8, 1.9)  # the narrow cells timed again, far dearer than before
-    table.layers[1].record(3, 8, 0.95)
-    assert table.predict(small) != pytest.approx(1.2)
+    assert fitted == pytest.approx([table.full_ms, 2.3, 1.0])
+    table.layers[0].record(3, 8, 0.4)  # the narrow cells timed again, far cheaper than before
+    table.layers[1].record(3, 8, 0.2)
+    assert table.predict(small) != pytest.approx(2.3)
     table.recalibrate()
     assert [table.predict(c) for c in (table.sizes, small, bare)] == pytest.approx(fitted)
     again = LatencyTable.from_json(table.to_json())
-    assert (again.small_ms, again.bare_ms) == (1.2, 0.6) and again.predict(bare) == pytest.approx(0.6)
+    assert (again.small_ms, again.bare_ms) == (2.3, 1.0) and again.predict(bare) == pytest.approx(1.0)
     old = table.to_dict()
     del old["small_ms"], old["bare_ms"]  # a table from before the anchors were kept: its fit stands
     kept = LatencyTable.from_dict(old)
     kept.recalibrate()
     assert (kept.base_ms, kept.scale) == (table.base_ms, table.scale)
+
+
+def test_a_fit_that_would_give_the_rest_of_the_model_negative_time_keeps_it_at_zero():
+    """Model timings that disagree with the cells (taken under another load) fit a line whose intercept is
+    below zero; then the unpruned model stays exact, nothing is outside the layers, and every model the table
+    was anchored on is still predicted to take time (the table is accepted)."""
+    table = _branch_table([16, 16, 8], [[8, 16], [8, 16], [8]], [[1.0, 2.0], [0.5, 1.0], [0.3]], [[0]], [0.0])
+    small, bare = table.anchors()
+    table.small_ms, table.bare_ms = 0.2, 0.05  # far faster than the cells say the small model can be
+    table.recalibrate()
+    assert table.base_ms == 0 and table.predict(table.sizes) == pytest.approx(table.full_ms)
+    assert table.predict(small) > 0 and table.predict(bare) > 0
+    assert LatencyTable.from_json(table.to_json()).predict(bare) == pytest.approx(table.predict(bare))
 
 
 def _groups(sizes, scores):

@@ -126,6 +126,11 @@ class LatencyTable:
             if spread > 0 and full_ms > small_ms:
                 self.scale = (full_ms - small_ms) / spread
         self.base_ms = self.full_ms - self.scale * layers_full
+        if self.base_ms < 0 and layers_full > 0:
+            # the two measurements disagree with the cells (the host's load changed between them, or cells were
+            # cached under another load): the rest of the model cannot take negative time, so keep the unpruned
+            # model exact with nothing outside the layers, and let the closed loop correct the slope
+            self.scale, self.base_ms = self.full_ms / layers_full, 0.0
 
     def calibrate_depth(self, measured_ms: float, counts: Sequence[int]) -> None:
         """Make the table predict ``measured_ms`` for ``counts`` (the smallest model with every branch removed,
