@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import SAMPLE, export_tiny
 from hypothesis import given
 from hypothesis import strategies as st
-from test_runners import SAMPLE, export_tiny
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.onnx_info import onnx_costs

@@ -9,8 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
-from test_cache import _hold_lock
+from helpers import ROOT, hold_lock, run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.pipeline.build import validate
@@ -98,7 +97,7 @@ def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path
     out = tmp_path / "out"
     out.mkdir()
     (out / "slim.onnx").write_bytes(b"from the first build")
-    holder = _hold_lock(out)  # a second real process, as a running build would hold it
+    holder = hold_lock(out)  # a second real process, as a running build would hold it
     try:
         proc = run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--no-bench")
         _one_error(proc, f"another build is writing to {out} (pid {holder.pid})")

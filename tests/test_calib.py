@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.calib import check_calib, load_calib, make_calib_set, stratified_indices

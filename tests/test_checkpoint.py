@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import (

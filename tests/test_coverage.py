@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torchvision
-from conftest import run_cli
+from helpers import run_cli
 from model_cases import THIRD_PARTY, traced
 from torch import nn
 from torch.nn import functional as F

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_cli, torchrun
+from helpers import run_cli, torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from helpers import randomise_bn, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
@@ -23,19 +23,6 @@ MODELS = [
     ("torchvision:resnet18", {}, (3, 32, 32)),
     ("torchvision:mobilenet_v2", {"width_mult": 0.25}, (3, 32, 32)),
 ]
-
-
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics, so an unfolded or wrongly folded BN shows up in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name, kwargs, shape", MODELS, ids=[m[0] for m in MODELS])

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_refused, run_cli
-from conftest import snapshot as _snapshot
+from helpers import ROOT, assert_refused, run_cli
+from helpers import snapshot as _snapshot
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.cli import main

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_refused, run_cli, snapshot
+from helpers import ROOT, assert_refused, run_cli, snapshot
 from PIL import Image
 
 from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint

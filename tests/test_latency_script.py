@@ -11,9 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_runners import export_tiny
+from helpers import ROOT, SAMPLE, export_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "latency.py"
 FAST = ["--bench-warmup-s", "0.05", "--bench-iterations", "12", "--bench-rounds", "3", "--threads", "1"]
 
@@ -152,8 +151,6 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     """--batch N on an .onnx: refused when one tensor of the batch alone exceeds the memory: the input
     (share 2: twice the memory) or, where the input would fit (share 0.5), an activation of the graph
     that onnx shape inference sizes. Nothing is written."""
-    from test_runners import SAMPLE
-
     base, _ = models
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     batch = int(share * ram / (4 * SAMPLE[0] * SAMPLE[1] * SAMPLE[2]))

@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import needs_fashion_mnist
+from helpers import needs_fashion_mnist, randomise_bn
 from onnx import numpy_helper
-from test_export import randomise_bn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import FP16_RTOL, export_onnx, load_onnx

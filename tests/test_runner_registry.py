@@ -10,11 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT, SAMPLE, export_tiny, randomise_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_export import randomise_bn
-from test_runners import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError

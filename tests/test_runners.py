@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
@@ -19,38 +19,6 @@ from slim2deploy.runtime.ort import OrtRunner
 from slim2deploy.runtime.registry import open_runner, runner_kind
 from slim2deploy.runtime.torch import TorchRunner
 from slim2deploy.runtime.trt import TrtRunner
-
-SAMPLE = (3, 16, 16)
-
-
-def tiny_net(width: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(3, w, 3, padding=1),
-        nn.BatchNorm2d(w),
-        nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(2 * w, 10),
-    ).eval()
-
-
-def export_tiny(path: Path, width: int, static_batch: int | None = None) -> tuple[Path, nn.Module]:
-    """A small conv net exported with the TorchScript exporter (dynamic batch unless ``static_batch``)."""
-    model = tiny_net(width)
-    x = torch.randn(static_batch or 1, *SAMPLE)
-    dynamic = None if static_batch else {"input": {0: "N"}, "logits": {0: "N"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: fast and enough here
-        torch.onnx.export(
-            model, (x,), str(path), input_names=["input"], output_names=["logits"], dynamic_axes=dynamic, dynamo=False
-        )
-    return path, model
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import load_checkpoint

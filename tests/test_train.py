@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_cli
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import CUDA_RESUME_ATOL
