@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,18 +136,28 @@ def _own_flags(line: str) -> set[str] | None:
 # ---- models, checkpoints, data -------------------------------------------------------------------------------------
 
 
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics, so an unfolded or wrongly folded BN shows up in the outputs."""
+def randomize_batchnorm(model: nn.Module, seed: int = 0, every_weight: bool = False) -> nn.Module:
+    """Random BatchNorm parameters and statistics, so that BatchNorm is no identity (an unfolded or wrongly
+    folded one shows in the outputs) and channels score differently: gamma in [0.05, 1], beta and the running
+    mean ~ N(0, 0.2), the running variance in [0.5, 2]. ``every_weight``: every other floating-point tensor
+    too, uniform in [-0.1, 0.1], so that no fresh initialisation reproduces any (biases made zero included).
+    Returns the model in eval mode."""
     import torch
+    from torch import nn
 
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.weight.uniform_(0.05, 1.0, generator=gen)
+            m.bias.normal_(0.0, 0.2, generator=gen)
+            m.running_mean.normal_(0.0, 0.2, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+        if every_weight:
+            done = {id(t) for m in norms for t in (m.weight, m.bias, m.running_mean, m.running_var)}
+            for t in model.state_dict(keep_vars=True).values():
+                if t.is_floating_point() and id(t) not in done:
+                    t.uniform_(-0.1, 0.1, generator=gen)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import third_party_cases as tp
 import torch
 import torchvision
+from helpers import randomize_batchnorm
 from torch import nn
 
 from slim2deploy.model.zoo import create_model
@@ -59,18 +60,6 @@ THIRD_PARTY = {
 ZOO = {"vgg11", "resnet20", "resnet164", "densenet40"}
 # big enough that one pass through them costs seconds on two cores
 HEAVY = {"vgg11_bn", "densenet121", "resnet50", "efficientnet_b0"}
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.05, 1.0, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-    return model.eval()
 
 
 @functools.cache

@@ -13,7 +13,8 @@ import onnx
 import pytest
 import third_party_cases as tp
 import torch
-from model_cases import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm
+from model_cases import rel_err
 from torch import nn
 
 from slim2deploy.deploy.export import export_onnx

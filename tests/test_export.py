@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import randomise_bn, run_cli
+from helpers import randomize_batchnorm, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
@@ -28,7 +28,7 @@ MODELS = [
 @pytest.mark.parametrize("name, kwargs, shape", MODELS, ids=[m[0] for m in MODELS])
 def test_fp32_parity_folded_clean_single_file(tmp_path, name, kwargs, shape):
     torch.manual_seed(0)
-    model = randomise_bn(create_model(name, **kwargs))
+    model = randomize_batchnorm(create_model(name, **kwargs))
     path = tmp_path / "m.onnx"
     result = export_onnx(model, torch.randn(1, *shape), path)
     x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
@@ -45,7 +45,7 @@ def test_fp32_parity_folded_clean_single_file(tmp_path, name, kwargs, shape):
 
 
 def test_static_batch_and_dynamo_exporter(tmp_path):
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
+    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
     result = export_onnx(model, torch.randn(4, 1, 28, 28), tmp_path / "s.onnx", dynamic_batch=False)
     assert result.input_shape == [4, 1, 28, 28]
     x = np.random.default_rng(1).standard_normal((6, 1, 28, 28)).astype(np.float32)
@@ -95,7 +95,7 @@ def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path):
 
 
 def test_parity_gate_fails_with_errors_shown(tmp_path):
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
+    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
     path = export_onnx(model, torch.randn(1, 1, 28, 28), tmp_path / "m.onnx").path
     with torch.no_grad():
         model.classifier.bias.add_(0.01)  # the file no longer computes what the model computes
@@ -122,7 +122,7 @@ def test_truncated_onnx_is_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
+    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
     path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
     save_checkpoint(checkpoint_for(model, "vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28), 10), path)
     return path

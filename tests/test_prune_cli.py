@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_cases import randomize_batchnorm, rel_err, zero_channels
+from helpers import randomize_batchnorm
+from model_cases import rel_err, zero_channels
 
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.stats import count_params
