@@ -1,10 +1,14 @@
 """Hooks and fixtures; the functions and constants tests share are in helpers.py."""
 
+import json
 import os
 import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, tiny_checkpoint
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -58,6 +62,27 @@ def blobs_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("blobs") / "blobs.npz"
     np.savez(path, x_train=x[:448], y_train=y[:448], x_val=x[448:], y_val=y[448:])
     return path
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory) -> Callable[..., Path]:
+    """``make_checkpoint(arch="vgg11", width=0.125, input_shape=(1, 28, 28), num_classes=10, meta=None,
+    bn_seed=None, sparse_seed=None, path=None)``: a small slim2deploy checkpoint (``helpers.tiny_checkpoint``),
+    made once per session for each set of arguments. The file returned is shared: read it, never change it or
+    write beside it; ``path``: a copy there, the test's own."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "vgg11", *, path: Path | None = None, **settings) -> Path:
+        key = json.dumps([arch, settings], sort_keys=True)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("checkpoint")
+            made[key] = tiny_checkpoint(folder / f"{arch.replace(':', '-')}.pt", arch, **settings)
+        if path is None:
+            return made[key]
+        shutil.copyfile(made[key], path)
+        return Path(path)
+
+    return make
 
 
 @pytest.fixture

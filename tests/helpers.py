@@ -14,12 +14,14 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from slim2deploy.prune.plan import PruningPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -159,6 +161,56 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0, every_weight: bool = Fa
                 if t.is_floating_point() and id(t) not in done:
                     t.uniform_(-0.1, 0.1, generator=gen)
     return model.eval()
+
+
+def zero_channels(model: nn.Module, plan: PruningPlan, fraction: float, seed: int, beta: bool = True) -> int:
+    """Set gamma (and beta) to zero for a random ``fraction`` of every prunable group's channels."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    total = 0
+    with torch.no_grad():
+        for g in plan.groups:
+            if not g.prunable:
+                continue
+            chosen = torch.randperm(g.size, generator=gen)[: int(g.size * fraction)].tolist()
+            bns = {m.module for m in g.members if m.role == "bn"}
+            for m in g.members:
+                if m.module in bns and (m.role == "bn" or (beta and m.tensor.endswith(".bias"))):
+                    model.get_parameter(m.tensor)[m.indices(chosen)] = 0
+            total += len(chosen)
+    return total
+
+
+def tiny_checkpoint(
+    path: Path,
+    arch: str = "vgg11",
+    width: float = 0.125,
+    input_shape: tuple[int, int, int] = (1, 28, 28),
+    num_classes: int = 10,
+    meta: dict[str, Any] | None = None,
+    bn_seed: int | None = None,
+    sparse_seed: int | None = None,
+) -> Path:
+    """A slim2deploy checkpoint of a zoo model (initialised from seed 0) at ``path``. ``bn_seed``: BatchNorm
+    randomised (``randomize_batchnorm``); ``sparse_seed``: then gamma and beta zero in half of every prunable
+    group's channels, chosen with that seed, so that pruning them changes no output. Tests take it from the
+    ``make_checkpoint`` fixture (conftest.py), which makes each kind once per session."""
+    import torch
+
+    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+    from slim2deploy.model.zoo import create_model
+    from slim2deploy.prune.trace import trace_groups
+
+    kwargs = {"in_channels": input_shape[0], "num_classes": num_classes, "width": width}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(arch, **kwargs).eval()
+    if bn_seed is not None:
+        randomize_batchnorm(model, bn_seed)
+    if sparse_seed is not None:
+        zero_channels(model, trace_groups(model, torch.zeros(1, *input_shape)), 0.5, seed=sparse_seed)
+    return save_checkpoint(checkpoint_for(model, arch, kwargs, input_shape, num_classes, meta=meta), path)
 
 
 SAMPLE = (3, 16, 16)  # the input of ``tiny_net``

@@ -72,23 +72,6 @@ def traced(name: str) -> tuple[nn.Module, torch.Tensor, PruningPlan]:
     return model, x, trace_groups(model, x)
 
 
-def zero_channels(model: nn.Module, plan: PruningPlan, fraction: float, seed: int, beta: bool = True) -> int:
-    """Set gamma (and beta) to zero for a random ``fraction`` of every prunable group's channels."""
-    gen = torch.Generator().manual_seed(seed)
-    total = 0
-    with torch.no_grad():
-        for g in plan.groups:
-            if not g.prunable:
-                continue
-            chosen = torch.randperm(g.size, generator=gen)[: int(g.size * fraction)].tolist()
-            bns = {m.module for m in g.members if m.role == "bn"}
-            for m in g.members:
-                if m.module in bns and (m.role == "bn" or (beta and m.tensor.endswith(".bias"))):
-                    model.get_parameter(m.tensor)[m.indices(chosen)] = 0
-            total += len(chosen)
-    return total
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-12))
 

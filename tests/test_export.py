@@ -12,7 +12,6 @@ from onnx import TensorProto, helper, numpy_helper
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import FP32_RTOL, export_onnx, fuse_conv_bn_nodes, graph_leftovers, load_onnx
 from slim2deploy.measure.compare import check_parity, run_all
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
 from slim2deploy.runtime.ort import OrtRunner, ort_session
 
@@ -119,13 +118,9 @@ def test_truncated_onnx_is_one_clear_error(tmp_path):
             call()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
-    path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
-    save_checkpoint(checkpoint_for(model, "vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28), 10), path)
-    return path
+@pytest.fixture
+def checkpoint(make_checkpoint):
+    return make_checkpoint(bn_seed=0)  # vgg11 at width 0.125: 1x28x28 inputs, 10 classes
 
 
 def test_export_command_each_precision(tmp_path, checkpoint):

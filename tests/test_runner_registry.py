@@ -18,8 +18,9 @@ from torch import nn
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import ORT_LEVEL_KEY
 from slim2deploy.measure.compare import check_agreement, check_parity, run_all
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.runtime.ort import OrtRunner, onnx_metadata
 from slim2deploy.runtime.registry import RUNTIMES, device_choices, open_runner, runner_kind
 from slim2deploy.runtime.torch import TorchRunner, fuse_conv_bn
@@ -133,13 +134,9 @@ def test_a_conv_feeding_a_residual_add_keeps_its_batchnorm_apart():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    kwargs = {"width": 0.25}
-    torch.manual_seed(0)
-    model = randomize_batchnorm(create_model("resnet20", **kwargs))
-    path = tmp_path_factory.mktemp("ckpt") / "r20.pt"
-    save_checkpoint(checkpoint_for(model, "resnet20", kwargs, (3, 32, 32), 10), path)
-    return path, model
+def checkpoint(make_checkpoint):
+    path = make_checkpoint("resnet20", width=0.25, input_shape=(3, 32, 32), bn_seed=0)
+    return path, model_from_checkpoint(load_checkpoint(path))
 
 
 def test_torch_modes_from_a_checkpoint_agree(checkpoint):

@@ -11,9 +11,8 @@ from helpers import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs, count_params
-from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.runtime.ort import OrtRunner
 from slim2deploy.runtime.registry import open_runner, runner_kind
@@ -94,14 +93,9 @@ def test_ort_runner_errors_are_clear(tmp_path):
         OrtRunner(path, device="tensorrt").activate()
 
 
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
-    torch.manual_seed(0)
-    model = create_model("vgg11", **kwargs).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
-    save_checkpoint(checkpoint_for(model, "vgg11", kwargs, (1, 28, 28), 10), path)
-    return path
+@pytest.fixture
+def checkpoint_path(make_checkpoint) -> Path:
+    return make_checkpoint()  # vgg11 at width 0.125: 1x28x28 inputs, 10 classes
 
 
 def test_torch_runner_cpu_matches_model_and_counts_costs(checkpoint_path):

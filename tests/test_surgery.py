@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from helpers import randomize_batchnorm
-from model_cases import CASES, HEAVY, ZOO, onnx_outputs, rel_err, traced, zero_channels
+from helpers import randomize_batchnorm, zero_channels
+from model_cases import CASES, HEAVY, ZOO, onnx_outputs, rel_err, traced
 from torch import nn
 
 from slim2deploy.base.errors import SlimError

@@ -3,28 +3,11 @@ import re
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 from helpers import ROOT, needs_fashion_mnist, run_cli
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import CUDA_RESUME_ATOL
-
-
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """A small real-looking dataset as .npz: 4 classes of 16x16 uint8 images with class-specific patterns."""
-    rng = np.random.default_rng(0)
-    n = 512
-    y = rng.integers(0, 4, n)
-    x = rng.integers(0, 80, (n, 1, 16, 16)).astype(np.uint8)
-    for c, (r, q) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8)]):
-        x[y == c, :, r : r + 8, q : q + 8] += 120
-    path = tmp_path_factory.mktemp("data") / "blobs.npz"
-    np.savez(path, x_train=x[:448], y_train=y[:448], x_val=x[448:], y_val=y[448:])
-    return path
-
 
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--sparsity", "1e-3", "--seed", "3"]
 
@@ -33,10 +16,10 @@ def _weights(path):
     return load_checkpoint(path).state_dict
 
 
-def test_resume_continues_exactly(tmp_path, npz_data):
+def test_resume_continues_exactly(tmp_path, blobs_npz):
     # on CUDA --deterministic is what makes --seed repeatable, to the documented tolerance
     cuda = torch.cuda.is_available()
-    data = ["--data", str(npz_data), "--batch-size", "32", *(["--deterministic"] if cuda else [])]
+    data = ["--data", str(blobs_npz), "--batch-size", "32", *(["--deterministic"] if cuda else [])]
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run_cli(*TRAIN, *data, "--epochs", "2", "--out", str(full)).returncode == 0
     assert run_cli(*TRAIN, *data, "--epochs", "1", "--out", str(part)).returncode == 0
@@ -49,9 +32,9 @@ def test_resume_continues_exactly(tmp_path, npz_data):
     assert load_checkpoint(part).meta["epochs"] == 2
 
 
-def test_two_process_torchrun_equals_one_process_at_same_global_batch(tmp_path, npz_data):
+def test_two_process_torchrun_equals_one_process_at_same_global_batch(tmp_path, blobs_npz):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    common = [*TRAIN, "--data", str(npz_data), "--epochs", "1", "--device", "cpu"]
+    common = [*TRAIN, "--data", str(blobs_npz), "--epochs", "1", "--device", "cpu"]
     assert run_cli(*common, "--batch-size", "32", "--out", str(one)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -125,7 +108,7 @@ def test_missing_data_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_bad_flags_are_one_line_errors(tmp_path, npz_data):
+def test_bad_flags_are_one_line_errors(tmp_path, blobs_npz):
     for extra, needle in ((["--epochs", "0"], "--epochs"), (["--arch", "nope"], "unknown model")):
-        proc = run_cli("train", "--data", str(npz_data), "--out", str(tmp_path / "x.pt"), *extra)
+        proc = run_cli("train", "--data", str(blobs_npz), "--out", str(tmp_path / "x.pt"), *extra)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
