@@ -7,6 +7,8 @@ import onnx
 import pytest
 import torch
 from helpers import randomize_batchnorm, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
@@ -76,21 +78,23 @@ def _conv_bn_graph(rng: np.random.Generator) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path):
-    rng = np.random.default_rng(0)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path_factory, seed):
+    folder = tmp_path_factory.mktemp("fuse")
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
-    for i in range(5):
-        model = _conv_bn_graph(np.random.default_rng(i))
-        onnx.save(model, str(tmp_path / "before.onnx"))
-        assert graph_leftovers(model) != []
-        assert fuse_conv_bn_nodes(model) == 1
-        onnx.save(model, str(tmp_path / "after.onnx"))
-        assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
-        with OrtRunner(tmp_path / "before.onnx", "cpu", "disable") as before_runner:
-            before = run_all(before_runner, x)
-        with OrtRunner(tmp_path / "after.onnx", "cpu", "disable") as after_runner:
-            after = run_all(after_runner, x)
-        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    model = _conv_bn_graph(rng)
+    onnx.save(model, str(folder / "before.onnx"))
+    assert graph_leftovers(model) != []
+    assert fuse_conv_bn_nodes(model) == 1
+    onnx.save(model, str(folder / "after.onnx"))
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
+    with OrtRunner(folder / "before.onnx", "cpu", "disable") as before_runner:
+        before = run_all(before_runner, x)
+    with OrtRunner(folder / "after.onnx", "cpu", "disable") as after_runner:
+        after = run_all(after_runner, x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_parity_gate_fails_with_errors_shown(tmp_path):
