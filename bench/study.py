@@ -40,7 +40,7 @@ from studylib.report import _discussion, environment_info, render, targets
 from studylib.runner import ROOT, Study
 
 from slim2deploy.base.files import atomic_write_text
-from slim2deploy.model.loop import pick_device
+from slim2deploy.model.distributed import pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

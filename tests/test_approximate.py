@@ -46,7 +46,7 @@ def test_exact_tracing_names_the_raw_reader_and_the_flag(resnet) -> None:
     model, x = resnet
     plan = trace_groups(model, x)
     g = plan.groups[_stream(plan)]
-    assert not g.prunable and RAW in g.reasons[0] and "--approximate" in g.reasons[0]
+    assert not g.prunable and RAW in g.reasons[0] and "`approximate=True`" in g.reasons[0]
     assert plan.exact and not any(g.approximate for g in plan.groups)
 
 
@@ -91,7 +91,7 @@ def test_a_table_profiled_exact_is_refused_for_approximate_pruning(resnet) -> No
     steps = [Rails().allowed(g.size) if g.prunable else [] for g in exact.groups]
     table = LatencyTable({"approximate": False}, [g.size for g in exact.groups], steps, [], full_ms=1.0)
     table.check_model([g.size for g in exact.groups], [g.prunable for g in exact.groups])
-    with pytest.raises(SlimError, match="profiled without --approximate"):
+    with pytest.raises(SlimError, match="profiled without `approximate`"):
         table.check_model([g.size for g in approx.groups], [g.prunable for g in approx.groups])
 
 

@@ -122,7 +122,7 @@ def test_without_depth_nothing_is_removed_and_a_width_only_table_is_refused_for_
     assert not _removed(tmp_path / "a.pt") and all(g.keep for g in result.plan.groups)
     table = LatencyTable.from_json(table_path.read_text())
     assert not table.depth and not table.branches
-    with pytest.raises(SlimError, match=r"profiled without depth .* prune with --no-depth") as err:
+    with pytest.raises(SlimError, match=r"profiled without depth.* prune with `depth=False`") as err:
         prune_to_budget(
             sparse, tmp_path / "b.pt", by_budget(speedup=1.2, batch=2, table=str(table_path)), target=target
         )

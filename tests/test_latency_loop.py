@@ -193,7 +193,7 @@ def test_unreachable_budget_and_a_table_for_another_model(tmp_path):
         DEMO, tmp_path / "s.pt", budget_of(speedup=1.2, cache=None), target=target, table_out=table_path, log=None
     )
     for goal in ({"latency_ms": 1.0}, {"speedup": 1.2}):  # steps and ms measured at batch 64 are not batch 32's
-        with pytest.raises(SlimError, match=r"--profile-batch 64 \(this run: 32\).*re-run 'slim2deploy profile'"):
+        with pytest.raises(SlimError, match=r"`profile_batch` 64 \(this run: 32\).*re-run 'slim2deploy profile'"):
             prune_to_budget(DEMO, tmp_path / "b.pt", budget_of(**goal, table=str(table_path)), target=WidthTarget(32))
     assert not (tmp_path / "b.pt").exists()
     table = LatencyTable.from_json(table_path.read_text())
@@ -227,7 +227,7 @@ def test_trt_target_is_refused_with_advice_that_leads_somewhere():
     for attempt in (lambda: trt.layer_ms([]), lambda: trt.open("m.engine")):
         with pytest.raises(SlimError, match="only in 'slim2deploy build'.*ort-cpu") as refused:
             attempt()
-        assert "--table" not in str(refused.value)  # a table from elsewhere would still be verified on trt
+        assert "`table`" not in str(refused.value)  # a table from elsewhere would still be verified on trt
 
 
 def test_cli_budget_flags(tmp_path):

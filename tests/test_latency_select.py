@@ -285,7 +285,7 @@ def test_rails_that_allow_no_speedup_say_so_instead_of_a_speedup_below_one():
     with pytest.raises(SlimError) as err:
         LatencySelector(table.to_dict(), speedup=1.1).kept_counts(groups, Rails(min_channels=1))
     msg = str(err.value)
-    assert "no speed-up" in msg and "--round-to" in msg and "ask for at most" not in msg and "0." not in msg, msg
+    assert "no speed-up" in msg and "`round_to`" in msg and "ask for at most" not in msg and "0." not in msg, msg
 
 
 # --- depth: tables that price removing residual branches ------------------------------------------------------
@@ -409,7 +409,7 @@ def test_the_knapsack_removes_a_dead_branch_to_reach_the_budget_and_keeps_a_live
     )
     assert counts[0] > 0
     # without depth (no removable group) the same budget is out of reach, and says so
-    with pytest.raises(OutOfReach, match="drop --no-depth"):
+    with pytest.raises(OutOfReach, match="`depth=True`"):
         LatencySelector(table.to_dict(), latency_ms=budget).kept_counts(
             _groups([16, 16], [dead, live]), Rails(min_channels=1)
         )
@@ -422,7 +422,7 @@ def test_the_knapsack_removes_a_dead_branch_to_reach_the_budget_and_keeps_a_live
 def test_a_table_without_depth_is_refused_only_where_a_branch_may_go():
     table = _additive_table([16, 16], [[8, 16], [8, 16]], [[1.0, 2.0], [1.0, 2.0]])
     groups = _groups([16, 16], [[1.0] * 16] * 2)
-    with pytest.raises(SlimError, match="profiled without depth.*--no-depth") as err:
+    with pytest.raises(SlimError, match="profiled without depth.*`depth=False`") as err:
         LatencySelector(table.to_dict(), speedup=1.2).kept_counts(groups, Rails(min_channels=1), removable={0})
     assert "\n" not in str(err.value)
     LatencySelector(table.to_dict(), speedup=1.2).kept_counts(groups, Rails(min_channels=1))  # width only: fine

@@ -26,7 +26,8 @@ from slim2deploy.measure import benchmark
 from slim2deploy.measure.results import Comparison
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
-from slim2deploy.model.loop import DistInfo, TrainConfig, evaluate
+from slim2deploy.model.distributed import DistInfo
+from slim2deploy.model.loop import TrainConfig, evaluate
 from slim2deploy.model.sparsity import small_gamma_share
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model, init_weights

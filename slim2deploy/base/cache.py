@@ -190,7 +190,7 @@ def _lock(path: Path, folder: str | os.PathLike[str], what: str) -> int:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SlimError(f"{path} is {file_kind(path)}, not a lock file; remove it") from None
-            raise SlimError(f"cannot create {path}: {exc.strerror}; choose an --out folder you can write to") from None
+            raise SlimError(f"cannot create {path}: {exc.strerror}; choose an `out` folder you can write to") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise SlimError(f"{path} is {file_kind(path)}, not a lock file; remove it")
@@ -201,7 +201,7 @@ def _lock(path: Path, folder: str | os.PathLike[str], what: str) -> int:
             os.close(fd)
             raise SlimError(
                 f"another {what} is writing to {folder}{f' (pid {pid})' if pid else ''}; "
-                "wait for it to finish or choose another --out"
+                "wait for it to finish or choose another `out`"
             ) from None
         try:
             current = os.stat(path).st_ino

@@ -107,7 +107,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_output(
-    path: PathLike, what: str = "--out", *, inputs: Iterable[PathLike | None] = (), folder: bool = False
+    path: PathLike, what: str = "`out`", *, inputs: Iterable[PathLike | None] = (), folder: bool = False
 ) -> Path:
     """Refuse an output path that cannot be written, before any work is done.
 
@@ -234,7 +234,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def created_folder(path: PathLike, what: str = "--out") -> Iterator[Path]:
+def created_folder(path: PathLike, what: str = "`out`") -> Iterator[Path]:
     """Create the folder ``path`` (and missing parents) for the block; if the block fails, remove again
     the folders it created that are still empty, so a failed run leaves no empty output folder behind."""
     folder = Path(path)

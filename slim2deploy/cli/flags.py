@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.cli.parser import at_least, input_shape, number
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT, MAX_DROP
+from slim2deploy.prune.importance import DEFAULT_IMPORTANCE, NAMES
 from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
 
@@ -248,6 +250,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     add_rails_args(g)
     add_keep_arg(g)
     add_depth_args(g)
+    add_importance_arg(g)
     g.add_argument(
         "--no-fold",
         action="store_true",
@@ -319,6 +322,16 @@ def add_depth_args(g: argparse._ActionsContainer, help: str = DEPTH_HELP, no_hel
     pair.add_argument("--no-depth", dest="depth", action="store_const", const=False, help=no_help)
 
 
+IMPORTANCE_HELP = (
+    "what ranks the channels: 'gamma' (default, the paper's |gamma|) or 'gamma-out' (|gamma| times the channel's "
+    "weight norm in the layers that read it, relative to their typical input channel); docs/pruning.md compares them"
+)
+
+
+def add_importance_arg(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--importance", choices=NAMES, default=DEFAULT_IMPORTANCE, help=IMPORTANCE_HELP)
+
+
 APPROXIMATE_HELP = (
     "also prune channel groups that some layer reads raw, not through a BatchNorm of the group "
     "(e.g. a pre-activation ResNet's residual stream, read by the next stage's shortcut convolution): "
@@ -337,12 +350,19 @@ def rails_from_args(args: argparse.Namespace) -> Rails:
 def selection_from_args(args: argparse.Namespace) -> Selection:
     """The ``Selection`` the flags ask for: a ``--ratio``, or a latency goal (``--speedup``/``--latency-ms``,
     measured on the target); bad values are one SlimError."""
-    from slim2deploy.prune.goal import by_budget  # imports torch: only when a command runs
     from slim2deploy.prune.select import by_ratio
 
     keep = tuple(args.keep or ())
     if args.ratio is not None:
-        return by_ratio(args.ratio, rails_from_args(args), keep=keep, depth=args.depth)
+        selection = by_ratio(args.ratio, rails_from_args(args), keep=keep, depth=args.depth)
+    else:
+        selection = _budget_from_args(args, keep)
+    return replace(selection, importance=args.importance)
+
+
+def _budget_from_args(args: argparse.Namespace, keep: tuple[str, ...]) -> Selection:
+    from slim2deploy.prune.goal import by_budget
+
     return by_budget(
         rails_from_args(args),
         keep,

@@ -11,15 +11,19 @@ from slim2deploy.cli.flags import add_trust_arg
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
-        help="params, MACs, prunable share and per-BatchNorm gamma statistics of a checkpoint",
+        help="params, MACs, prunable share and gamma statistics per BatchNorm and per residual block",
         description="Print params, MACs, the share of BatchNorm-scored channels the planner can prune "
-        "(with each unprunable structure and why), and per-BatchNorm |gamma| statistics (count, share "
-        "below 1e-2 and 1e-3, min/median/max) of a checkpoint; warn when the gammas say nothing (not sparse-trained).",
+        "(with each unprunable structure and why), per removable residual block the |gamma| of its inner group "
+        "(count, max, share below 1e-2, whether a global threshold at 1e-2 removes the block now), and "
+        "per-BatchNorm |gamma| statistics (count, share below 1e-2 and 1e-3, min/median/max) of a checkpoint; "
+        "warn when the gammas say nothing (not sparse-trained).",
     )
     p.add_argument("--model", metavar="CKPT", default=None, help="a slim2deploy checkpoint (.pt)")
     # the checkpoint was positional before --model; kept for one release
     p.add_argument("checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--plot", default=None, metavar="PNG", help="write a |gamma| histogram per layer")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="write a |gamma| histogram per residual block and per layer"
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     add_trust_arg(p)
     return p
@@ -47,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(info.to_dict(), indent=2, default=str))
     if args.plot:
-        print(f"wrote {plot_gammas(ckpt, args.plot, trust_code=args.trust_code)}")
+        print(f"wrote {plot_gammas(ckpt, args.plot, trust_code=args.trust_code, blocks=info.blocks)}")
     return 0

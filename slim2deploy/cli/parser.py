@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 _Group = TypeVar("_Group", argparse._ArgumentGroup, argparse._MutuallyExclusiveGroup)
-_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
+_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`\s]+))?`")
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,9 +68,20 @@ class Parser(argparse.ArgumentParser):
     def in_flags(self, message: str) -> str:
         """A library message in this command's terms: each `parameter` the library names (in backquotes, as the
         Python API calls it) becomes the command's flag for it; a parameter the command has no flag for keeps
-        its bare name, so no message names a flag the command does not have."""
-        flags = {a.dest: a.option_strings[0] for a in self.arguments if a.option_strings}
-        return _PARAM.sub(lambda m: flags.get(m.group(1), m.group(1)), message)
+        its bare name, so no message names a flag the command does not have. `name=value` is the flag with that
+        value: a switch's own spelling (`depth=False` is --no-depth), otherwise ``--flag value``."""
+        return _PARAM.sub(lambda m: self._flag_for(m.group(1), m.group(2)), message)
+
+    def _flag_for(self, name: str, value: str | None) -> str:
+        actions = [a for a in self.arguments if a.option_strings and a.dest == name]
+        if not actions:
+            return name if value is None else f"{name}={value}"
+        if value is None:
+            return actions[0].option_strings[0]
+        for action in actions:  # a switch: the spelling that sets the value
+            if action.nargs == 0 and repr(action.const) == value:
+                return action.option_strings[0]
+        return f"{actions[0].option_strings[0]} {value}"
 
     def note_deprecated(self, argv: Sequence[str]) -> None:
         """One stderr note per deprecated spelling ``argv`` uses (``--old`` or ``--old=value``)."""

@@ -31,7 +31,13 @@ ONLY_WHEN = (
     ),
     *(
         OnlyWhen(flag, lambda a: a.sparsity > 0, "with --sparsity above 0", "set --sparsity")
-        for flag in ("--sparsity-mode", "--sparsity-warmup", "--sparsity-scope")
+        for flag in ("--sparsity-mode", "--sparsity-scope")
+    ),
+    OnlyWhen(
+        "--sparsity-warmup",
+        lambda a: a.sparsity > 0 or a.sparsity_block > 0,
+        "with --sparsity or --sparsity-block above 0",
+        "set one of them",
     ),
     *DATA_RULES,
 )
@@ -83,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=number(at_least=0),
         default=0.0,
         metavar="EPOCHS",
-        help="ramp lambda linearly from 0 over this many epochs",
+        help="ramp lambda (and that of --sparsity-block) linearly from 0 over this many epochs",
     )
     g.add_argument(
         "--sparsity-scope",
@@ -92,6 +98,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="all: every BatchNorm gamma (the paper); prunable: only gammas of channels the surgery can "
         "remove (e.g. not a pre-activation ResNet's residual stream); approximate: of channels "
         "'prune --approximate' can remove",
+    )
+    g.add_argument(
+        "--sparsity-block",
+        type=number(at_least=0),
+        default=0.0,
+        metavar="LAMBDA",
+        help="lambda of a group lasso on each removable residual branch: after every step the gammas of each "
+        "group inside one are scaled by max(0, 1 - step*LAMBDA/||gamma_group||), step = lr/(1-momentum), so "
+        "a weak branch's whole group reaches exactly 0 and 'prune --ratio' removes the branch (depth); "
+        "independent of --sparsity, ramped by --sparsity-warmup (default 0: off)",
     )
     g.add_argument("--history", default=None, metavar="JSON", help="also write per-epoch results here")
     add_trust_arg(p, input_shape_flag=False)  # checkpoints this tool wrote record their input shape
@@ -118,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity_mode=args.sparsity_mode,
         sparsity_warmup=args.sparsity_warmup,
         sparsity_scope=args.sparsity_scope,
+        sparsity_block=args.sparsity_block,
         amp=args.amp,
         augment=not args.no_augment,
         seed=args.seed,

@@ -121,7 +121,7 @@ def check_recorded_stats(
             raise SlimError(
                 f"{path} records {name} {np.array2string(np.asarray(arrays[name]), precision=4)} but the model's "
                 f"{name} is {[round(v, 4) for v in own]}: it was normalised for another model; re-make it with "
-                "'slim2deploy calib --model MODEL'"
+                "'slim2deploy calib'"
             )
 
 

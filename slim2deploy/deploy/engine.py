@@ -168,15 +168,15 @@ def resolve_engine_policy(policy: str, available: tuple[bool, str] | None = None
     ``engine_available()``.
     """
     if policy not in ENGINE_POLICIES:
-        raise SlimError(f"--engine must be one of {', '.join(ENGINE_POLICIES)}, got {policy!r}")
+        raise SlimError(f"`engine` must be one of {', '.join(ENGINE_POLICIES)}, got {policy!r}")
     if policy == "off":
-        return False, "TensorRT engines: off (--engine off)"
+        return False, "TensorRT engines: off (engine policy off)"
     ok, reason = available if available is not None else engine_available()
     if ok:
         return True, f"TensorRT engines: compiling with {reason}"
     if policy == "require":
-        raise SlimError(f"--engine require: cannot compile TensorRT engines here: {reason}")
-    return False, f"TensorRT engines: skipped, {reason} (--engine off silences this)"
+        raise SlimError(f"`engine=require`: cannot compile TensorRT engines here: {reason}")
+    return False, f"TensorRT engines: skipped, {reason} (engine policy off silences this)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def build_serialized(
     if serialized is None:
         raise SlimError(
             f"TensorRT failed to build an engine from {onnx_name}; see its log above "
-            "(a larger --workspace-mib or a lower batch may help)"
+            "(a larger `workspace_mib` or a lower batch may help)"
         )
     return bytes(serialized)
 

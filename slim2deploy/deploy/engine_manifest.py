@@ -118,7 +118,7 @@ def explain_mismatch(engine_path: str | os.PathLike[str], problems: list[str]) -
     return (
         f"cannot use {engine_path}: "
         + "; ".join(problems)
-        + ". Rebuild it on this machine from its ONNX file (slim2deploy build ... --engine require)"
+        + ". Rebuild it on this machine from its ONNX file ('slim2deploy build' with engines required)"
     )
 
 

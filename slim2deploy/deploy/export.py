@@ -274,7 +274,7 @@ def check_opset(opset: int | None) -> int:
         return DEFAULT_OPSET
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SlimError(
-            f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET}): int8 Q/DQ "
+            f"`opset` {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET}): int8 Q/DQ "
             f"needs {MIN_OPSET}, and the exporter writes at most {MAX_OPSET}"
         )
     return opset

@@ -167,7 +167,7 @@ def _check_same_input(runners: Sequence[Runner]) -> None:
             raise SlimError(
                 f"{r.name} takes inputs of shape {list(r.info.sample_shape)} but the baseline {base.name} takes "
                 f"{list(base.info.sample_shape)}; a speed-up between models of different inputs means nothing: "
-                "give a baseline of the same input shape, or drop --baseline"
+                "give a baseline of the same input shape, or drop the `baseline`"
             )
 
 

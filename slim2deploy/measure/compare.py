@@ -54,7 +54,7 @@ class ParityReport:
         if not self.ok:
             raise SlimError(
                 f"parity check failed for {self.summary()}. The exported graph does not match the model; "
-                "try another --opset or exporter, and report the model if it persists"
+                "try another `opset` or exporter, and report the model if it persists"
             )
 
 

@@ -64,7 +64,7 @@ def peak_rss(runner: Runner, batch: int, timeout_s: float = 600) -> dict[str, in
             [sys.executable, "-c", _SCRIPT, *args], capture_output=True, text=True, timeout=timeout_s, env=env
         )
     except subprocess.TimeoutExpired as exc:
-        raise SlimError(f"measuring the memory of {runner.name} took over {timeout_s:g} s; use --no-rss") from exc
+        raise SlimError(f"measuring the memory of {runner.name} took over {timeout_s:g} s; use `rss=False`") from exc
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise SlimError(f"measuring the memory of {runner.name} failed: {tail[0]}")

@@ -97,7 +97,7 @@ def build_markdown(report: dict[str, Any]) -> str:
         "# slim2deploy build report",
         "",
         f"Model `{report['model']}`, pruned by {report['selection']}"
-        + ("; --approximate: groups read raw by another layer could be cut" if cfg.get("exact") is False else "")
+        + ("; approximate: groups read raw by another layer could be cut" if cfg.get("exact") is False else "")
         + (f", fine-tuned on {cfg['data']}" if acc.get("after_finetune") is not None else "")
         + ".",
         "",
@@ -189,7 +189,7 @@ def _budget_lines(lat: dict[str, Any] | None) -> list[str]:
 def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
     """The three evaluations and the allowance, or why accuracy is unknown."""
     if acc.get("baseline") is None:
-        return ["## Accuracy", "", "Not measured: no held-out data (give --data); the allowance was not checked."]
+        return ["## Accuracy", "", "Not measured: no held-out data was given; the allowance was not checked."]
     rows = [("unpruned", acc["baseline"]), ("right after surgery", acc["after_surgery"])]
     if acc.get("after_finetune") is not None:
         rows.append(("after fine-tuning", acc["after_finetune"]))
@@ -206,7 +206,7 @@ def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
         verdict = "within" if acc["within_allowance"] else "**over**"
         lines += [
             "",
-            f"Drop {acc['drop_points']:.2f} points: {verdict} the allowance of {acc['max_drop']:g} (--max-drop).",
+            f"Drop {acc['drop_points']:.2f} points: {verdict} the allowance of {acc['max_drop']:g} (max drop).",
         ]
     return lines
 

@@ -121,7 +121,7 @@ class Target(abc.ABC):
     def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
         """Latency (ms) of each ``(layer, c_in, c_out)`` as a standalone layer at the target's batch."""
         raise SlimError(
-            f"target {self.name} cannot time single layers; profile on another target and give the table with --table"
+            f"target {self.name} cannot time single layers; profile on another target and give the table as `table`"
         )
 
 
@@ -281,7 +281,9 @@ class CellCache:
             try:
                 check_output(directory, "the cell cache", folder=True)
             except SlimError as exc:
-                self.note(f"{exc}; timing without keeping the cells (pass --cache DIR or --no-cache)")
+                self.note(
+                    f"{exc}; timing without keeping the cells (give a writable cache folder, or turn the cache off)"
+                )
                 self.path = None
 
     def _read(self, path: Path) -> dict[str, float]:

@@ -327,9 +327,9 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint
         return Checkpoint.from_payload(obj, str(path))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SlimError(
-            f"{path} is a bare state_dict without an architecture; make a checkpoint of it with "
-            f"'slim2deploy import --arch NAME --weights {path} --input-shape C,H,W --out model.pt', or start "
-            f"training from it with 'slim2deploy train --arch NAME --weights {path}'"
+            f"{path} is a bare state_dict without an architecture; make a checkpoint of it first with "
+            "'slim2deploy import', giving its architecture and input shape (README, quick start 2), or start "
+            "training from it with 'slim2deploy train', giving its architecture and the file as its weights"
         )
     if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith(_FORMAT_FAMILY):
         raise SlimError(
@@ -368,7 +368,7 @@ def checkpoint_for(
 
 
 def with_input_shape(ckpt: Checkpoint, shape: tuple[int, int, int] | None, source: str) -> Checkpoint:
-    """Give a pickled module the input shape it does not record (``--input-shape``); check any other.
+    """Give a pickled module the input shape it does not record (``input_shape``); check any other.
 
     The class count of a pickled module is read from its output on a zero input of that shape.
     """
@@ -376,15 +376,15 @@ def with_input_shape(ckpt: Checkpoint, shape: tuple[int, int, int] | None, sourc
     if shape is None:
         if not known:
             raise SlimError(
-                f"{source} is a pickled nn.Module, which records no input shape; pass --input-shape C,H,W "
-                "(e.g. 3,32,32)"
+                f"{source} is a pickled nn.Module, which records no input shape; pass one as `input_shape` "
+                "(channels, height, width, e.g. 3,32,32)"
             )
         return ckpt
     if known:
         if tuple(shape) != tuple(ckpt.input_shape):
             raise SlimError(
-                f"--input-shape {','.join(map(str, shape))} differs from the {','.join(map(str, ckpt.input_shape))} "
-                f"that {source} records; drop --input-shape"
+                f"`input_shape` {','.join(map(str, shape))} differs from the {','.join(map(str, ckpt.input_shape))} "
+                f"that {source} records; drop `input_shape`"
             )
         return ckpt
     assert ckpt.module is not None  # only a bare pickled module lacks a shape
@@ -394,7 +394,7 @@ def with_input_shape(ckpt: Checkpoint, shape: tuple[int, int, int] | None, sourc
             out = ckpt.module.eval()(torch.zeros(1, *shape))
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything on a wrong shape
         raise SlimError(
-            f"{source} does not run on an input of shape {shape} ({first_line(exc)}); check --input-shape"
+            f"{source} does not run on an input of shape {shape} ({first_line(exc)}); check `input_shape`"
         ) from exc
     finally:
         ckpt.module.train(was_training)

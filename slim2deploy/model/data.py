@@ -256,7 +256,7 @@ def _find_idx(root: Path, stem: str) -> Path:
             return candidate
     raise SlimError(
         f"Fashion-MNIST not found: no {stem}(.gz) in {root}. Install it with "
-        "'apt-get install -y dataset-fashion-mnist' or point --data-dir at a folder with the IDX files."
+        "'apt-get install -y dataset-fashion-mnist' or point `data_dir` at a folder with the IDX files."
     )
 
 

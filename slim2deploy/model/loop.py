@@ -1,9 +1,8 @@
-"""The training loop: plain SGD over in-memory or streamed data, with the BatchNorm-gamma L1 penalty.
+"""The training loop: plain SGD over in-memory or streamed data, with the BatchNorm-gamma penalties.
 
 Used for sparse training (``train``) and for fine-tuning a pruned model (``finetune``). Kept
 boring on purpose: one loop, no callbacks framework. Data parallelism follows torchrun's
-environment (RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU, nccl on GPU, BatchNorm converted to
-SyncBatchNorm so that N processes compute what one process computes at the same global batch.
+environment (``model.distributed``): every rank applies the same penalty to the same weights.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ import gc
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -26,6 +24,7 @@ from slim2deploy.base.errors import SlimError
 from slim2deploy.model import sparsity
 from slim2deploy.model.checkpoint import tensor_fault
 from slim2deploy.model.data import batches
+from slim2deploy.model.distributed import DistInfo, pick_device, sync_batchnorm
 from slim2deploy.model.folder import AnyData, FolderData, check_classes_to_learn
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 
@@ -46,6 +45,7 @@ class TrainConfig:
     sparsity_mode: str = "subgradient"  # or "proximal"
     sparsity_warmup: float = 0.0  # epochs over which lambda ramps from 0
     sparsity_scope: str = "all"  # or "prunable"/"approximate": only gammas of channels prune can remove
+    sparsity_block: float = 0.0  # lambda of the group lasso on each removable residual branch's gammas
     amp: bool = False
     augment: bool = True
     seed: int = 0
@@ -65,6 +65,7 @@ class TrainConfig:
             ("--sparsity", self.sparsity),
             ("--weight-decay", self.weight_decay),
             ("--sparsity-warmup", self.sparsity_warmup),
+            ("--sparsity-block", self.sparsity_block),
         ):
             if not (value >= 0 and math.isfinite(value)):
                 raise SlimError(f"{flag} must be a finite number >= 0, got {value}")
@@ -98,104 +99,6 @@ class EpochResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else is one SlimError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SlimError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SlimError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    return device
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment; a no-op for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(device=pick_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, dev)
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group in an order that cannot abort at exit (see the end of ``fit``).
-
-    Every rank waits for the others (rank 0 may still be writing the checkpoint), then the group
-    and whatever still refers to it are freed before the interpreter starts tearing down.
-    """
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
-
-
-class CpuSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics span all processes, for CPU (nn.SyncBatchNorm needs CUDA).
-
-    Sums and sums of squares are all-reduced with autograd support, so gradients flow to every
-    rank's inputs as they would through one big batch.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0, *range(2, x.dim())]
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
-        totals = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        c = x.shape[1]
-        n = totals[-1]
-        mean = totals[:c] / n
-        var = (totals[c : 2 * c] / n - mean * mean).clamp(min=0)
-        assert self.running_mean is not None and self.running_var is not None  # only swapped in when tracked
-        assert self.num_batches_tracked is not None
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Make BatchNorm statistics global across processes (in place; parameters are kept)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for m in model.modules():
-        if type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats:
-            m.__class__ = CpuSyncBatchNorm  # same parameters and buffers, global statistics
-    return model
 
 
 # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use
@@ -315,11 +218,12 @@ def train_one_epoch(
     progress: bool,
     desc: str,
     teacher: nn.Module | None = None,
+    blocks: Sequence[sparsity.GammaGroup] = (),
 ) -> tuple[float, float, float]:
-    """One epoch of SGD with the sparsity penalty (and distillation from ``teacher``); returns (train loss,
+    """One epoch of SGD with the sparsity penalties (and distillation from ``teacher``); returns (train loss,
     train accuracy, last lr).
 
-    ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalty acts on ``model``.
+    ``net`` is what runs forward (``model`` itself, or its DDP wrapper); the penalties act on ``model``.
     """
     net.train()
     amp_dtype = torch.float16 if info.device.type == "cuda" else torch.bfloat16
@@ -367,6 +271,8 @@ def train_one_epoch(
             # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
             # the same effective step here gives lambda the same pull as in subgradient mode.
             sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
+        block = sparsity.warmed_up(cfg.sparsity_block, at, cfg.sparsity_warmup)
+        sparsity.group_proximal_step(model, lr / (1 - cfg.momentum), block, blocks)  # the same effective step
         value = loss.item()
         if not math.isfinite(value):
             raise SlimError(
@@ -420,10 +326,12 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     teacher: nn.Module | None = None,
+    blocks: Sequence[sparsity.GammaGroup] = (),
 ) -> list[EpochResult]:
     """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch.
 
     ``masks`` limits the sparsity penalty to the channels they mark (``--sparsity-scope prunable``).
+    ``blocks``: the gamma groups ``cfg.sparsity_block`` acts on (``prune.trace.branch_groups``).
     ``teacher`` (a model of the same inputs and classes) adds distillation from its logits on the same
     augmented batch (``step_loss``); it runs in eval mode without gradients, one copy per process.
     """
@@ -451,7 +359,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         train_loss, train_acc, lr = train_one_epoch(
-            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher
+            net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher, blocks
         )
         # buffers too: a huge --sparsity can leave the weights finite but blow up BatchNorm's running_var,
         # which the checkpoint loader would then refuse (and inference turns into garbage)
@@ -462,8 +370,10 @@ def fit(
             if not math.isfinite(val_loss):
                 fault = f"the validation loss is {val_loss}"
         if fault is not None:
-            cause = f"The learning rate `lr` ({cfg.lr:g})" + (
-                f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else ""
+            cause = (
+                f"The learning rate `lr` ({cfg.lr:g})"
+                + (f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else "")
+                + (f" or `sparsity_block` ({cfg.sparsity_block:g})" if cfg.sparsity_block else "")
             )
             raise SlimError(
                 f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "

@@ -142,13 +142,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], head: set[str], 
         else:
             raise SlimError(
                 f"{source}: {key} has shape {tuple(value.shape)} but the model's is {tuple(own[key].shape)}; "
-                "the weights belong to another variant of the architecture (check --arch)"
+                "the weights belong to another variant of the architecture (check `arch`)"
             )
     report.missing = sorted(k for k in own if k not in state)
     if not fitting:
         raise SlimError(
             f"none of the {len(state)} tensors in {source} fit the model (its keys look like "
-            f"{', '.join(sorted(own)[:3])}; the file's like {', '.join(sorted(state)[:3])}); check --arch"
+            f"{', '.join(sorted(own)[:3])}; the file's like {', '.join(sorted(state)[:3])}); check `arch`"
         )
     model.load_state_dict(fitting, strict=False)
     report.loaded = len(fitting)
@@ -174,7 +174,7 @@ def build_with_weights(
     Returns the model, the kwargs it was built with (for the checkpoint) and what loading did.
     """
     if weights and pretrained:
-        raise SlimError("give either --weights PATH or --pretrained, not both")
+        raise SlimError("give either `weights` or `pretrained`, not both")
     kwargs = dict(arch_kwargs)
     if not (weights or pretrained):
         return create_model(arch, **kwargs), kwargs, None

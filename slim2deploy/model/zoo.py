@@ -276,7 +276,7 @@ def _three_channels(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(kwargs)
     in_channels = kwargs.pop("in_channels", 3)
     if "width" in kwargs:
-        raise SlimError(f"{name} has no width multiplier; drop --width for torchvision and timm models")
+        raise SlimError(f"{name} has no width multiplier; drop `width` for torchvision and timm models")
     if in_channels != 3:
         raise SlimError(
             f"{name} takes 3 input channels, the data has {in_channels}; use a zoo model "
@@ -304,7 +304,7 @@ def _torchvision(name: str, kwargs: dict[str, Any], pretrained: bool = False) ->
     except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
         raise SlimError(
             f"could not get torchvision's pretrained weights for {name} ({exc}); they download into "
-            "$TORCH_HOME/hub/checkpoints on first use, so this needs internet once (or pass --weights FILE)"
+            "$TORCH_HOME/hub/checkpoints on first use, so this needs internet once (or pass the file as `weights`)"
         ) from exc
 
 
@@ -334,7 +334,7 @@ def _timm(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Mod
     except Exception as exc:  # noqa: BLE001 - the hub client raises its own error types when offline
         raise SlimError(
             f"could not get timm's pretrained weights for {name} ({type(exc).__name__}: {exc}); they download "
-            "into the Hugging Face cache on first use, so this needs internet once (or pass --weights FILE)"
+            "into the Hugging Face cache on first use, so this needs internet once (or pass the file as `weights`)"
         ) from exc
 
 
@@ -345,7 +345,9 @@ def create_pretrained(name: str) -> nn.Module:
         return _torchvision(model_name, {}, pretrained=True)
     if library == "timm":
         return _timm(model_name, {}, pretrained=True)
-    raise SlimError(f"--pretrained is for torchvision:NAME and timm:NAME models, not {name!r}; use --weights FILE")
+    raise SlimError(
+        f"`pretrained` is for torchvision:NAME and timm:NAME models, not {name!r}; give the file as `weights`"
+    )
 
 
 def pretrained_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -360,7 +362,7 @@ def pretrained_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
         preset = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
         return tuple(preset.mean), tuple(preset.std)
-    raise SlimError(f"{name} has no library normalisation; pass --mean and --std")
+    raise SlimError(f"{name} has no library normalisation; pass `mean` and `std`")
 
 
 def _factory(ref: str) -> Callable[..., Any]:
@@ -449,5 +451,5 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         # meta device's first use costs a process about two seconds (it imports torch._dynamo).
         with torch.device("meta"):
             params = count_params(REGISTRY[name](**kwargs))
-        check_memory(params * 4, "--width", width, f"{name} with its {params:,} float32 parameters")
+        check_memory(params * 4, "`width`", width, f"{name} with its {params:,} float32 parameters")
     return REGISTRY[name](**kwargs)

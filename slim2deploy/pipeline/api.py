@@ -16,12 +16,14 @@ of the pruning layer.) ``train``, ``finetune`` and ``build`` are ``pipeline.trai
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.pipeline.budget import prune_selected
 from slim2deploy.pipeline.export import PrecisionExport, export_checkpoint
 from slim2deploy.prune.goal import by_budget
+from slim2deploy.prune.importance import DEFAULT_IMPORTANCE
 from slim2deploy.prune.latency import DEFAULT_MARGIN
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails
@@ -51,6 +53,7 @@ def slim(
     round_to: int = DEFAULT_ROUND_TO,
     keep: Sequence[str] = (),
     depth: bool = True,
+    importance: str = DEFAULT_IMPORTANCE,
     fold: bool = True,
     exact: bool = True,
     trust_code: bool = False,
@@ -59,6 +62,7 @@ def slim(
     """Prune the checkpoint ``src`` into ``dst``: to a ``ratio`` of its prunable channels (the paper's global
     threshold), or to a ``speedup`` / ``latency_ms`` measured on ``target`` (closed loop); returns the plan.
     ``depth``: a residual branch may be removed whole where the selection empties one of its groups.
+    ``importance``: what ranks the channels, ``"gamma"`` (|gamma|) or ``"gamma-out"`` (``prune.score``).
     ``log`` receives the per-layer summary and the loop's progress."""
     if sum(v is not None for v in (ratio, speedup, latency_ms)) != 1:
         raise SlimError("give exactly one of `ratio`, `speedup` and `latency_ms`")
@@ -71,6 +75,7 @@ def slim(
             precision=profile_precision, threads=profile_threads, table=table, cache=cache, no_cache=no_cache,
             tries=tries, margin=margin,
         )  # fmt: skip
+    selection = replace(selection, importance=importance)
     pruned = prune_selected(src, dst, selection, fold=fold, exact=exact, trust_code=trust_code, log=log)
     if log is not None:
         log(pruned.summary)

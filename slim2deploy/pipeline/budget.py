@@ -219,7 +219,7 @@ def prune_to_budget(
     rebuilt.check_batch(budget.batch, "`profile_batch`")
     model = rebuilt.model
     x = torch.zeros(1, *ckpt.input_shape)
-    traced = trace_groups(model, x, fold=fold, exact=exact)
+    traced = trace_groups(model, x, fold=fold, exact=exact, score=selection.score)
     table = _latency_table(selection, model, traced, ckpt, src, target, log)
     if table_out:
         atomic_write_text(table_out, table.to_json())

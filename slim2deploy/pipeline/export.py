@@ -90,9 +90,9 @@ def export_precision(
 
     check_precision(precision)
     if precision == "int8" and calib_x is None:
-        raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
+        raise SlimError("int8 needs a calibration set: pass one as `calib` (make one with 'slim2deploy calib')")
     if static_batch is not None and static_batch < 1:
-        raise SlimError(f"--static-batch must be at least 1, got {static_batch}")
+        raise SlimError(f"`static_batch` must be at least 1, got {static_batch}")
     rng = np.random.default_rng(seed)
     probe = rng.standard_normal((8, *input_shape)).astype(np.float32)
     real = eval_x if eval_x is not None else calib_x
@@ -159,7 +159,7 @@ def make_precision(
         to_fp16(src, dst)
     elif precision == "int8":
         if calib_x is None:
-            raise SlimError("int8 needs a calibration set: pass --calib FILE (make one with 'slim2deploy calib')")
+            raise SlimError("int8 needs a calibration set: pass one as `calib` (make one with 'slim2deploy calib')")
         quantize_int8(src, dst, calib_x, method=calib_method, flavour=flavour)
     else:
         raise SlimError(f"make_precision converts fp32 graphs to fp16 or int8, not {precision!r}")

@@ -35,7 +35,7 @@ def prune_checkpoint(
     ckpt, rebuilt = load_for_pruning(src, trust_code, input_shape)
     model = rebuilt.model
     x = torch.zeros(1, *ckpt.input_shape)
-    plan = select(trace_groups(model, x, fold=fold, exact=exact), selection)
+    plan = select(trace_groups(model, x, fold=fold, exact=exact, score=selection.score), selection)
     slim = apply_plan(model, plan)
     table = summarize(plan, model, x, slim)
     save_pruned(ckpt, src, slim, plan, selection, dst)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,9 @@ from tqdm import tqdm
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import sha256_file
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint, with_input_shape
+from slim2deploy.model.distributed import DistInfo, init_distributed, shutdown_distributed
 from slim2deploy.model.folder import AnyData, check_fits, describe, load_data
-from slim2deploy.model.loop import (
-    DistInfo,
-    EpochResult,
-    TrainConfig,
-    evaluate,
-    fit,
-    init_distributed,
-    shutdown_distributed,
-)
+from slim2deploy.model.loop import EpochResult, TrainConfig, evaluate, fit
 from slim2deploy.model.preprocess import (
     Stats,
     channels_of,
@@ -34,11 +27,11 @@ from slim2deploy.model.preprocess import (
     starting_stats,
 )
 from slim2deploy.model.recipe import DISTILL_TEMPERATURE, DISTILL_WEIGHT, MAX_DROP
-from slim2deploy.model.sparsity import Masks
+from slim2deploy.model.sparsity import GammaGroup, Masks
 from slim2deploy.model.weights import build_with_weights
 from slim2deploy.model.zoo import check_code, factory_args, split_name
 from slim2deploy.prune.rebuild import Rebuilt, rebuild
-from slim2deploy.prune.trace import prunable_masks
+from slim2deploy.prune.trace import branch_groups, prunable_masks
 
 
 @dataclass
@@ -79,11 +72,13 @@ def train_to_checkpoint(
     on_epoch: Callable[[EpochResult], None] | None = None,
     teacher: nn.Module | None = None,
     num_classes: int | None = None,
+    blocks: Sequence[GammaGroup] = (),
 ) -> list[EpochResult]:
     """``fit`` that writes ``out`` after every epoch with what ``ResumePoint.of`` needs to go on.
 
     ``plan`` (a pruned model's) travels with the weights; ``resume`` continues an earlier run; ``teacher``
     distils into the model (``model.loop.fit``). ``num_classes``: the model's outputs (default: the data's classes).
+    ``blocks``: the gamma groups of ``cfg.sparsity_block`` (``prune.trace.branch_groups``).
     """
     done = list(resume.history) if resume else []
     classes = num_classes or train_ds.num_classes
@@ -100,7 +95,7 @@ def train_to_checkpoint(
     return fit(
         model, train_ds, val_ds, cfg, dist_info=dist_info, start_epoch=resume.epoch if resume else 0,
         optimizer_state=resume.optimizer if resume else None, on_epoch_end=save, masks=masks,
-        progress=progress, desc=desc, teacher=teacher,
+        progress=progress, desc=desc, teacher=teacher, blocks=blocks,
     )  # fmt: skip
 
 
@@ -249,15 +244,28 @@ def train_command(
     masks = None
     if cfg.sparsity > 0 and cfg.sparsity_scope != "all":
         masks = prunable_masks(model, torch.zeros(1, *train_ds.input_shape), exact=cfg.sparsity_scope == "prunable")
+    blocks = _blocks(model, arch, train_ds.input_shape) if cfg.sparsity_block > 0 else []
     history = train_to_checkpoint(
         model, out, arch=arch, arch_kwargs=arch_kwargs, train_ds=train_ds, val_ds=val_ds, cfg=cfg, meta=meta,
-        plan=plan, dist_info=info, resume=resume_point, masks=masks, num_classes=rebuilt_classes,
+        plan=plan, dist_info=info, resume=resume_point, masks=masks, num_classes=rebuilt_classes, blocks=blocks,
     )  # fmt: skip
     if info.is_main:
         tqdm.write(f"wrote {out}")
     if info.world > 1:
         shutdown_distributed()
     return history, info.is_main
+
+
+def _blocks(model: nn.Module, arch: str, input_shape: tuple[int, ...]) -> list[GammaGroup]:
+    """The groups ``sparsity_block`` acts on, traced once before training; a model without any is refused
+    (the penalty would do nothing)."""
+    found = branch_groups(model, torch.zeros(1, *input_shape))
+    if not found:
+        raise SlimError(
+            f"`sparsity_block` acts on removable residual branches and {arch} has none ('slim2deploy inspect' "
+            "lists its residual joins and why each stays); drop it, or use `sparsity` (L1 on every gamma)"
+        )
+    return found
 
 
 @dataclass

@@ -71,7 +71,7 @@ class Budget(Selector):
     ) -> tuple[list[int], dict[str, Any]]:
         raise SlimError(
             "a latency goal is met by measuring, not from the scores alone: prune with the closed loop "
-            "(pipeline.budget.prune_to_budget, 'slim2deploy prune --speedup')"
+            "(pipeline.budget.prune_to_budget, 'slim2deploy prune' with a speed-up)"
         )
 
     def goal(self) -> str:

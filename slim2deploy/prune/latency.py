@@ -57,12 +57,12 @@ DEFAULT_MARGIN = 0.03
 TABLE_VERSION = 1
 
 
-# what a latency measurement depends on (Target.key), with the flag of 'prune'/'build' that sets it
+# what a latency measurement depends on (Target.key), with the parameter of a latency goal that sets it
 MEASURED_WITH = {
-    "target": "--target",
-    "batch": "--profile-batch",
-    "precision": "--profile-precision",
-    "threads": "--profile-threads",
+    "target": "`target`",
+    "batch": "`profile_batch`",
+    "precision": "`profile_precision`",
+    "threads": "`profile_threads`",
 }
 
 
@@ -186,9 +186,8 @@ class LatencyTable:
         prices that; one profiled without depth is refused where the model has such a group."""
         if removable and not self.depth:
             raise SlimError(
-                "the latency table was profiled without depth (profile --no-depth), so it cannot price removing a "
-                "residual branch, which this pruning may do; profile the model again without --no-depth, or prune "
-                "with --no-depth"
+                "the latency table was profiled without depth, so it cannot price removing a residual branch, "
+                "which this pruning may do; profile the model again with `depth=True`, or prune with `depth=False`"
             )
 
     def check_model(self, sizes: Sequence[int], prunable: Sequence[bool] | None = None) -> None:
@@ -205,7 +204,7 @@ class LatencyTable:
             raise SlimError(
                 f"the latency table has no kept counts for {len(bare)} group(s) this pruning may cut "
                 f"(first: group {bare[0]}, {self.sizes[bare[0]]} channels): it was profiled {approx} "
-                "--approximate; profile again with the options you prune with"
+                "`approximate`; profile again with the options you prune with"
             )
 
     def check_measured_for(self, arch: str, input_shape: Sequence[int], how: dict[str, Any]) -> None:

@@ -255,6 +255,6 @@ def _out_of_reach(p: Problem, budget: float, floor_ms: float, fastest: list[int]
             if depth
             else ""
         )
-        + f" is predicted at {floor_ms:.4g} ms, {why} loosen --min-channels / --max-prune / --round-to"
-        + ("" if depth or not table.branches else ", or let pruning remove residual branches (drop --no-depth)")
+        + f" is predicted at {floor_ms:.4g} ms, {why} loosen `min_channels` / `max_prune` / `round_to`"
+        + ("" if depth or not table.branches else ", or let pruning remove residual branches (`depth=True`)")
     )

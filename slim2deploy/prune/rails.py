@@ -71,5 +71,5 @@ class Rails:
 def check_ratio(ratio: float) -> float:
     """One clear error for a ratio that cannot work."""
     if isinstance(ratio, bool) or not (isinstance(ratio, int | float) and 0 < ratio < 1):
-        raise SlimError(f"--ratio must be between 0 and 1 (the share of prunable channels to remove), got {ratio!r}")
+        raise SlimError(f"`ratio` must be between 0 and 1 (the share of prunable channels to remove), got {ratio!r}")
     return float(ratio)

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.prune.importance import DEFAULT_IMPORTANCE, NAMES
 from slim2deploy.prune.latency import LatencyTable
 from slim2deploy.prune.latency_solve import problem, solve
 from slim2deploy.prune.plan import Group, Member, PruningPlan, copy_group
 from slim2deploy.prune.rails import DEFAULT_MAX_PRUNE, DEFAULT_MIN_CHANNELS, DEFAULT_ROUND_TO, Rails, check_ratio
-from slim2deploy.prune.score import ScoreFn, gamma_warning, max_abs_gamma
+from slim2deploy.prune.score import ScoreFn, gamma_warning, importance_score
 from slim2deploy.prune.trace import trace_groups
 
 
@@ -149,7 +150,7 @@ class LatencySelector(Selector):
 
     def __post_init__(self) -> None:
         if (self.latency_ms is None) == (self.speedup is None):
-            raise SlimError("give exactly one latency budget: --speedup S or --latency-ms T")
+            raise SlimError("give exactly one latency budget: `speedup` or `latency_ms`")
         value = self.speedup if self.speedup is not None else self.latency_ms
         if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
             raise SlimError(f"the latency budget must be a positive number, got {value!r}")
@@ -189,18 +190,26 @@ class LatencySelector(Selector):
 @dataclass(frozen=True)
 class Selection:
     """What to prune: a selector, the rails it respects, the layers it must leave whole (``keep``: module
-    names, shell wildcards allowed) and whether a group inside a removable residual branch may be emptied,
-    removing the branch (``depth``). Plain data, recorded in the plan."""
+    names, shell wildcards allowed), whether a group inside a removable residual branch may be emptied,
+    removing the branch (``depth``), and the score that ranks channels (``importance``, a name in
+    ``prune.score.IMPORTANCE``; the caller traces with it). Plain data, recorded in the plan."""
 
     selector: Selector
     rails: Rails = field(default_factory=Rails)
     keep: tuple[str, ...] = ()
     depth: bool = True
+    importance: str = DEFAULT_IMPORTANCE
+
+    @property
+    def score(self) -> ScoreFn:
+        return importance_score(self.importance)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"selector": self.selector.to_dict(), "rails": self.rails.to_dict(), "depth": self.depth}
         if self.keep:  # written only when it says something: older plans and cache keys stay as they were
             d["keep"] = list(self.keep)
+        if self.importance != DEFAULT_IMPORTANCE:
+            d["importance"] = self.importance
         return d
 
     @classmethod
@@ -221,14 +230,17 @@ class Selection:
         keep = d.get("keep", [])
         if not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
             raise SlimError(f"a selection's keep must be a list of layer names, got {keep!r:.80}")
-        return cls(selector, Rails.from_dict(d.get("rails", {})), tuple(keep), depth)
+        importance = d.get("importance", DEFAULT_IMPORTANCE)
+        if importance not in NAMES:
+            raise SlimError(f"a selection's importance must be one of {', '.join(NAMES)}, got {importance!r:.80}")
+        return cls(selector, Rails.from_dict(d.get("rails", {})), tuple(keep), depth, importance)
 
     def describe(self) -> str:
         r = self.rails
         kept = f"; keep {', '.join(self.keep)}" if self.keep else ""
         return (
             f"{self.selector.describe()}; rails: min_channels={r.min_channels} max_prune={r.max_prune} "
-            f"round_to={r.round_to}{kept}; depth {'on' if self.depth else 'off'}"
+            f"round_to={r.round_to}{kept}; depth {'on' if self.depth else 'off'}; importance {self.importance}"
         )
 
 
@@ -375,11 +387,11 @@ def plan_pruning(
     round_to: int = DEFAULT_ROUND_TO,
     fold: bool = True,
     exact: bool = True,
-    score: ScoreFn = max_abs_gamma,
+    score: ScoreFn | None = None,
     depth: bool = True,
 ) -> PruningPlan:
-    """Trace ``model``, score its groups with ``score`` and choose the channels to keep; the model is
-    not modified.
+    """Trace ``model``, score its groups with ``score`` (default: the selection's importance, |gamma|) and
+    choose the channels to keep; the model is not modified.
 
     ``ratio`` is the fraction of prunable channels below the global |gamma| threshold (the
     paper's percent), with the rails and ``depth`` given here; or a whole ``Selection`` (then they
@@ -388,7 +400,8 @@ def plan_pruning(
     """
     rails = Rails(min_channels, max_prune, round_to)
     selection = ratio if isinstance(ratio, Selection) else by_ratio(ratio, rails, depth=depth)
-    return select(trace_groups(model, example_input, fold=fold, exact=exact, score=score), selection)
+    traced = trace_groups(model, example_input, fold=fold, exact=exact, score=score or selection.score)
+    return select(traced, selection)
 
 
 def select_channels(

@@ -87,7 +87,7 @@ def coverage_lines(plan: PruningPlan) -> list[str]:
     if approx:
         cut = [g for g in approx if g.pruned]
         lines.append(
-            f"approximate (--approximate): {len(approx)} group(s) read raw by another layer, {len(cut)} of them cut"
+            f"approximate (`approximate=True`): {len(approx)} group(s) read raw by another layer, {len(cut)} of them cut"
             + ("; the outputs change, so fine-tune:" if cut else ":")
         )
         for g in approx:

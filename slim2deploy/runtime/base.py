@@ -148,7 +148,7 @@ class Runner(abc.ABC):
             hi = "any" if info.max_batch is None else info.max_batch
             raise SlimError(
                 f"{self.name} supports batch {info.min_batch}..{hi}, got {x.shape[0]}; "
-                "rebuild the engine with a larger profile (--batch) or use a smaller batch"
+                "rebuild the engine with a larger profile (`engine_batch`) or use a smaller batch"
             )
         return np.ascontiguousarray(x, dtype=np.dtype(info.input_dtype))
 

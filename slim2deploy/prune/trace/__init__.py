@@ -1,4 +1,5 @@
-"""Tracing a model into coupled channel groups: ``trace_groups`` (and ``rescore``, ``prunable_masks``).
+"""Tracing a model into coupled channel groups: ``trace_groups`` (and ``rescore``, ``prunable_masks``,
+``branch_groups``).
 
 One rule over the exported graph (``walk``): every tensor that carries channels has a layout
 (``layout``), and each operator's handler (``ops_*``, found by name in ``registry``) says what
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.sparsity import bn_layers
+from slim2deploy.model.sparsity import GammaGroup, bn_layers
 from slim2deploy.prune.plan import PruningPlan, copy_group
 from slim2deploy.prune.score import ScoreFn, max_abs_gamma
 from slim2deploy.prune.trace import ops_elementwise, ops_layers, ops_shape, ops_spatial
@@ -27,7 +28,7 @@ from slim2deploy.prune.trace.registry import HANDLERS, handles
 from slim2deploy.prune.trace.state import TraceState
 from slim2deploy.prune.trace.walk import export, walk
 
-__all__ = ["HANDLERS", "handles", "prunable_masks", "rescore", "trace_groups"]
+__all__ = ["HANDLERS", "branch_groups", "groups_in_branches", "handles", "prunable_masks", "rescore", "trace_groups"]
 _OPS = (ops_elementwise, ops_layers, ops_shape, ops_spatial)  # imported for their handlers
 
 
@@ -103,3 +104,23 @@ def prunable_masks(model: nn.Module, example_input: torch.Tensor, exact: bool = 
             if m.role == "bn" and m.tensor in masks:
                 masks[m.tensor][m.indices(list(range(group.size)))] = True
     return masks
+
+
+def branch_groups(model: nn.Module, example_input: torch.Tensor) -> list[GammaGroup]:
+    """The BatchNorm gammas of every group inside a removable residual branch of the pruning plan, one
+    ``GammaGroup`` each (named after the branch's join): all zero, the group is empty and the branch goes."""
+    return groups_in_branches(trace_groups(model, example_input))
+
+
+def groups_in_branches(traced: PruningPlan) -> list[GammaGroup]:
+    """``branch_groups`` of a model already traced."""
+    found = []
+    for b in traced.branches:
+        for k, i in enumerate(b.groups if b.removable else []):
+            g = traced.groups[i]
+            channels: dict[str, list[int]] = {}
+            for m in g.members:
+                if m.role == "bn":
+                    channels.setdefault(m.tensor, []).extend(m.indices(list(range(g.size))))
+            found.append(GammaGroup(b.join if len(b.groups) == 1 else f"{b.join} #{k + 1}", channels))
+    return found

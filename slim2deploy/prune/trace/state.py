@@ -236,7 +236,7 @@ class TraceState:
             )
             if group.reasons and group.scored and all(r.endswith(RAW_READ) for r in group.reasons):
                 # raw reads are all that stops a group BatchNorm can score: say how to prune it anyway
-                group.reasons[0] += " (--approximate prunes them anyway)"
+                group.reasons[0] += " (`approximate=True` prunes them anyway)"
             out.append(group)
         return out
 
