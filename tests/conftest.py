@@ -15,6 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # caches the suite fills (measured latency cells, mypy's) stay in the checkout's ignored .test-cache/, never
 # in the home folder; set before slim2deploy is imported (its default cache folder is read at import)
 os.environ["XDG_CACHE_HOME"] = str(ROOT / ".test-cache")
+# matplotlib creates its config folder (~/.config/matplotlib) even with nothing to write there; children inherit both
+os.environ["MPLCONFIGDIR"] = str(ROOT / ".test-cache" / "matplotlib")
+# Hypothesis' failing examples and constants too (read when used; it would make .hypothesis/ in the working directory)
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(ROOT / ".test-cache" / "hypothesis")
 
 _CHILD_PROCESS = re.compile(r"\b(run_cli|torchrun|run_script|subprocess\.run|subprocess\.Popen)\(")
 
