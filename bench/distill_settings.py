@@ -23,8 +23,8 @@ from slim2deploy.base.files import atomic_write_text
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.preprocess import data_for
+from slim2deploy.pipeline.finetune import Distill, finetune_checkpoint
 from slim2deploy.pipeline.prune import prune_checkpoint
-from slim2deploy.pipeline.train import Distill, finetune_checkpoint
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.select import by_ratio
 

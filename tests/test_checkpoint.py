@@ -107,7 +107,7 @@ def test_pickled_module_loads_only_with_trust(tmp_path):
 def test_user_factory_needs_trust(tmp_path):
     kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
     model = create_model("vgg11", **kwargs)
-    ckpt = checkpoint_for(model, "slim2deploy.model.zoo:VGG", {}, (1, 28, 28), 10)
+    ckpt = checkpoint_for(model, "slim2deploy.model.nets:VGG", {}, (1, 28, 28), 10)
     with pytest.raises(SlimError, match="trust"):
         model_from_checkpoint(ckpt)
 

@@ -113,12 +113,13 @@ def test_distillation_under_two_processes_equals_one_at_the_same_global_batch(pr
 def test_resuming_a_distilled_fine_tune_continues_exactly(pruned, blobs_npz, tmp_path, monkeypatch):
     """A 2-epoch distilled fine-tune interrupted right after its first epoch was saved, then resumed, ends
     with the weights of the same fine-tune run straight through."""
+    from slim2deploy.pipeline import finetune as ft_mod
     from slim2deploy.pipeline import train as train_mod
 
     full, slim = pruned
     options = dict(data=str(blobs_npz), epochs=2, batch_size=32, device="cpu", max_drop=None, progress=False, log=None)
     whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
-    train_mod.finetune_checkpoint(slim, whole, distill=train_mod.Distill(full), **options)
+    ft_mod.finetune_checkpoint(slim, whole, distill=ft_mod.Distill(full), **options)
     real_save = train_mod.save_checkpoint
 
     def save_then_stop(ckpt, path):
@@ -127,14 +128,14 @@ def test_resuming_a_distilled_fine_tune_continues_exactly(pruned, blobs_npz, tmp
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full), **options)
+        ft_mod.finetune_checkpoint(slim, part, distill=ft_mod.Distill(full), **options)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert load_checkpoint(part).meta["epochs"] == 1
-    train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full), resume=part, **options)
+    ft_mod.finetune_checkpoint(slim, part, distill=ft_mod.Distill(full), resume=part, **options)
     a, b = load_checkpoint(whole).state_dict, load_checkpoint(part).state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     with pytest.raises(SlimError, match="distill"):  # another loss would not continue that run
-        train_mod.finetune_checkpoint(slim, part, distill=train_mod.Distill(full, weight=0.2), resume=part,
+        ft_mod.finetune_checkpoint(slim, part, distill=ft_mod.Distill(full, weight=0.2), resume=part,
                                       **{**options, "epochs": 3})  # fmt: skip
 
 

@@ -390,6 +390,30 @@ def test_calibrate_depth_predicts_the_model_without_branches_and_shares_by_join_
         assert table.predict([0 if g in b.groups else k for g, k in enumerate(narrowest)]) <= kept + 1e-12
 
 
+def test_a_refined_table_is_fitted_again_to_its_measured_anchors():
+    """Cells timed after the fit (a refined line) change what the layers explain of the measured models; the
+    table is fitted again so it still predicts them (a stale fit predicted a negative time on a loaded host)."""
+    table = _branch_table([16, 16, 8], [[8, 16], [8, 16], [8]], [[1.0, 2.0], [0.5, 1.0], [0.3]], [[0]], [0.0])
+    small, bare = table.anchors()
+    assert small == [8, 8, 8] and bare == [0, 8, 8]
+    table.small_ms, table.bare_ms = 1.2, 0.6
+    table.recalibrate()
+    fitted = [table.predict(c) for c in (table.sizes, small, bare)]
+    assert fitted == pytest.approx([table.full_ms, 1.2, 0.6])
+    table.layers[0].record(3, 8, 1.9)  # the narrow cells timed again, far dearer than before
+    table.layers[1].record(3, 8, 0.95)
+    assert table.predict(small) != pytest.approx(1.2)
+    table.recalibrate()
+    assert [table.predict(c) for c in (table.sizes, small, bare)] == pytest.approx(fitted)
+    again = LatencyTable.from_json(table.to_json())
+    assert (again.small_ms, again.bare_ms) == (1.2, 0.6) and again.predict(bare) == pytest.approx(0.6)
+    old = table.to_dict()
+    del old["small_ms"], old["bare_ms"]  # a table from before the anchors were kept: its fit stands
+    kept = LatencyTable.from_dict(old)
+    kept.recalibrate()
+    assert (kept.base_ms, kept.scale) == (table.base_ms, table.scale)
+
+
 def _groups(sizes, scores):
     return [Group(size, [], list(range(size)), scores=s) for size, s in zip(sizes, scores, strict=True)]
 

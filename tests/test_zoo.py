@@ -35,7 +35,7 @@ def test_unknown_name_lists_what_exists():
 def test_torchvision_and_user_factory():
     tv = create_model("torchvision:resnet18", num_classes=5).eval()
     assert tv(torch.randn(1, 3, 64, 64)).shape == (1, 5)
-    user = create_model("slim2deploy.model.zoo:DenseNet", depth=10, growth=4, num_classes=3)
+    user = create_model("slim2deploy.model.nets:DenseNet", depth=10, growth=4, num_classes=3)
     assert user(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     with pytest.raises(SlimError, match="unknown torchvision"):
         create_model("torchvision:nonexistent")

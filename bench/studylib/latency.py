@@ -49,7 +49,7 @@ BATCH = 64
 
 def _reinitialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A copy of ``model`` (the same widths) with fresh weights, initialised as the zoo initialises."""
-    from slim2deploy.model.zoo import init_weights
+    from slim2deploy.model.nets import init_weights
 
     torch.manual_seed(seed)
     fresh = copy.deepcopy(model)

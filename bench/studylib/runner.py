@@ -28,9 +28,10 @@ from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import load_dataset
 from slim2deploy.model.distributed import DistInfo
 from slim2deploy.model.loop import TrainConfig, evaluate
+from slim2deploy.model.nets import init_weights
 from slim2deploy.model.sparsity import small_gamma_share
 from slim2deploy.model.stats import count_macs, count_params
-from slim2deploy.model.zoo import create_model, init_weights
+from slim2deploy.model.zoo import create_model
 from slim2deploy.pipeline.export import export_variants, variant_path
 from slim2deploy.pipeline.train import ResumePoint, train_to_checkpoint
 from slim2deploy.prune.plan import PruningPlan

@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from slim2deploy.base.files import check_outputs
-    from slim2deploy.pipeline.train import Distill, finetune_checkpoint
+    from slim2deploy.pipeline.finetune import Distill, finetune_checkpoint
 
     # --resume may name --out (a run continues in place)
     check_outputs({"--out": args.out}, inputs=[args.model, args.data, args.teacher])

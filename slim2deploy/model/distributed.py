@@ -37,12 +37,12 @@ def pick_device(name: str = "auto") -> torch.device:
     except (RuntimeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise SlimError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise SlimError(f"unknown `device` {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SlimError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+            raise SlimError("`device=cuda` was asked for but no CUDA GPU is available; use `device=cpu`")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SlimError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+            raise SlimError(f"`device={name}`: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return device
 
 

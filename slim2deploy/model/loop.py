@@ -56,27 +56,27 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1:
-            raise SlimError(f"--epochs must be at least 1, got {self.epochs}")
+            raise SlimError(f"`epochs` must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise SlimError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise SlimError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SlimError(f"--lr must be a positive number, got {self.lr}")
+            raise SlimError(f"`lr` must be a positive number, got {self.lr}")
         for flag, value in (
-            ("--sparsity", self.sparsity),
-            ("--weight-decay", self.weight_decay),
-            ("--sparsity-warmup", self.sparsity_warmup),
-            ("--sparsity-block", self.sparsity_block),
+            ("`sparsity`", self.sparsity),
+            ("`weight_decay`", self.weight_decay),
+            ("`sparsity_warmup`", self.sparsity_warmup),
+            ("`sparsity_block`", self.sparsity_block),
         ):
             if not (value >= 0 and math.isfinite(value)):
                 raise SlimError(f"{flag} must be a finite number >= 0, got {value}")
         if not 0 <= self.momentum < 1:
-            raise SlimError(f"--momentum must be in [0, 1), got {self.momentum}")
+            raise SlimError(f"`momentum` must be in [0, 1), got {self.momentum}")
         if self.sparsity_mode not in sparsity.MODES:
-            raise SlimError(f"--sparsity-mode must be one of {', '.join(sparsity.MODES)}")
+            raise SlimError(f"`sparsity_mode` must be one of {', '.join(sparsity.MODES)}")
         if self.sparsity_scope not in sparsity.SCOPES:
-            raise SlimError(f"--sparsity-scope must be one of {', '.join(sparsity.SCOPES)}")
+            raise SlimError(f"`sparsity_scope` must be one of {', '.join(sparsity.SCOPES)}")
         if self.schedule not in SCHEDULES:
-            raise SlimError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+            raise SlimError(f"`schedule` must be one of {', '.join(SCHEDULES)}")
         if not 0 <= self.distill_weight <= 1:
             raise SlimError(f"`distill_weight` must be in [0, 1], got {self.distill_weight}")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
@@ -253,26 +253,13 @@ def train_one_epoch(
         lr = lr_at(cfg, at)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        lam = sparsity.warmed_up(cfg.sparsity, at, cfg.sparsity_warmup)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=cfg.amp):
             out = net(x)
             with torch.no_grad():
                 taught = teacher(x) if teacher is not None else None
         loss, parts = step_loss(out, y, taught, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.sparsity_mode == "subgradient":
-            scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
-            sparsity.add_l1_subgradient(model, lam, masks)
-        scaler.step(optimizer)
-        scaler.update()
-        if cfg.sparsity_mode == "proximal":
-            # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using
-            # the same effective step here gives lambda the same pull as in subgradient mode.
-            sparsity.proximal_step(model, lr / (1 - cfg.momentum), lam, masks)
-        block = sparsity.warmed_up(cfg.sparsity_block, at, cfg.sparsity_warmup)
-        sparsity.group_proximal_step(model, lr / (1 - cfg.momentum), block, blocks)  # the same effective step
+        _descend(model, optimizer, scaler, loss, cfg, at, lr, masks, blocks)
         value = loss.item()
         if not math.isfinite(value):
             raise SlimError(
@@ -296,6 +283,34 @@ def train_one_epoch(
     return loss_sum / max(seen, 1), correct / max(seen, 1), lr
 
 
+def _descend(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    cfg: TrainConfig,
+    at: float,
+    lr: float,
+    masks: sparsity.Masks,
+    blocks: Sequence[sparsity.GammaGroup],
+) -> None:
+    """One optimiser step on ``loss`` with the sparsity penalties at epoch position ``at``."""
+    lam = sparsity.warmed_up(cfg.sparsity, at, cfg.sparsity_warmup)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.sparsity_mode == "subgradient":
+        scaler.unscale_(optimizer)  # the penalty is added to true, unscaled gradients
+        sparsity.add_l1_subgradient(model, lam, masks)
+    scaler.step(optimizer)
+    scaler.update()
+    # SGD with momentum m moves weights by lr/(1-m) per unit of steady gradient; using the same effective
+    # step in the proximal steps gives lambda the same pull as in subgradient mode.
+    step = lr / (1 - cfg.momentum)
+    if cfg.sparsity_mode == "proximal":
+        sparsity.proximal_step(model, step, lam, masks)
+    sparsity.group_proximal_step(model, step, sparsity.warmed_up(cfg.sparsity_block, at, cfg.sparsity_warmup), blocks)
+
+
 def check_trainable(model: nn.Module, train_ds: AnyData, cfg: TrainConfig, info: DistInfo) -> None:
     """Refuse, before any step, training that cannot work or means nothing: BatchNorm on batches of one
     image, data of one class, fewer images than one global batch."""
@@ -310,6 +325,31 @@ def check_trainable(model: nn.Module, train_ds: AnyData, cfg: TrainConfig, info:
             f"{len(train_ds)} training images are fewer than one global batch "
             f"({cfg.batch_size} x {info.world}); lower `batch_size` or use more data"
         )
+
+
+def _validate(
+    model: nn.Module, val_ds: AnyData | None, cfg: TrainConfig, info: DistInfo, epoch: int
+) -> tuple[float, float]:
+    """Validation loss and accuracy after ``epoch`` (NaN where not validated); refuses a diverged model."""
+    # buffers too: a huge `sparsity` can leave the weights finite but blow up BatchNorm's running_var,
+    # which the checkpoint loader would then refuse (and inference turns into garbage)
+    fault = tensor_fault(model.state_dict())
+    val_loss, val_acc = (float("nan"), float("nan"))
+    if fault is None and val_ds is not None and info.is_main:
+        val_loss, val_acc = evaluate(model, val_ds, cfg.batch_size, info.device)
+        if not math.isfinite(val_loss):
+            fault = f"the validation loss is {val_loss}"
+    if fault is not None:
+        cause = (
+            f"The learning rate `lr` ({cfg.lr:g})"
+            + (f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else "")
+            + (f" or `sparsity_block` ({cfg.sparsity_block:g})" if cfg.sparsity_block else "")
+        )
+        raise SlimError(
+            f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "
+            f"{cause} is likely too high: lower it, or check the data and its normalisation for extreme values"
+        )
+    return val_loss, val_acc
 
 
 def fit(
@@ -330,7 +370,7 @@ def fit(
 ) -> list[EpochResult]:
     """Train ``model`` in place from ``start_epoch`` to ``cfg.epochs``; returns one result per epoch.
 
-    ``masks`` limits the sparsity penalty to the channels they mark (``--sparsity-scope prunable``).
+    ``masks`` limits the sparsity penalty to the channels they mark (``sparsity_scope`` prunable).
     ``blocks``: the gamma groups ``cfg.sparsity_block`` acts on (``prune.trace.branch_groups``).
     ``teacher`` (a model of the same inputs and classes) adds distillation from its logits on the same
     augmented batch (``step_loss``); it runs in eval mode without gradients, one copy per process.
@@ -361,24 +401,7 @@ def fit(
         train_loss, train_acc, lr = train_one_epoch(
             net, model, optimizer, scaler, train_ds, cfg, info, epoch, masks, progress, desc, teacher, blocks
         )
-        # buffers too: a huge --sparsity can leave the weights finite but blow up BatchNorm's running_var,
-        # which the checkpoint loader would then refuse (and inference turns into garbage)
-        fault = tensor_fault(model.state_dict())
-        val_loss, val_acc = (float("nan"), float("nan"))
-        if fault is None and val_ds is not None and info.is_main:
-            val_loss, val_acc = evaluate(model, val_ds, cfg.batch_size, info.device)
-            if not math.isfinite(val_loss):
-                fault = f"the validation loss is {val_loss}"
-        if fault is not None:
-            cause = (
-                f"The learning rate `lr` ({cfg.lr:g})"
-                + (f" or `sparsity` ({cfg.sparsity:g})" if cfg.sparsity else "")
-                + (f" or `sparsity_block` ({cfg.sparsity_block:g})" if cfg.sparsity_block else "")
-            )
-            raise SlimError(
-                f"training diverged: {fault} after epoch {epoch + 1}; nothing was saved for this epoch. "
-                f"{cause} is likely too high: lower it, or check the data and its normalisation for extreme values"
-            )
+        val_loss, val_acc = _validate(model, val_ds, cfg, info, epoch)
         result = EpochResult(
             epoch=epoch + 1,
             lr=lr,

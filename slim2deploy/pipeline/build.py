@@ -49,7 +49,7 @@ from slim2deploy.pipeline.build_stages import (
     report_stage,
 )
 from slim2deploy.pipeline.export import variant_path
-from slim2deploy.pipeline.train import AccuracyDrop
+from slim2deploy.pipeline.finetune import AccuracyDrop
 from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.prune.score import gamma_warning

@@ -36,9 +36,10 @@ from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import prune_selected
 from slim2deploy.pipeline.build_inputs import BuildConfig, BuildResult, Inputs
 from slim2deploy.pipeline.export import export_checked, make_precision, variant_path
-from slim2deploy.pipeline.train import Distill, finetune_checkpoint
+from slim2deploy.pipeline.finetune import Distill, finetune_checkpoint
 from slim2deploy.prune.goal import goal_of
 from slim2deploy.prune.plan import PruningPlan
+from slim2deploy.prune.score import gamma_warning
 
 STAGES = ("prune", "finetune", "export", "precision", "engines", "bench", "report")
 
@@ -91,7 +92,8 @@ def prune_stage(run: Run) -> Path:
         latency = None
         if goal is not None and loop is not None:
             latency = {"goal": goal.goal(), "met": loop.met, **loop.chosen, "tries": loop.tries}
-        run.log(pruned.summary)
+        weak = f"warning: {gamma_warning(pruned.plan.groups)}"  # said once, by build, cached stage or not
+        run.log("\n".join(line for line in pruned.summary.splitlines() if line != weak))
         atomic_write_text(plan_path, pruned.plan.to_json())
         seconds = time.perf_counter() - started
         run.stage("prune", f"{cfg.selection.describe()}: {slim_path} ({seconds:.1f}s)")

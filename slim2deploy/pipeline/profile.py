@@ -224,10 +224,7 @@ def profile(
         table.branches = branch_specs(traced, table.layers)
     cache = cache or CellCache(target)
     cache.measure(target, table.lines_around(sizes), log)
-    small = [s[0] if s else g.size for s, g in zip(steps, traced.groups, strict=True)]
-    bare = list(small)
-    for b in table.branches:
-        bare[b.groups[0]] = 0
+    small, bare = table.anchors()
     counts = [small, bare] if table.branches else [small]
     with tempfile.TemporaryDirectory(prefix="slim2deploy-profile-") as tmp:
         work = Path(tmp)
@@ -237,9 +234,9 @@ def profile(
             for i, c in enumerate(counts)
         ]
         measured = target.latencies([base, *models])
-    table.calibrate(measured[0], measured[1], small)
-    if table.branches:
-        table.calibrate_depth(measured[2], bare)
+    table.full_ms, table.small_ms = measured[0], measured[1]
+    table.bare_ms = measured[2] if table.branches else None
+    table.recalibrate()
     if log:
         log(
             f"unpruned model {measured[0]:.4g} ms, smallest {measured[1]:.4g} ms"
@@ -292,6 +289,7 @@ def refine(
         new, _ = selector.kept_counts(groups, selection.rails, removable)
         if new == counts or not cache.measure(target, table.lines_around(new), log):
             return new
+        table.recalibrate()
         counts = new
     return counts
 

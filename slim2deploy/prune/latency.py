@@ -94,13 +94,33 @@ class LatencyTable:
     scale: float = 1.0
     depth: bool = False
     branches: list[BranchSpec] = field(default_factory=list)
+    small_ms: float | None = None  # measured: the smallest model the steps allow (``anchors``)
+    bare_ms: float | None = None  # measured: that model without its removable branches
+
+    def anchors(self) -> tuple[list[int], list[int]]:
+        """The kept counts of the smallest model the steps allow, and of it with every removable branch removed."""
+        small = [kept[0] if kept else size for kept, size in zip(self.steps, self.sizes, strict=True)]
+        bare = [*small]
+        for b in self.branches:
+            bare[b.groups[0]] = 0
+        return small, bare
+
+    def recalibrate(self) -> None:
+        """Fit base, scale and the branches' cost again to the measured anchors: cells added since (a refined
+        line) change what the layers explain, and a fit to the old cells can then predict nonsense."""
+        if self.small_ms is None:  # a table from before the anchors were kept: its fit stands
+            return
+        small, bare = self.anchors()
+        self.calibrate(self.full_ms, self.small_ms, small)
+        if self.branches and self.bare_ms is not None:
+            self.calibrate_depth(self.bare_ms, bare)
 
     def calibrate(self, full_ms: float, small_ms: float | None = None, small: Sequence[int] | None = None) -> None:
         """Make the table predict ``full_ms`` for the unpruned model, and ``small_ms`` for the kept
         counts ``small`` when given (then ``scale`` is fitted too; else it is 1)."""
         self.full_ms = float(full_ms)
+        self.scale = 1.0  # part_ms is in the model's terms: the layers' standalone cost, unscaled, first
         layers_full = self.part_ms(self.sizes, range(len(self.layers)))
-        self.scale = 1.0
         if small_ms is not None and small is not None:
             spread = layers_full - self.part_ms(small, range(len(self.layers)))
             if spread > 0 and full_ms > small_ms:
@@ -276,15 +296,14 @@ class LatencyTable:
             scale=as_ms("scale", d.get("scale", 1.0), positive=True),
             depth=as_flag("depth", d.get("depth", False)),  # tables from before depth: profiled without it
             branches=parse_branches(d.get("branches", []), len(sizes), len(layers)),
+            small_ms=as_ms("small_ms", d["small_ms"], positive=True) if d.get("small_ms") is not None else None,
+            bare_ms=as_ms("bare_ms", d["bare_ms"], positive=True) if d.get("bare_ms") is not None else None,
         )
         if table.branches and not table.depth:
             raise field_error("branches", "lists branches, but the table was profiled without depth")
         # calibrate() may fit a base below zero and a branch may save more than its layers; the smallest
         # models profiled must still take time
-        floor = [kept[0] if kept else size for kept, size in zip(steps, sizes, strict=True)]
-        bare = [*floor]
-        for b in table.branches:
-            bare[b.groups[0]] = 0
+        floor, bare = table.anchors()
         for counts, what in ((floor, "the smallest model"), (bare, "the smallest model without branches")):
             floor_ms = table.predict(counts)
             if not floor_ms > 0:

@@ -87,8 +87,8 @@ def coverage_lines(plan: PruningPlan) -> list[str]:
     if approx:
         cut = [g for g in approx if g.pruned]
         lines.append(
-            f"approximate (`approximate=True`): {len(approx)} group(s) read raw by another layer, {len(cut)} of them cut"
-            + ("; the outputs change, so fine-tune:" if cut else ":")
+            f"approximate (`approximate=True`): {len(approx)} group(s) read raw by another layer, "
+            f"{len(cut)} of them cut" + ("; the outputs change, so fine-tune:" if cut else ":")
         )
         for g in approx:
             lines.append(f"  {g.size:>5} ch  {', '.join(g.modules())[:70]}: {g.approximate[0]}")
