@@ -14,6 +14,7 @@ import onnxruntime as ort
 import third_party_cases as tp
 import torch
 import torchvision
+from helpers import randomize_batchnorm
 from torch import nn
 
 from slim2deploy.model.zoo import create_model
@@ -61,18 +62,6 @@ ZOO = {"vgg11", "resnet20", "resnet164", "densenet40"}
 HEAVY = {"vgg11_bn", "densenet121", "resnet50", "efficientnet_b0"}
 
 
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.05, 1.0, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-    return model.eval()
-
-
 @functools.cache
 def traced(name: str) -> tuple[nn.Module, torch.Tensor, PruningPlan]:
     """(model, input, traced plan); callers must not modify the model (deep-copy it)."""
@@ -81,23 +70,6 @@ def traced(name: str) -> tuple[nn.Module, torch.Tensor, PruningPlan]:
     model = randomize_batchnorm(factory(), seed=1)
     x = torch.randn(2, 3, side, side)
     return model, x, trace_groups(model, x)
-
-
-def zero_channels(model: nn.Module, plan: PruningPlan, fraction: float, seed: int, beta: bool = True) -> int:
-    """Set gamma (and beta) to zero for a random ``fraction`` of every prunable group's channels."""
-    gen = torch.Generator().manual_seed(seed)
-    total = 0
-    with torch.no_grad():
-        for g in plan.groups:
-            if not g.prunable:
-                continue
-            chosen = torch.randperm(g.size, generator=gen)[: int(g.size * fraction)].tolist()
-            bns = {m.module for m in g.members if m.role == "bn"}
-            for m in g.members:
-                if m.module in bns and (m.role == "bn" or (beta and m.tensor.endswith(".bias"))):
-                    model.get_parameter(m.tensor)[m.indices(chosen)] = 0
-            total += len(chosen)
-    return total
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_cases import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm
+from model_cases import rel_err
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint

@@ -128,6 +128,32 @@ def test_modules_stay_small():
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """``line N: module`` for each import of conftest or of a test module in ``path``, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found += [f"line {node.lineno}: {n}" for n in names if n.split(".")[0] == "conftest" or n.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another_or_conftest():
+    """What test modules share is in tests/helpers.py (functions) or conftest.py (fixtures, found by pytest)."""
+    offenders = {p.name: found for p in sorted(TESTS.glob("*.py")) if (found := _test_module_imports(p))}
+    assert not offenders, offenders
+
+
+def test_the_test_import_check_sees_an_import_inside_a_function(tmp_path):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("import os\n\ndef test_x():\n    from test_runners import SAMPLE\n    import conftest\n")
+    assert _test_module_imports(planted) == ["line 4: test_runners", "line 5: conftest"]
+
+
 def test_nothing_edits_the_import_path():
     """bench/ scripts import the installed package; an edited ``sys.path`` would let them run another copy."""
     roots = [PACKAGE, PACKAGE.parent / "bench"]

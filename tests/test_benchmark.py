@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import SAMPLE, export_tiny
 from hypothesis import given
 from hypothesis import strategies as st
-from test_runners import SAMPLE, export_tiny
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.onnx_info import onnx_costs
@@ -17,7 +17,6 @@ from slim2deploy.measure.benchmark import benchmark, time_pair
 from slim2deploy.measure.memory import peak_rss
 from slim2deploy.measure.results import Comparison, LatencyStats
 from slim2deploy.measure.tables import format_table, to_markdown, write_reports
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.model.zoo import create_model
 from slim2deploy.runtime.ort import OrtRunner
@@ -121,13 +120,11 @@ def test_batches_outside_a_model_range_are_skipped_not_failed(tmp_path, pair):
     assert "static4: batch 1 skipped" in format_table(c)
 
 
-def test_torch_checkpoint_backend(tmp_path):
-    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
-    model = create_model("vgg11", **kwargs).eval()
-    path = tmp_path / "vgg.pt"
-    save_checkpoint(checkpoint_for(model, "vgg11", kwargs, (1, 28, 28), 10), path)
+def test_torch_checkpoint_backend(make_checkpoint):
+    path = make_checkpoint()  # vgg11 at width 0.125, 1x28x28
+    model = create_model("vgg11", in_channels=1, width=0.125)
     c = benchmark([path], batches=[2], **FAST)
-    m = c.model("vgg")
+    m = c.model("vgg11")
     assert m.runner["backend"] == "torch" and m.size.cost_source == "torch"
     assert m.size.macs == count_macs(model, torch.zeros(1, 1, 28, 28))
     assert m.batches[0].latency.iterations == FAST["iterations"]

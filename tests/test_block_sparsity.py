@@ -1,13 +1,10 @@
 """The block-level penalty (--sparsity-block): a group lasso on each removable residual branch's gammas."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_refused, snapshot
+from helpers import assert_refused, snapshot, torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -158,12 +155,7 @@ def test_torchrun_and_resume_match_one_uninterrupted_process(tmp_path, blobs_npz
     ):
         status, _, err = cli("train", *common, *args)
         assert status == 0, err
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "slim2deploy"]
-    proc = subprocess.run(
-        [*launch, "train", *common, "--epochs", "1", "--batch-size", "16", "--out", str(two)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    proc = torchrun("train", *common, "--epochs", "1", "--batch-size", "16", "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b, tol in ((one, two, 1e-4), (full, resumed, 1e-6)):
         wa, wb = load_checkpoint(a).state_dict, load_checkpoint(b).state_dict

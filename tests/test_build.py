@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_cli
 
 DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
 CALIB = ROOT / "calib" / "fashion-mnist-512.npz"

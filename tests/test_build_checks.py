@@ -9,8 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
-from test_cache import _hold_lock
+from helpers import ROOT, hold_lock, run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.pipeline.build import validate
@@ -98,7 +97,7 @@ def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path
     out = tmp_path / "out"
     out.mkdir()
     (out / "slim.onnx").write_bytes(b"from the first build")
-    holder = _hold_lock(out)  # a second real process, as a running build would hold it
+    holder = hold_lock(out)  # a second real process, as a running build would hold it
     try:
         proc = run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--no-bench")
         _one_error(proc, f"another build is writing to {out} (pid {holder.pid})")
@@ -109,22 +108,20 @@ def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path
     assert (out / "slim.onnx").read_bytes() == b"from the first build"
 
 
-def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_pruning(tmp_path: Path) -> None:
+def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_pruning(
+    tmp_path: Path, make_checkpoint
+) -> None:
     """The fine-tune batch is checked before the prune stage: its images alone (a lower bound for any
     slim model) must fit in memory. A streamed folder of tiny files, read at a large size, has enough."""
     import numpy as np
     from PIL import Image
 
     from slim2deploy.base.environment import physical_memory
-    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-    from slim2deploy.model.zoo import create_model
 
     side, ram = 2048, physical_memory()
     assert ram is not None
-    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.0625}
     meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "preprocess": {"stream": True, "image_size": side, "crop": side}}
-    ckpt = checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, side, side), 2, meta=meta)
-    model = save_checkpoint(ckpt, tmp_path / "big.pt")
+    model = make_checkpoint(width=0.0625, input_shape=(3, side, side), num_classes=2, meta=meta)
     first = tmp_path / "one.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(first)
     n = 2 * ram // (3 * side * side * 4) + 2  # images enough for one batch of twice the memory
@@ -171,7 +168,7 @@ def test_a_batch_check_reuses_the_forward_pass_that_checked_the_checkpoint(tmp_p
     assert not list(tmp_path.iterdir())
 
 
-def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsys, make_checkpoint) -> None:
     """build reads the training split before pruning (to check it and the batch) and fine-tunes on that
     same data; reading it again in the fine-tune stage decoded a whole image folder twice."""
     import numpy as np
@@ -179,13 +176,9 @@ def test_build_reads_the_finetuning_data_once(tmp_path: Path, monkeypatch, capsy
 
     from slim2deploy.cli import main
     from slim2deploy.model import preprocess
-    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-    from slim2deploy.model.zoo import create_model
 
-    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.0625}
     meta = {"mean": [0.5] * 3, "std": [0.25] * 3}
-    ckpt = checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, 32, 32), 2, meta=meta)
-    model = save_checkpoint(ckpt, tmp_path / "tiny.pt")
+    model = make_checkpoint(width=0.0625, input_shape=(3, 32, 32), num_classes=2, meta=meta)
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "data" / c).mkdir(parents=True)

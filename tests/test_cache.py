@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import hold_lock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,28 +118,8 @@ def test_any_json_in_the_state_file_is_survivable(tmp_path_factory: pytest.TempP
                      and cache.data["a"]["outputs"].get("a.txt") is not None)  # fmt: skip
 
 
-HOLDER = """
-import sys, time
-from slim2deploy.base.cache import exclusive_dir
-with exclusive_dir(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
-def _hold_lock(folder: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(folder)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) -> None:
-    holder = _hold_lock(tmp_path)
+    holder = hold_lock(tmp_path)
     try:
         with pytest.raises(SlimError, match=rf"another build is writing to .* \(pid {holder.pid}\)"):
             with exclusive_dir(tmp_path):

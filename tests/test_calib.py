@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.calib import check_calib, load_calib, make_calib_set, stratified_indices
 
 
-def test_stratified_indices_are_unique_sized_and_proportional():
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        y = rng.integers(0, rng.integers(2, 12), size=rng.integers(50, 400))
-        n = int(rng.integers(1, len(y)))
-        idx = stratified_indices(y, n, seed=int(rng.integers(1000)))
-        assert len(idx) == n and len(np.unique(idx)) == n
-        for c in np.unique(y):
-            share = (y == c).mean() * n
-            assert abs((y[idx] == c).sum() - share) <= 1.0
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 11), min_size=50, max_size=400), st.data(), st.integers(0, 999))
+def test_stratified_indices_are_unique_sized_and_proportional(labels, data, seed):
+    y = np.array(labels)
+    n = data.draw(st.integers(1, len(y) - 1), label="n")
+    idx = stratified_indices(y, n, seed=seed)
+    assert len(idx) == n and len(np.unique(idx)) == n
+    for c in np.unique(y):
+        share = (y == c).mean() * n
+        assert abs((y[idx] == c).sum() - share) <= 1.0
 
 
 def test_committed_fashion_mnist_set_is_valid_and_balanced():

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import (
@@ -15,17 +15,13 @@ from slim2deploy.model.checkpoint import (
 from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.rebuild import model_from_checkpoint
 
-
-def _ckpt(tmp_path, arch="resnet20"):
-    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.25}
-    model = create_model(arch, **kwargs)
-    ckpt = checkpoint_for(model, arch, kwargs, (1, 28, 28), 10, meta={"mean": [0.0], "std": [1.0]})
-    path = save_checkpoint(ckpt, tmp_path / "m.pt")
-    return model, path
+META = {"mean": [0.0], "std": [1.0]}
 
 
 def test_round_trip_is_weights_only_and_exact(tmp_path):
-    model, path = _ckpt(tmp_path)
+    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.25}
+    model = create_model("resnet20", **kwargs)
+    path = save_checkpoint(checkpoint_for(model, "resnet20", kwargs, (1, 28, 28), 10, meta=META), tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)  # the format itself needs no pickled classes
     assert raw["format"].startswith("slim2deploy.checkpoint/")
     rebuilt = model_from_checkpoint(load_checkpoint(path))
@@ -35,8 +31,8 @@ def test_round_trip_is_weights_only_and_exact(tmp_path):
     assert "torch" in raw["meta"]["versions"]
 
 
-def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
-    _, path = _ckpt(tmp_path)
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch, make_checkpoint):
+    path = make_checkpoint("resnet20", width=0.25, meta=META, path=tmp_path / "m.pt")
     before = path.read_bytes()
     bad = Checkpoint("vgg11", {}, (1, 28, 28), 10, {"w": torch.zeros(1)})
 
@@ -51,8 +47,8 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "text", "state_dict", "directory"])
-def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case):
-    _, good = _ckpt(tmp_path)
+def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case, make_checkpoint):
+    good = make_checkpoint("resnet20", width=0.25, meta=META)
     target = tmp_path / "bad.pt"
     if case == "truncated":
         target.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

@@ -13,13 +13,11 @@ import os
 import pytest
 import torch
 import torchvision
-from conftest import run_cli
+from helpers import run_cli
 from model_cases import THIRD_PARTY, traced
 from torch import nn
 from torch.nn import functional as F
 
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.rails import Rails
 from slim2deploy.prune.select import Selection, WidthsSelector, select, select_channels
 from slim2deploy.prune.summary import summarize
@@ -94,11 +92,8 @@ def test_padding_passes_channels_through_unless_it_pads_the_channels(amounts, mo
         assert reader.fold == fold
 
 
-def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path) -> None:
-    kwargs = {"in_channels": 1, "num_classes": 4, "width": 0.25}
-    model = create_model("resnet164", **kwargs)
-    ckpt = tmp_path / "m.pt"
-    save_checkpoint(checkpoint_for(model, "resnet164", kwargs, (1, 28, 28), 4), ckpt)
+def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path, make_checkpoint) -> None:
+    ckpt = make_checkpoint("resnet164", width=0.25, num_classes=4)
     proc = run_cli("inspect", "--model", str(ckpt), "--json", str(tmp_path / "m.json"))
     assert proc.returncode == 0, proc.stderr
     assert "BatchNorm-scored channels" in proc.stdout and "unprunable groups" in proc.stdout

@@ -13,7 +13,10 @@ import onnx
 import pytest
 import third_party_cases as tp
 import torch
-from model_cases import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from model_cases import rel_err
 from torch import nn
 
 from slim2deploy.deploy.export import export_onnx
@@ -216,37 +219,39 @@ def test_branch_records_round_trip_through_json() -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tv_resnet18", "tv_mobilenet_v2", "timm_resnet10t"])
-def test_random_branches_and_channels_removed_together_stay_exact(name: str) -> None:
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_branches_and_channels_removed_together_stay_exact(name: str, seed: int) -> None:
     """Property: several branches (gamma, or gamma and beta, zero in all of one of their groups' BatchNorms)
-    and zeroed channels of the other groups, all under one global threshold at zero, go in one plan."""
+    and zeroed channels of the other groups, all under one global threshold at zero, go in one plan. (A seed,
+    not st.randoms(): the channels drawn per group would make Hypothesis' smallest input very large.)"""
+    rng = random.Random(seed)
     base, x, traced = _traced(name)
     removable = [b for b in traced.branches if b.removable]
-    for seed in range(2):
-        rng = random.Random(seed)
-        model = copy.deepcopy(base)
-        chosen = rng.sample(removable, rng.randint(1, min(3, len(removable))))
-        inside = {i for b in chosen for i in b.groups}
-        emptied = [rng.choice(b.groups) for b in chosen]
-        with torch.no_grad():
-            for gi in emptied:
-                _zero(model, [m.tensor for m in traced.groups[gi].members if m.role == "bn"], beta=rng.random() < 0.5)
-            for i, g in enumerate(traced.groups):
-                if g.prunable and i not in inside:
-                    gone = rng.sample(range(g.size), g.size // 3)
-                    bns = {m.module for m in g.members if m.role == "bn"}
-                    for m in g.members:
-                        if m.module in bns and (m.role == "bn" or m.tensor.endswith(".bias")):
-                            model.get_parameter(m.tensor)[m.indices(gone)] = 0
-        scored = rescore(traced, model)
-        zeros = sum(s == 0 for g in scored.groups if g.prunable for s in g.scores or [])
-        plan = select(scored, by_ratio(zeros / scored.prunable_channels * rng.uniform(0.3, 0.9), Rails.paper()))
+    model = copy.deepcopy(base)
+    chosen = rng.sample(removable, rng.randint(1, min(3, len(removable))))
+    inside = {i for b in chosen for i in b.groups}
+    emptied = [rng.choice(b.groups) for b in chosen]
+    with torch.no_grad():
+        for gi in emptied:
+            _zero(model, [m.tensor for m in traced.groups[gi].members if m.role == "bn"], beta=rng.random() < 0.5)
+        for i, g in enumerate(traced.groups):
+            if g.prunable and i not in inside:
+                gone = rng.sample(range(g.size), g.size // 3)
+                bns = {m.module for m in g.members if m.role == "bn"}
+                for m in g.members:
+                    if m.module in bns and (m.role == "bn" or m.tensor.endswith(".bias")):
+                        model.get_parameter(m.tensor)[m.indices(gone)] = 0
+    scored = rescore(traced, model)
+    zeros = sum(s == 0 for g in scored.groups if g.prunable for s in g.scores or [])
+    plan = select(scored, by_ratio(zeros / scored.prunable_channels * rng.uniform(0.3, 0.9), Rails.paper()))
 
-        slim = apply_plan(model, plan)
+    slim = apply_plan(model, plan)
 
-        assert {b.node for b in plan.removed_branches()} == {b.node for b in chosen}
-        assert plan.removed_channels > sum(traced.groups[gi].size for gi in emptied)
-        with torch.no_grad():
-            assert rel_err(model(x), slim(x)) <= 1e-5, (name, seed)
+    assert {b.node for b in plan.removed_branches()} == {b.node for b in chosen}
+    assert plan.removed_channels > sum(traced.groups[gi].size for gi in emptied)
+    with torch.no_grad():
+        assert rel_err(model(x), slim(x)) <= 1e-5
 
 
 def test_conv_bn_folding_for_torch_runtimes_traces_through_the_replaced_modules() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused, snapshot
+from helpers import assert_refused, snapshot
 from torch import nn
 
 from slim2deploy.base.errors import SlimError

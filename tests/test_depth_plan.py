@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from model_cases import randomize_batchnorm, rel_err, traced
+from helpers import randomize_batchnorm
+from model_cases import rel_err, traced
 from torch import nn
 
 from slim2deploy.base.errors import SlimError

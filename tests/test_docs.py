@@ -7,7 +7,7 @@ import re
 import shlex
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from slim2deploy.cli import build_parser
 from slim2deploy.cli.latency import build_parser as latency_parser

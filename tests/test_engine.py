@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -34,7 +35,6 @@ from slim2deploy.deploy.engine import (
     resolve_engine_policy,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 HERE = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 

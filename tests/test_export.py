@@ -6,13 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from helpers import randomize_batchnorm, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import FP32_RTOL, export_onnx, fuse_conv_bn_nodes, graph_leftovers, load_onnx
 from slim2deploy.measure.compare import check_parity, run_all
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
 from slim2deploy.model.zoo import create_model
 from slim2deploy.runtime.ort import OrtRunner, ort_session
 
@@ -25,23 +26,10 @@ MODELS = [
 ]
 
 
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics, so an unfolded or wrongly folded BN shows up in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name, kwargs, shape", MODELS, ids=[m[0] for m in MODELS])
 def test_fp32_parity_folded_clean_single_file(tmp_path, name, kwargs, shape):
     torch.manual_seed(0)
-    model = randomise_bn(create_model(name, **kwargs))
+    model = randomize_batchnorm(create_model(name, **kwargs))
     path = tmp_path / "m.onnx"
     result = export_onnx(model, torch.randn(1, *shape), path)
     x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
@@ -58,7 +46,7 @@ def test_fp32_parity_folded_clean_single_file(tmp_path, name, kwargs, shape):
 
 
 def test_static_batch_and_dynamo_exporter(tmp_path):
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
+    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
     result = export_onnx(model, torch.randn(4, 1, 28, 28), tmp_path / "s.onnx", dynamic_batch=False)
     assert result.input_shape == [4, 1, 28, 28]
     x = np.random.default_rng(1).standard_normal((6, 1, 28, 28)).astype(np.float32)
@@ -90,25 +78,27 @@ def _conv_bn_graph(rng: np.random.Generator) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path):
-    rng = np.random.default_rng(0)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fuse_conv_bn_nodes_keeps_outputs_and_removes_bn(tmp_path_factory, seed):
+    folder = tmp_path_factory.mktemp("fuse")
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
-    for i in range(5):
-        model = _conv_bn_graph(np.random.default_rng(i))
-        onnx.save(model, str(tmp_path / "before.onnx"))
-        assert graph_leftovers(model) != []
-        assert fuse_conv_bn_nodes(model) == 1
-        onnx.save(model, str(tmp_path / "after.onnx"))
-        assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
-        with OrtRunner(tmp_path / "before.onnx", "cpu", "disable") as before_runner:
-            before = run_all(before_runner, x)
-        with OrtRunner(tmp_path / "after.onnx", "cpu", "disable") as after_runner:
-            after = run_all(after_runner, x)
-        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    model = _conv_bn_graph(rng)
+    onnx.save(model, str(folder / "before.onnx"))
+    assert graph_leftovers(model) != []
+    assert fuse_conv_bn_nodes(model) == 1
+    onnx.save(model, str(folder / "after.onnx"))
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and graph_leftovers(model) == []
+    with OrtRunner(folder / "before.onnx", "cpu", "disable") as before_runner:
+        before = run_all(before_runner, x)
+    with OrtRunner(folder / "after.onnx", "cpu", "disable") as after_runner:
+        after = run_all(after_runner, x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_parity_gate_fails_with_errors_shown(tmp_path):
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
+    model = randomize_batchnorm(create_model("vgg11", in_channels=1, width=0.125))
     path = export_onnx(model, torch.randn(1, 1, 28, 28), tmp_path / "m.onnx").path
     with torch.no_grad():
         model.classifier.bias.add_(0.01)  # the file no longer computes what the model computes
@@ -132,13 +122,9 @@ def test_truncated_onnx_is_one_clear_error(tmp_path):
             call()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomise_bn(create_model("vgg11", in_channels=1, width=0.125))
-    path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
-    save_checkpoint(checkpoint_for(model, "vgg11", {"in_channels": 1, "width": 0.125}, (1, 28, 28), 10), path)
-    return path
+@pytest.fixture
+def checkpoint(make_checkpoint):
+    return make_checkpoint(bn_seed=0)  # vgg11 at width 0.125: 1x28x28 inputs, 10 classes
 
 
 def test_export_command_each_precision(tmp_path, checkpoint):

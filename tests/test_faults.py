@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_refused, run_cli
-from conftest import snapshot as _snapshot
+from helpers import ROOT, assert_refused, run_cli
+from helpers import snapshot as _snapshot
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.cli import main
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
-from slim2deploy.model.zoo import create_model
+from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.prune.rebuild import model_from_checkpoint
 
 KWARGS = {"in_channels": 1, "num_classes": 3, "width": 0.125}
 
@@ -51,7 +51,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory, make_checkpoint) -> dict[str, Path]:
     """A tiny checkpoint, tiny datasets of every format, and broken variants of each."""
     d = tmp_path_factory.mktemp("faults")
     rng = np.random.default_rng(0)
@@ -122,9 +122,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for i in range(3):
                 pixels = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
                 Image.fromarray(pixels).save(d / "val_unknown" / split / c / f"{i}.png")
-    model = create_model("vgg11", **KWARGS)
-    good = checkpoint_for(model, "vgg11", KWARGS, (1, 8, 8), 3, meta={"mean": [0.5], "std": [0.25]})
-    f["ckpt"] = save_checkpoint(good, d / "model.pt")
+    f["ckpt"] = make_checkpoint(num_classes=3, input_shape=(1, 8, 8), meta={"mean": [0.5], "std": [0.25]},
+                                path=d / "model.pt")  # fmt: skip
+    model = model_from_checkpoint(load_checkpoint(f["ckpt"]))
     payload = torch.load(f["ckpt"], weights_only=True)
     state = payload["state_dict"]
 
@@ -747,11 +747,10 @@ def test_pickled_module_works_with_trust_and_input_shape(files, cli, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def table16(files) -> Path:
+def table16(files, make_checkpoint) -> Path:
     """A real latency table (ort-cpu, batch 2) of a model that differs from ``files['ckpt']`` only in its
     16x16 input: the same channel counts, so only what the table records tells them apart."""
-    model = create_model("vgg11", **KWARGS)
-    big = save_checkpoint(checkpoint_for(model, "vgg11", KWARGS, (1, 16, 16), 3), files["root"] / "model16.pt")
+    big = make_checkpoint(num_classes=3, input_shape=(1, 16, 16), path=files["root"] / "model16.pt")
     table = files["root"] / "t16.json"
     assert main(["profile", "--model", str(big), "--profile-batch", "2", "--no-cache", "--out", str(table)]) == 0
     return table
@@ -1045,15 +1044,12 @@ def test_data_and_paths_that_do_not_fit_the_model_are_one_error(case, misfit, cl
     assert_refused(cli(*_args(template, misfit)), needle, before, misfit["root"])
 
 
-def test_folder_data_whose_class_folders_are_not_the_models_classes_is_refused(files, cli, tmp_path):
+def test_folder_data_whose_class_folders_are_not_the_models_classes_is_refused(tmp_path, cli, make_checkpoint):
     """A model trained on folders a, b, c fine-tuned on folders a, c: c would be labelled as b."""
     from PIL import Image
 
-    kwargs = {**KWARGS, "in_channels": 3}
     meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c"]}
-    ckpt = save_checkpoint(
-        checkpoint_for(create_model("vgg11", **kwargs), "vgg11", kwargs, (3, 8, 8), 3, meta=meta), tmp_path / "m.pt"
-    )
+    ckpt = make_checkpoint(num_classes=3, input_shape=(3, 8, 8), meta=meta)
     rng = np.random.default_rng(3)
     for c in ("a", "c"):
         (tmp_path / "data" / c).mkdir(parents=True)

@@ -25,13 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_refused, run_cli, snapshot
+from helpers import ROOT, assert_refused, run_cli, snapshot
 from PIL import Image
 
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-from slim2deploy.model.zoo import create_model
-
-KWARGS = {"in_channels": 1, "num_classes": 3, "width": 0.125}
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
 IMPORT = ["import", "--arch", "vgg11", "--width", "0.125", "--num-classes", "3", "--input-shape", "1,8,8", "--mean",
           "0.5", "--std", "0.25"]  # fmt: skip
@@ -47,7 +43,7 @@ def _images(folder: Path, classes: str = "ab", n: int = 6, seed: int = 0) -> Pat
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
+def base(tmp_path_factory, make_checkpoint) -> dict[str, Path]:
     """A tiny checkpoint (1 x 8 x 8 inputs, 3 classes), its state_dict, an .npz of 3 classes, and a profiled
     latency table of the checkpoint (ort-cpu, batch 2)."""
     from slim2deploy.cli import main
@@ -55,10 +51,9 @@ def base(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("trust")
     rng = np.random.default_rng(0)
     np.savez(d / "ok.npz", x=rng.integers(0, 255, (48, 1, 8, 8)).astype(np.uint8), y=np.arange(48) % 3)
-    model = create_model("vgg11", **KWARGS)
-    ckpt = checkpoint_for(model, "vgg11", KWARGS, (1, 8, 8), 3, meta={"mean": [0.5], "std": [0.25]})
-    save_checkpoint(ckpt, d / "model.pt")
-    torch.save(model.state_dict(), d / "sd.pt")
+    ckpt = make_checkpoint(num_classes=3, input_shape=(1, 8, 8), meta={"mean": [0.5], "std": [0.25]})
+    shutil.copyfile(ckpt, d / "model.pt")
+    torch.save(torch.load(ckpt, weights_only=True)["state_dict"], d / "sd.pt")
     assert (
         main(["profile", "--model", str(d / "model.pt"), "--batch", "2", "--no-cache", "--out", str(d / "t.json")]) == 0
     )

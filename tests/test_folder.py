@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from PIL import Image
 
 from slim2deploy.base.errors import SlimError
@@ -184,7 +184,7 @@ def test_val_labels_follow_the_training_classes_by_name(tmp_path):
 def test_every_listed_format_is_read_and_other_files_are_named_in_one_note(tmp_path):
     """PNG, JPEG, BMP, GIF, TIFF and WebP images are all read; a text or JSON file beside them is skipped
     with one note by extension, a hidden file (macOS '._x.png' junk included) silently."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     rng = np.random.default_rng(0)
     formats = [".png", ".jpg", ".bmp", ".gif", ".tif", ".tiff", ".webp"]

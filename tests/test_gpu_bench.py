@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.sparsity import bn_layers, draw_sparse_gammas

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -40,7 +41,7 @@ def budget_of(rails: Rails | None = None, **settings):
     return by_budget(rails, **settings)
 
 
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "vgg11-w0.25-sparse.pt"
+DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
 STEP = 16
 
 
@@ -230,8 +231,6 @@ def test_trt_target_is_refused_with_advice_that_leads_somewhere():
 
 
 def test_cli_budget_flags(tmp_path):
-    from conftest import run_cli
-
     both = run_cli("prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--ratio", "0.5", "--speedup", "2")
     assert both.returncode == 2 and "not allowed with" in both.stderr
     table_path = tmp_path / "table.json"
@@ -255,8 +254,6 @@ def test_cli_budget_flags(tmp_path):
 @pytest.mark.slow
 def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
     """The real thing: profile the demo VGG on ONNX Runtime, then prune to 1.5x with the table."""
-    from conftest import run_cli
-
     table_path, cache = tmp_path / "vgg.json", tmp_path / "cache"
     prof = run_cli(
         "profile",
@@ -299,8 +296,6 @@ def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
-    from conftest import run_cli
-
     table_path = tmp_path / "table.json"
     prune_to_budget(
         DEMO,

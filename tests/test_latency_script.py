@@ -11,9 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_runners import export_tiny
+from helpers import ROOT, SAMPLE, export_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "latency.py"
 FAST = ["--bench-warmup-s", "0.05", "--bench-iterations", "12", "--bench-rounds", "3", "--threads", "1"]
 
@@ -126,17 +125,10 @@ def test_script_runs_on_onnx_in_a_venv_without_torch(models, tmp_path):
     assert len(slim_result["batches"]) == 2 and data["speedups"][0]["speedup"] > 0
 
 
-def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_path):
-    import torch
-
-    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-    from slim2deploy.model.zoo import create_model
+def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_path, make_checkpoint):
     from slim2deploy.runtime.registry import TORCH_MODES, device_choices
 
-    kwargs = {"in_channels": 1, "width": 0.125}
-    torch.manual_seed(0)
-    ckpt = tmp_path / "vgg.pt"
-    save_checkpoint(checkpoint_for(create_model("vgg11", **kwargs).eval(), "vgg11", kwargs, (1, 28, 28), 10), ckpt)
+    ckpt = make_checkpoint()  # vgg11: 1x28x28 inputs
     out = tmp_path / "r.json"
     proc = run_script(str(ckpt), *FAST, "--device", "cpu", "--torch-mode", "folded", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -152,8 +144,6 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     """--batch N on an .onnx: refused when one tensor of the batch alone exceeds the memory: the input
     (share 2: twice the memory) or, where the input would fit (share 0.5), an activation of the graph
     that onnx shape inference sizes. Nothing is written."""
-    from test_runners import SAMPLE
-
     base, _ = models
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     batch = int(share * ram / (4 * SAMPLE[0] * SAMPLE[1] * SAMPLE[2]))

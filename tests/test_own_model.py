@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, write_image_folder
+from helpers import ROOT, run_cli, write_image_folder
 
 pytestmark = pytest.mark.slow
 

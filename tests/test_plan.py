@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from model_cases import CASES, HEAVY, rel_err, traced
 from torch import nn
 
@@ -25,26 +26,28 @@ def _group_of(plan: PruningPlan, tensor: str, role: str):
     return next(g for g in plan.groups if any(m.tensor == tensor and m.role == role for m in g.members))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_paper_mode_keeps_exactly_the_channels_above_the_global_quantile(seed: int) -> None:
-    torch.manual_seed(seed)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ratio=st.floats(0.05, 0.7))
+def test_paper_mode_keeps_exactly_the_channels_above_the_global_quantile(seed: int, ratio: float) -> None:
+    """Up to ratio 0.7, a layer of this VGG (32 channels or more) with every channel under the threshold, of
+    which the rails would keep one, is too rare to meet."""
+    gen = torch.Generator().manual_seed(seed)
     model = create_model("vgg11", width=0.5).eval()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for bn in bns:
-            bn.weight.copy_(torch.randn(bn.num_features))
+            bn.weight.copy_(torch.randn(bn.num_features, generator=gen))
     x = torch.randn(1, 3, 28, 28)
-    for ratio in (0.2, 0.5, 0.7):
-        pooled = torch.cat([bn.weight.detach().abs() for bn in bns]).sort().values
-        threshold = pooled[int(len(pooled) * ratio)].item()
+    pooled = torch.cat([bn.weight.detach().abs() for bn in bns]).sort().values
+    threshold = pooled[int(len(pooled) * ratio)].item()
 
-        plan = plan_pruning(model, x, ratio, **PAPER)
+    plan = plan_pruning(model, x, ratio, **PAPER)
 
-        assert plan.threshold == pytest.approx(threshold)
-        names = {id(m): n for n, m in model.named_modules()}
-        for bn in bns:
-            group = _group_of(plan, f"{names[id(bn)]}.weight", "bn")
-            assert group.keep == (bn.weight.detach().abs() > threshold).nonzero().flatten().tolist()
+    assert plan.threshold == pytest.approx(threshold)
+    names = {id(m): n for n, m in model.named_modules()}
+    for bn in bns:
+        group = _group_of(plan, f"{names[id(bn)]}.weight", "bn")
+        assert group.keep == (bn.weight.detach().abs() > threshold).nonzero().flatten().tolist()
 
 
 def _check_rails(plan: PruningPlan) -> None:
@@ -74,17 +77,21 @@ def _check_rails(plan: PruningPlan) -> None:
         assert max(scores[k] for k in g.removed) <= min(scores[k] for k in g.keep)
 
 
+RAILS = st.fixed_dictionaries(
+    {
+        "min_channels": st.sampled_from([1, 2, 8, 16]),
+        "max_prune": st.sampled_from([1.0, 0.9, 0.5]) | st.floats(0.05, 1.0),
+        "round_to": st.sampled_from([1, 4, 8, 32]),
+    }
+)
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_random_rails_always_hold(name: str) -> None:
+@settings(max_examples=25, deadline=None)
+@given(rails=RAILS, ratio=st.floats(0.01, 0.99))
+def test_random_rails_always_hold(name: str, rails: dict, ratio: float) -> None:
     _, _, structure = traced(name)
-    rng = random.Random(name)
-    for _ in range(25):
-        rails = {
-            "min_channels": rng.choice([1, 2, 8, 16]),
-            "max_prune": rng.choice([1.0, 0.9, 0.5, rng.uniform(0.05, 1.0)]),
-            "round_to": rng.choice([1, 4, 8, 32]),
-        }
-        _check_rails(select_channels(structure, rng.uniform(0.01, 0.99), **rails))
+    _check_rails(select_channels(structure, ratio, **rails))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in CASES])

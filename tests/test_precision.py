@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import needs_fashion_mnist
+from helpers import needs_fashion_mnist, randomize_batchnorm
 from onnx import numpy_helper
-from test_export import randomise_bn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import FP16_RTOL, export_onnx, load_onnx
@@ -25,7 +24,7 @@ from slim2deploy.runtime.ort import ort_session
 )
 def test_fp16_parity_within_documented_tolerance(tmp_path, name, kwargs, shape):
     torch.manual_seed(0)
-    model = randomise_bn(create_model(name, **kwargs))
+    model = randomize_batchnorm(create_model(name, **kwargs))
     fp32 = export_onnx(model, torch.randn(1, *shape), tmp_path / "m.onnx").path
     x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
     for keep_io in (True, False):

@@ -10,18 +10,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT, SAMPLE, export_tiny, randomize_batchnorm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_export import randomise_bn
-from test_runners import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import ORT_LEVEL_KEY
 from slim2deploy.measure.compare import check_agreement, check_parity, run_all
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.zoo import create_model
+from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.runtime.ort import OrtRunner, onnx_metadata
 from slim2deploy.runtime.registry import RUNTIMES, device_choices, open_runner, runner_kind
 from slim2deploy.runtime.torch import TorchRunner, fuse_conv_bn
@@ -103,7 +102,7 @@ def test_opening_an_onnx_file_never_imports_torch(tiny_onnx):
 @pytest.mark.parametrize("name, kwargs, shape", ZOO, ids=[m[0] for m in ZOO])
 def test_folding_matches_eager_and_removes_only_foldable_batchnorms(name, kwargs, shape):
     torch.manual_seed(0)
-    model = randomise_bn(create_model(name, **kwargs))
+    model = randomize_batchnorm(create_model(name, **kwargs))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded, pairs = fuse_conv_bn(model)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -126,7 +125,7 @@ def test_a_conv_feeding_a_residual_add_keeps_its_batchnorm_apart():
             y = self.conv(x)
             return self.bn(y) + self.conv2(y)  # conv's output has two users: folding bn into it is wrong
 
-    model = randomise_bn(Block())
+    model = randomize_batchnorm(Block())
     folded, pairs = fuse_conv_bn(model)
     x = torch.randn(2, 4, 6, 6)
     assert pairs == 0
@@ -135,13 +134,9 @@ def test_a_conv_feeding_a_residual_add_keeps_its_batchnorm_apart():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    kwargs = {"width": 0.25}
-    torch.manual_seed(0)
-    model = randomise_bn(create_model("resnet20", **kwargs))
-    path = tmp_path_factory.mktemp("ckpt") / "r20.pt"
-    save_checkpoint(checkpoint_for(model, "resnet20", kwargs, (3, 32, 32), 10), path)
-    return path, model
+def checkpoint(make_checkpoint):
+    path = make_checkpoint("resnet20", width=0.25, input_shape=(3, 32, 32), bn_seed=0)
+    return path, model_from_checkpoint(load_checkpoint(path))
 
 
 def test_torch_modes_from_a_checkpoint_agree(checkpoint):
@@ -193,7 +188,7 @@ def test_parity_and_agreement_take_runners(tmp_path, tiny_onnx):
 @pytest.mark.slow
 def test_compiled_mode_runs_on_the_cpu_and_matches_eager():
     torch.manual_seed(0)
-    model = randomise_bn(
+    model = randomize_batchnorm(
         nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
     )
     x = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)

@@ -2,55 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SAMPLE, export_tiny
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.stats import count_macs, count_params
-from slim2deploy.model.zoo import create_model
 from slim2deploy.prune.rebuild import model_from_checkpoint
 from slim2deploy.runtime.ort import OrtRunner
 from slim2deploy.runtime.registry import open_runner, runner_kind
 from slim2deploy.runtime.torch import TorchRunner
 from slim2deploy.runtime.trt import TrtRunner
-
-SAMPLE = (3, 16, 16)
-
-
-def tiny_net(width: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(3, w, 3, padding=1),
-        nn.BatchNorm2d(w),
-        nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(2 * w, 10),
-    ).eval()
-
-
-def export_tiny(path: Path, width: int, static_batch: int | None = None) -> tuple[Path, nn.Module]:
-    """A small conv net exported with the TorchScript exporter (dynamic batch unless ``static_batch``)."""
-    model = tiny_net(width)
-    x = torch.randn(static_batch or 1, *SAMPLE)
-    dynamic = None if static_batch else {"input": {0: "N"}, "logits": {0: "N"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: fast and enough here
-        torch.onnx.export(
-            model, (x,), str(path), input_names=["input"], output_names=["logits"], dynamic_axes=dynamic, dynamo=False
-        )
-    return path, model
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +93,9 @@ def test_ort_runner_errors_are_clear(tmp_path):
         OrtRunner(path, device="tensorrt").activate()
 
 
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    kwargs = {"in_channels": 1, "num_classes": 10, "width": 0.125}
-    torch.manual_seed(0)
-    model = create_model("vgg11", **kwargs).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
-    save_checkpoint(checkpoint_for(model, "vgg11", kwargs, (1, 28, 28), 10), path)
-    return path
+@pytest.fixture
+def checkpoint_path(make_checkpoint) -> Path:
+    return make_checkpoint()  # vgg11 at width 0.125: 1x28x28 inputs, 10 classes
 
 
 def test_torch_runner_cpu_matches_model_and_counts_costs(checkpoint_path):

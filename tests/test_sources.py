@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import randomize_batchnorm, run_cli
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import load_checkpoint
@@ -28,21 +28,11 @@ def _logits_match(ckpt_path: Path, reference: torch.nn.Module, shape: tuple[int,
         torch.testing.assert_close(model(x), reference.eval()(x), rtol=0, atol=0)
 
 
-def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights that no fresh initialisation reproduces, BatchNorm statistics included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) * 0.2 + (0.9 if t.dim() == 1 else -0.1))
-    return model
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_torchvision_weights_file_gives_the_library_models_logits(tmp_path, suffix):
     import torchvision
 
-    ref = _randomised(torchvision.models.resnet18(num_classes=10), 1)
+    ref = randomize_batchnorm(torchvision.models.resnet18(num_classes=10), 1, every_weight=True)
     weights = tmp_path / f"r18{suffix}"
     if suffix == ".pth":
         torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, weights)
@@ -72,7 +62,7 @@ def test_torchvision_weights_file_gives_the_library_models_logits(tmp_path, suff
 
 
 def test_timm_weights_file_gives_the_library_models_logits(tmp_path):
-    ref = _randomised(timm.create_model(TIMM_NAME), 2)
+    ref = randomize_batchnorm(timm.create_model(TIMM_NAME), 2, every_weight=True)
     weights = tmp_path / "t.safetensors"
     safetensors_torch.save_file(ref.state_dict(), str(weights))
     out, _ = import_model(f"timm:{TIMM_NAME}", tmp_path / "t.pt", (3, 96, 96), weights=str(weights))
@@ -85,13 +75,13 @@ def test_timm_weights_file_gives_the_library_models_logits(tmp_path):
 def test_pretrained_uses_the_libraries_own_loaders_and_caches(tmp_path):
     import torchvision
 
-    tv_ref = _randomised(torchvision.models.mobilenet_v3_small(), 3)
+    tv_ref = randomize_batchnorm(torchvision.models.mobilenet_v3_small(), 3, every_weight=True)
     url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(tv_ref.state_dict(), cache / url.rsplit("/", 1)[1])
 
-    timm_ref = _randomised(timm.create_model(TIMM_NAME), 4)
+    timm_ref = randomize_batchnorm(timm.create_model(TIMM_NAME), 4, every_weight=True)
     repo = tmp_path / "hf" / ("models--" + timm_ref.pretrained_cfg["hf_hub_id"].replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
@@ -113,7 +103,7 @@ def test_pretrained_uses_the_libraries_own_loaders_and_caches(tmp_path):
 def test_num_classes_replaces_only_the_classifier(tmp_path):
     import torchvision
 
-    ref = _randomised(torchvision.models.resnet18(), 5)
+    ref = randomize_batchnorm(torchvision.models.resnet18(), 5, every_weight=True)
     weights = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), weights)
     out, report = import_model(

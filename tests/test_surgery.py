@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
-from model_cases import CASES, HEAVY, ZOO, onnx_outputs, randomize_batchnorm, rel_err, traced, zero_channels
+from helpers import randomize_batchnorm, zero_channels
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from model_cases import CASES, HEAVY, ZOO, onnx_outputs, rel_err, traced
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
@@ -26,15 +28,21 @@ def _cases() -> list:
 
 @pytest.mark.parametrize("name", _cases())
 def test_removing_channels_with_zero_gamma_and_beta_is_exact(name: str) -> None:
+    """Property, per model: any share of zeroed channels, either rails, a ratio below the zeroed share (at it,
+    the threshold is the first score above zero); the first slim model also through ONNX (the export costs)."""
     base, x, structure = traced(name)
-    rng = random.Random(name)
-    for seed in range(2 if name in ZOO else 1):
+    exported = []
+
+    @settings(max_examples=2 if name in ZOO else 1, deadline=None)
+    @given(fraction=st.floats(0.2, 0.7), seed=st.integers(0, 2**16), paper=st.booleans(), share=st.floats(0.5, 0.95))
+    def removing(fraction: float, seed: int, paper: bool, share: float) -> None:
         model = copy.deepcopy(base)
-        zeroed = zero_channels(model, structure, rng.uniform(0.2, 0.7), seed)
-        rails = rng.choice([PAPER, {}])
-        ratio = zeroed / structure.prunable_channels * rng.uniform(0.5, 1.0)
-        plan = select_channels(rescore(structure, model), ratio, **rails)
-        assert plan.threshold == 0.0 and plan.removed_channels > 0
+        zeroed = zero_channels(model, structure, fraction, seed)
+        ratio = zeroed / structure.prunable_channels * share
+        plan = select_channels(rescore(structure, model), ratio, **(PAPER if paper else {}))
+        assert plan.threshold == 0.0 and (plan.removed_channels > 0 or not paper)
+        # the default rails (multiples of 8, at least 8 kept) may keep every group a few zeroed channels are in
+        assume(plan.removed_channels > 0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
 
         slim = apply_plan(model, plan)
@@ -44,9 +52,12 @@ def test_removing_channels_with_zero_gamma_and_beta_is_exact(name: str) -> None:
         assert count_params(slim) < count_params(model)
         with torch.no_grad():
             want, got = model(x), slim(x)
-        assert rel_err(want, got) <= 1e-5, f"{name} seed {seed} rails {rails}"
-        if seed == 0:
+        assert rel_err(want, got) <= 1e-5
+        if not exported:  # recorded once it passed, so a failure here replays while Hypothesis shrinks
             assert rel_err(got, onnx_outputs(slim, x)) <= 1e-4
+            exported.append(name)
+
+    removing()
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "densenet40"])

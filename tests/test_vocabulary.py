@@ -6,7 +6,7 @@ import argparse
 import re
 
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from slim2deploy.cli import build_parser
 from slim2deploy.cli.latency import build_parser as latency_parser
