@@ -94,6 +94,32 @@ def test_onnx_costs_match_torch_on_a_zoo_model(tmp_path):
     assert onnx_costs(path)["macs"] == count_macs(model, x)
 
 
+
+def test_onnx_costs_say_no_macs_where_a_layer_shape_is_unknown_and_a_sidecar_fills_them(tmp_path):
+    """A convolution shape inference cannot follow (here: an input of unknown height and width; in a real graph,
+    padding computed from the input's shape) makes any MACs sum wrong: none is given, and the runner takes the
+    MACs from a sidecar json where one exists."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slim2deploy.runtime.ort import OrtRunner
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert onnx_costs(path) == {"params": 4 * 3 * 3 * 3}
+    (tmp_path / "conv.onnx.json").write_text(json.dumps({"params": 1, "macs": 1234}))
+    assert OrtRunner(path).costs() == ({"params": 108, "macs": 1234}, "onnx graph, MACs from the sidecar json")
+
+
 def test_reports_are_written_and_json_round_trips(comparison, tmp_path):
     paths = write_reports(comparison, tmp_path / "out", stem="latency")
     data = json.loads(paths["json"].read_text())

@@ -77,3 +77,31 @@ def test_given_flags_are_the_ones_typed_whatever_their_value() -> None:
     assert given_flags(train, argv) == {"--data", "--out", "--in-memory", "--epochs"}  # a default typed counts
     assert given_flags(train, ["--data", "x.npz", "--out", "t.pt", "--stream"]) == {"--data", "--out", "--stream"}
     assert [(a.dest, a.default) for a in train.arguments] == before  # the parser is left as it was
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["build", "--model", "m.pt", "--ratio", "0.5", "--epochs", "1"], "--epochs: did you mean --finetune-epochs?"),
+        (["prune", "--model", "m.pt", "--ratio", "0.5", "--out", "s.pt", "--speedupp", "2"], "did you mean --speedup?"),
+        (["train", "--out", "x.pt", "--ratio", "0.5"], None),  # nothing near: no guess
+    ],
+)
+def test_a_flag_the_command_does_not_take_is_named_by_that_command_with_the_nearest_it_does(argv, hint, capsys):
+    from slim2deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert err.startswith(f"slim2deploy {argv[0]}: error: unrecognized arguments: ")
+    assert err.endswith(f"(see slim2deploy {argv[0]} --help)")
+    assert (hint in err) if hint else "did you mean" not in err
+
+
+def test_a_missing_data_path_is_said_to_be_missing(tmp_path):
+    from slim2deploy.base.errors import SlimError
+    from slim2deploy.model.data import load_dataset
+
+    with pytest.raises(SlimError, match=r"no such folder or file: .*nope"):
+        load_dataset(str(tmp_path / "nope"))

@@ -182,7 +182,7 @@ def test_engine_policy_without_tensorrt(tmp_path):
     assert not ok and "TensorRT" in reason and "\n" not in reason
     build, message = resolve_engine_policy("auto")
     assert not build and message.startswith("TensorRT engines: skipped") and "\n" not in message
-    assert resolve_engine_policy("off") == (False, "TensorRT engines: off (engine policy off)")
+    assert resolve_engine_policy("off") == (False, "TensorRT engines: off (`engine=off`)")
     with pytest.raises(SlimError, match="`engine=require`: cannot compile TensorRT engines here"):
         resolve_engine_policy("require")
     onnx_file = tmp_path / "m.onnx"

@@ -7,7 +7,6 @@ an optional ``ONLY_WHEN`` table names the flags that do nothing next to some oth
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import sys
@@ -31,7 +30,7 @@ def _available_commands() -> list[str]:
     return [name for name in COMMANDS if importlib.util.find_spec(_module(name)) is not None]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     parser = Parser(
         prog="slim2deploy",
         description="Network Slimming for deployment: sparse-train, prune channels for real, "
@@ -59,7 +58,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        own_parser = getattr(args, "_parser", parser)
+        own_parser.error(own_parser.unrecognized(extra))
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
 import re
 import sys
@@ -60,6 +61,20 @@ class Parser(argparse.ArgumentParser):
         group.add_argument = add_recorded  # type: ignore[method-assign]
         group.add_mutually_exclusive_group = lambda **k: self._recording(nest(**k))  # type: ignore[method-assign]
         return group
+
+    def unrecognized(self, extra: Sequence[str]) -> str:
+        """What argparse says of arguments this command does not take, with the nearest flag it does take."""
+        known = [s for a in self.arguments for s in a.option_strings if s not in self.deprecated]
+        hints = []
+        for token in extra:
+            if token.startswith("--"):
+                flag = token.split("=", 1)[0]
+                # the same word in a longer flag (--epochs: --finetune-epochs) first, then a near spelling
+                near = [k for k in known if k.endswith("-" + flag[2:])] or difflib.get_close_matches(
+                    flag, known, n=1, cutoff=0.8
+                )
+                hints += [f"{flag}: did you mean {near[0]}?"] if near else []
+        return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else "")
 
     def current(self, flags: Sequence[str]) -> list[str]:
         """The options of this parser, as named now (deprecated spellings excluded)."""

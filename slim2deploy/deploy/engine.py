@@ -170,13 +170,13 @@ def resolve_engine_policy(policy: str, available: tuple[bool, str] | None = None
     if policy not in ENGINE_POLICIES:
         raise SlimError(f"`engine` must be one of {', '.join(ENGINE_POLICIES)}, got {policy!r}")
     if policy == "off":
-        return False, "TensorRT engines: off (engine policy off)"
+        return False, "TensorRT engines: off (`engine=off`)"
     ok, reason = available if available is not None else engine_available()
     if ok:
         return True, f"TensorRT engines: compiling with {reason}"
     if policy == "require":
         raise SlimError(f"`engine=require`: cannot compile TensorRT engines here: {reason}")
-    return False, f"TensorRT engines: skipped, {reason} (engine policy off silences this)"
+    return False, f"TensorRT engines: skipped, {reason} (`engine=off` silences this)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
     counted: set[str] = set()
     params = 0
     macs = 0
+    unknown = 0
     for node in graph.node:
         for i in _WEIGHT_OPS.get(node.op_type, ()):
             if i < len(node.input) and node.input[i]:
@@ -67,7 +68,10 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
                     counted.add(init)
                     params += math.prod(inits[init].dims)
         out = shapes.get(node.output[0]) if node.output else None
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not out or min(out) < 0:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        if not out or min(out) < 0:
+            unknown += 1  # shape inference could not follow it (padding computed in the graph, say)
             continue
         w = shapes.get(node.input[1])
         a = shapes.get(node.input[0])
@@ -79,7 +83,8 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
             trans_a = any(at.name == "transA" and at.i for at in node.attribute)
             k = a[0] if trans_a and node.op_type == "Gemm" else a[-1]
             macs += math.prod(out) * k
-    return {"params": int(params), "macs": int(macs // batch)}
+    # MACs that leave out layers whose shape is unknown would be a wrong number: say none instead
+    return {"params": int(params), **({"macs": int(macs // batch)} if not unknown else {})}
 
 
 # ONNX Runtime's peak host memory at batch N, estimated from the graph before any session exists:

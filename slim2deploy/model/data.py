@@ -361,6 +361,10 @@ def load_dataset(
         return _npz(path, split, stats)
     if path.is_dir():
         return _image_folder(path, split, image_size, stats)
+    if not path.exists():
+        raise SlimError(
+            f"no such folder or file: {path} (data is 'fashion-mnist', a folder of class sub-folders or a .npz file)"
+        )
     raise SlimError(f"unknown data {name!r}: use 'fashion-mnist', a folder of class sub-folders, or a .npz file")
 
 

@@ -353,7 +353,8 @@ def check_fits(
     if tuple(ds.input_shape) != tuple(input_shape):
         raise SlimError(
             f"{source} has {tuple(ds.input_shape)} images (C, H, W) but the model takes {tuple(input_shape)}; "
-            "give data of the model's own kind"
+            "give data of the model's own kind (a folder's images are resized to the model's size unless "
+            "`image_size` says otherwise: leave it out)"
         )
     if num_classes is not None and ds.num_classes > num_classes:
         raise SlimError(

@@ -242,9 +242,11 @@ class OrtRunner(Runner):
     def costs(self) -> tuple[dict[str, int], str]:
         assert self.path is not None
         costs = onnx_costs(self.path)
+        side = sidecar_costs(self.path)
+        if costs and "macs" not in costs and "macs" in side:
+            return {**costs, "macs": side["macs"]}, "onnx graph, MACs from the sidecar json"
         if costs:
             return costs, "onnx graph"
-        side = sidecar_costs(self.path)
         return side, "sidecar json" if side else "none"
 
     def _deactivate(self) -> None:
