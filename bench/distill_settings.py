@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
-    weights = (0.5, 0.7, 0.9) if args.grid == "full" else (0.5, 0.9)
+    weights = (0.5, 0.7, 0.9)
     temps = (1.0, 2.0, 4.0, 8.0) if args.grid == "full" else (2.0, 4.0)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="distill-settings-") as tmp:

@@ -94,7 +94,6 @@ def test_onnx_costs_match_torch_on_a_zoo_model(tmp_path):
     assert onnx_costs(path)["macs"] == count_macs(model, x)
 
 
-
 def test_onnx_costs_say_no_macs_where_a_layer_shape_is_unknown_and_a_sidecar_fills_them(tmp_path):
     """A convolution shape inference cannot follow (here: an input of unknown height and width; in a real graph,
     padding computed from the input's shape) makes any MACs sum wrong: none is given, and the runner takes the
