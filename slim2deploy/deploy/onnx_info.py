@@ -42,7 +42,10 @@ def onnx_costs(path: str | os.PathLike[str]) -> dict[str, int]:
     for v in [*graph.input, *graph.output, *graph.value_info]:
         dims = v.type.tensor_type.shape.dim
         if v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+            # an exporter's own value_info (batch symbolic) sits beside the inferred one: the known one wins
+            if v.name not in shapes or min(shapes[v.name], default=0) < 0:
+                shapes[v.name] = shape
     producer = {out: n for n in graph.node for out in n.output}
 
     def source_init(name: str) -> str | None:
