@@ -1,0 +1,43 @@
+"""A signal that arrives while a module is imported is raised after it, never inside:
+raised inside a native library's initialisation, it leaves the library half made ("initialization failed")."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import time
+
+import pytest
+
+from slim2deploy.base.interrupts import Terminated, sigterm_as_interrupt
+
+SLOW_MODULE = """
+import os, signal, time
+os.kill(os.getpid(), signal.{name})
+deadline = time.monotonic() + 0.3
+while time.monotonic() < deadline:  # Python keeps running here, where a handler could raise
+    pass
+FINISHED = True
+"""
+
+
+@pytest.mark.parametrize(("name", "exc"), [("SIGTERM", Terminated), ("SIGINT", KeyboardInterrupt)])
+def test_a_signal_during_an_import_is_raised_once_the_import_is_over(tmp_path, monkeypatch, name, exc):
+    module_name = f"slow_to_import_{name.lower()}"
+    (tmp_path / f"{module_name}.py").write_text(SLOW_MODULE.format(name=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    with pytest.raises(exc), sigterm_as_interrupt():
+        module = importlib.import_module(module_name)
+        assert module.FINISHED
+        time.sleep(5)  # the held signal is raised here, within a retry
+        pytest.fail("the held signal was never raised")
+    assert sys.modules[module_name].FINISHED and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_handlers_are_restored_and_nothing_is_held_after_the_block():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    with sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {s: signal.getsignal(s) for s in before} == before
