@@ -229,3 +229,25 @@ def test_hidden_folders_are_not_classes(tmp_path, capsys):
     (tmp_path / "only" / ".git").mkdir()
     with pytest.raises(SlimError, match="has no class sub-folders"):
         load_data(str(tmp_path / "only"), "train")
+
+
+def test_a_build_stage_stops_the_workers_it_started_when_it_ends(images, tmp_path):
+    """Left to the garbage collector, persistent workers are stopped wherever it runs: inside an import
+    torch waited 5 s for each. A build stops them when the stage that used them ends."""
+    from slim2deploy.base.cache import StageCache
+    from slim2deploy.pipeline.build_inputs import BuildResult
+    from slim2deploy.pipeline.build_stages import Run
+
+    ds = load_data(str(images), "train", image_size=18, crop=16, stream=True, workers=2)
+    started = []
+
+    def work():
+        assert len(list(ds.batches(8, shuffle=True, epoch=0, augment=True))) == len(ds) // 8
+        started.extend(loader._iterator._workers for loader in ds._loaders.values())
+        return {}
+
+    run = Run(None, tmp_path, None, StageCache(tmp_path / "build.json", print), print, BuildResult(tmp_path))
+    run.cached("finetune", "finetune", "key", [], work, "unchanged")
+    workers = [w for ws in started for w in ws]
+    assert len(workers) == 2 and not any(w.is_alive() for w in workers) and ds._loaders == {}
+    assert len(list(ds.batches(8, shuffle=False))) == -(-len(ds) // 8)  # and start again when asked

@@ -170,7 +170,13 @@ _WITH_WORKERS: weakref.WeakValueDictionary[int, FolderData] = weakref.WeakValueD
 
 
 @atexit.register  # registered after torch's own exit hook, so it runs first, while workers can still be stopped
-def _close_all() -> None:
+def close_loaders() -> None:
+    """Stop the workers of every streamed folder (they start again when batches are asked for).
+
+    A pipeline calls this when a stage ends: left to the garbage collector, the workers of a dataset no
+    longer used are stopped wherever it happens to run, and inside an import torch waited 5 s for each
+    (measured: 20 of a build's 35 s on a 96-image folder).
+    """
     for ds in list(_WITH_WORKERS.values()):
         ds.close()
 

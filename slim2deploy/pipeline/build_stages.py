@@ -31,6 +31,7 @@ from slim2deploy.measure.report import (
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.measure.targets import TIMING_METHOD
+from slim2deploy.model.folder import close_loaders
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import prune_selected
@@ -70,8 +71,12 @@ class Run:
         shape: Shape = dict,
     ) -> dict[str, Any]:
         """Run ``work`` through the cache as ``entry`` of stage ``name``; when it is fresh, log ``label``
-        instead. ``shape``: what a recorded info must hold to be reused (what the report reads of it)."""
-        info, ran = self.cache.run(entry, key, outputs, work, shape)
+        instead. ``shape``: what a recorded info must hold to be reused (what the report reads of it).
+        Streamed folders' workers stop when the stage ends, not whenever the garbage collector runs."""
+        try:
+            info, ran = self.cache.run(entry, key, outputs, work, shape)
+        finally:
+            close_loaders()
         if not ran:
             self.stage(name, label)
             self.result.skipped.append(entry)
