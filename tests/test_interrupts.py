@@ -4,13 +4,16 @@ raised inside a native library's initialisation, it leaves the library half made
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
+import tempfile
 import time
 
 import pytest
 
-from slim2deploy.base.interrupts import Terminated, sigterm_as_interrupt
+from slim2deploy.base.files import temporary_folder
+from slim2deploy.base.interrupts import Terminated, held, sigterm_as_interrupt
 
 SLOW_MODULE = """
 import os, signal, time
@@ -41,3 +44,25 @@ def test_handlers_are_restored_and_nothing_is_held_after_the_block():
     with sigterm_as_interrupt():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_signal_inside_held_is_raised_when_the_block_ends():
+    steps = []
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        with held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:  # Python runs here, where a handler could raise
+                pass
+            steps.append("block finished")
+        steps.append("after the block")
+    assert steps == ["block finished"]
+
+
+def test_a_temporary_folder_is_removed_whatever_ends_the_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(Terminated), sigterm_as_interrupt(), temporary_folder("probe-") as folder:
+        (folder / "f").write_text("x")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert folder.parent == tmp_path and list(tmp_path.iterdir()) == []

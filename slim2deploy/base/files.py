@@ -14,12 +14,14 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.interrupts import held
 
 PathLike = str | os.PathLike[str]
 
@@ -215,9 +217,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        with held():  # a signal between making the file and naming it here would leave it behind
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
         umask = os.umask(0)
         os.umask(umask)
         yield tmp
@@ -244,16 +247,32 @@ def created_folder(path: PathLike, what: str = "`out`") -> Iterator[Path]:
         made.append(probe)
         probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SlimError(f"cannot create the output folder {what} {folder}: {exc.strerror or exc}") from None
-    try:
+        with held():  # a signal between mkdir and the try would leave the new folder behind
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SlimError(f"cannot create the output folder {what} {folder}: {exc.strerror or exc}") from None
         yield folder
     except BaseException:
         for created in made:  # deepest first
             with contextlib.suppress(OSError):  # not empty (an output the failed run kept), or gone
                 created.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str) -> Iterator[Path]:
+    """A new folder under the system's temporary folder for the block, removed after it whatever happens
+    (``tempfile.TemporaryDirectory``, but a signal cannot land between making it and owning it)."""
+    folder: Path | None = None
+    try:
+        with held():
+            folder = Path(tempfile.mkdtemp(prefix=prefix))
+        yield folder
+    finally:
+        if folder is not None:
+            with held():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -9,8 +9,10 @@ receives it leaves its loop as after Ctrl-C (its own temporary folder is removed
 An exception raised while a module is being imported can land inside a native library's own
 initialisation (ONNX Runtime's pybind module runs Python while it starts): the library is left half made
 and the import fails with "initialization failed" (measured: 2 of 80 signals sent during
-``import onnxruntime``). So a signal that arrives during an import is held and raised as soon as the
-import is over (checked again every ``RETRY_S`` seconds).
+``import onnxruntime``). So a signal that arrives during an import, or inside ``held()``, is held and
+raised as soon as the import or the block is over (an import is checked again every ``RETRY_S`` seconds).
+``held()`` is for the few lines between making a temporary file or folder and the ``try`` that removes
+it: an exception raised in between would leave it behind.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ TERMINATED_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process t
 RETRY_S = 0.05
 
 _held: list[type[BaseException]] = []  # the interrupt that arrived at an unsafe moment, raised later
+_holding = 0  # depth of held() blocks
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,10 +43,11 @@ def _importing(frame: FrameType | None) -> bool:
 
 
 def _raise_or_hold(exc: type[BaseException], frame: FrameType | None) -> None:
-    if _importing(frame):
+    if _holding or _importing(frame):
         if not _held:
             _held.append(exc)
-        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        if not _holding:
+            signal.setitimer(signal.ITIMER_REAL, RETRY_S)
         return
     _held.clear()
     raise exc()
@@ -59,6 +63,21 @@ def _on_signal(exc: type[BaseException]) -> Callable[[int, FrameType | None], No
 def _retry(signum: int, frame: FrameType | None) -> None:
     if _held:
         _raise_or_hold(_held[0], frame)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGTERM and Ctrl-C wait until the block is over, then are raised where it ends."""
+    global _holding
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+    if not _holding and _held:
+        exc = _held[0]
+        _held.clear()
+        raise exc()
 
 
 @contextlib.contextmanager

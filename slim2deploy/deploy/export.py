@@ -18,7 +18,6 @@ smaller graph), any remaining Conv -> BatchNormalization pair is folded, and the
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slim2deploy.base.errors import SlimError, first_line
-from slim2deploy.base.files import atomic_path, sha256_file
+from slim2deploy.base.files import atomic_path, sha256_file, temporary_folder
 
 if TYPE_CHECKING:
     import onnx
@@ -308,7 +307,7 @@ def export_onnx(
     model = model.eval()
     tried = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-export-") as tmpdir, torch.no_grad():
+    with temporary_folder("slim2deploy-export-") as tmpdir, torch.no_grad():
         raw = Path(tmpdir) / "raw.onnx"
         for name in tried:
             try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
+from slim2deploy.base.files import temporary_folder
 from slim2deploy.deploy.calib import check_calib
 from slim2deploy.deploy.export import ORT_LEVEL_KEY, PRECISION_KEY, load_onnx, save_onnx
 
@@ -171,7 +171,7 @@ def quantize_int8(
         calib_options["num_quantized_bins"] = ENTROPY_QUANT_BINS
     if method == "percentile":
         calib_options.update(percentile=percentile, symmetric=True)
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-int8-") as tmp, _quiet():
+    with temporary_folder("slim2deploy-int8-") as tmp, _quiet():
         calibrator = create_calibrator(
             Path(onnx_in),
             ops,

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from slim2deploy.base.environment import cpu_model, nvidia_smi, package_version
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text, check_output
+from slim2deploy.base.files import atomic_write_text, check_output, temporary_folder
 from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.layer_onnx import write_layer_onnx
 from slim2deploy.measure.benchmark import measure
@@ -138,7 +137,7 @@ class OrtCpuTarget(Target):
     def layer_ms(self, cells: Sequence[tuple[LayerSpec, int, int]]) -> list[float]:
         """Cells of one layer are timed interleaved, so load drifting meanwhile hits all of them alike."""
         out: list[float] = []
-        with tempfile.TemporaryDirectory(prefix="slim2deploy-probe-") as tmp:
+        with temporary_folder("slim2deploy-probe-") as tmp:
             paths = []
             for i, (layer, ci, co) in enumerate(cells):
                 paths.append(write_layer_onnx(layer, ci, co, Path(tmp) / f"probe{i}.onnx", self.precision))

@@ -22,7 +22,6 @@ allow is the aim.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text
+from slim2deploy.base.files import atomic_write_text, temporary_folder
 from slim2deploy.measure.targets import DEFAULT_CACHE, CellCache, Target, make_target
 from slim2deploy.model.checkpoint import Checkpoint
 from slim2deploy.pipeline.profile import model_artifact, profile, read_table, refine
@@ -225,7 +224,7 @@ def prune_to_budget(
         atomic_write_text(table_out, table.to_json())
     aim = 1.0 - budget.margin
     loop = _Loop(selection, table, traced, model, ckpt, src, target, log)
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-budget-") as tmp:
+    with temporary_folder("slim2deploy-budget-") as tmp:
         tries = loop.run(Path(tmp), (budget.latency_ms or table.full_ms / float(budget.speedup or 1)) * aim, aim)
     best = best_try([t for t, _ in tries], aim)
     plan, slim, chosen_selection = next(found for t, found in tries if t is best)

@@ -12,7 +12,6 @@ callers that want every precision of a model in one call (``bench/study.py``).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import sha256_file
+from slim2deploy.base.files import sha256_file, temporary_folder
 from slim2deploy.deploy.calib import load_calib
 from slim2deploy.deploy.engine import engine_available
 from slim2deploy.deploy.export import (
@@ -102,7 +101,7 @@ def export_precision(
     if static_batch and len(example) < static_batch:
         example = torch.from_numpy(np.resize(probe, (static_batch, *input_shape)))
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-precision-") as tmp:
+    with temporary_folder("slim2deploy-precision-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         result = export_onnx(model, example, fp32_path, opset=check_opset(opset), dynamic_batch=static_batch is None)
         parity = check_parity(model, fp32_path, probe, rtol=FP32_RTOL, atol=FP32_ATOL)

@@ -11,7 +11,6 @@ calibrate the part no group changes.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.base.files import atomic_write_text
+from slim2deploy.base.files import atomic_write_text, temporary_folder
 from slim2deploy.base.formats import read_json
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.deploy.precision import to_fp16
@@ -226,7 +225,7 @@ def profile(
     cache.measure(target, table.lines_around(sizes), log)
     small, bare = table.anchors()
     counts = [small, bare] if table.branches else [small]
-    with tempfile.TemporaryDirectory(prefix="slim2deploy-profile-") as tmp:
+    with temporary_folder("slim2deploy-profile-") as tmp:
         work = Path(tmp)
         base = model_artifact(model, ckpt, Path(src), target, work, "baseline")
         models = [
