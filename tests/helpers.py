@@ -254,20 +254,20 @@ def export_tiny(path: Path, width: int, static_batch: int | None = None) -> tupl
     return path, model
 
 
-def write_image_folder(root: Path, images: int, size: int, classes: int = 4, seed: int = 0) -> Path:
-    """``images`` PNG files under ``root/class<k>/``, sides varying +-25% around ``size`` (so a loader must
-    resize): noise plus a bright patch at a class-specific place and colour, learnable in an epoch."""
-    import numpy as np
-    from PIL import Image
+def bench_script(name: str) -> Any:
+    """``bench/<name>.py`` loaded by its path (the scripts are not a package; users run them by path)."""
+    import importlib.util
 
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        c = i % classes
-        h, w = (int(v) for v in rng.integers(int(size * 0.75), int(size * 1.25) + 1, 2))
-        img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
-        top, left = (c // 2 % 2) * h // 2, (c % 2) * w // 2
-        img[top : top + h // 2, left : left + w // 2, c % 3] += 150
-        Image.fromarray(img).save(root / f"class{c}" / f"{i:05d}.png")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_image_folder(root: Path, images: int, size: int, classes: int = 4, seed: int = 0) -> Path:
+    """``bench/image_folder.py``'s folder as PNG files: ``images`` under ``root/class<k>/``, sides varying
+    +-25% around ``size`` (so a loader must resize), noise plus a bright patch at a class-specific place and
+    colour, learnable in an epoch."""
+    bench_script("image_folder").make_image_folder(root, images, size, classes, fmt="png", seed=seed)
     return root

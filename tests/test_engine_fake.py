@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, bench_script, needs_fashion_mnist, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -386,10 +386,7 @@ def test_cli_build_engine_require_compiles_both_engines(tmp_path):
 
 
 def test_latency_script_times_an_engine_against_its_onnx(fake_trt, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
-    assert spec and spec.loader
-    latency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(latency)
+    latency = bench_script("latency")
     fake_trt()
     onnx_file = tiny_onnx(tmp_path / "m.onnx")
     compile_engine(onnx_file, tmp_path / "m.engine", EngineOptions(max_batch=8))

@@ -8,7 +8,6 @@ traceback reaches the terminal and that a full disk is reported cleanly.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import resource
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_refused, run_cli
+from helpers import ROOT, assert_refused, bench_script, run_cli
 from helpers import snapshot as _snapshot
 
 from slim2deploy.base.errors import SlimError
@@ -786,11 +785,7 @@ def test_a_latency_table_for_another_model_or_setting_is_refused(case, files, ta
 
 
 def _latency():
-    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("latency")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ Each refusal: exit status 2, one error line, no traceback, and an unchanged snap
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_refused, run_cli, snapshot
+from helpers import ROOT, assert_refused, bench_script, run_cli, snapshot
 from PIL import Image
 
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--epochs", "1", "--batch-size", "4"]
@@ -76,11 +75,7 @@ def work(base, tmp_path) -> dict[str, Path]:
 
 
 def _latency_script():
-    spec = importlib.util.spec_from_file_location("latency_script", ROOT / "bench" / "latency.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("latency")
 
 
 def _bench(args: list[object], capsys) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import Checkpoint, checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.distributed import DistInfo, init_distributed, shutdown_distributed
-from slim2deploy.model.folder import AnyData, check_fits, describe, load_data
+from slim2deploy.model.folder import AnyData, check_fits, close_loaders, describe, load_data
 from slim2deploy.model.loop import EpochResult, TrainConfig, fit
 from slim2deploy.model.preprocess import (
     Stats,
@@ -79,7 +79,8 @@ def train_to_checkpoint(
 
     ``plan`` (a pruned model's) travels with the weights; ``resume`` continues an earlier run; ``teacher``
     distils into the model (``model.loop.fit``). ``num_classes``: the model's outputs (default: the data's classes).
-    ``blocks``: the gamma groups of ``cfg.sparsity_block`` (``prune.trace.branch_groups``).
+    ``blocks``: the gamma groups of ``cfg.sparsity_block`` (``prune.trace.branch_groups``). Streamed
+    folders' worker processes are stopped when it returns.
     """
     done = list(resume.history) if resume else []
     classes = num_classes or train_ds.num_classes
@@ -93,11 +94,14 @@ def train_to_checkpoint(
         if on_epoch is not None:
             on_epoch(result)
 
-    return fit(
-        model, train_ds, val_ds, cfg, dist_info=dist_info, start_epoch=resume.epoch if resume else 0,
-        optimizer_state=resume.optimizer if resume else None, on_epoch_end=save, masks=masks,
-        progress=progress, desc=desc, teacher=teacher, blocks=blocks,
-    )  # fmt: skip
+    try:
+        return fit(
+            model, train_ds, val_ds, cfg, dist_info=dist_info, start_epoch=resume.epoch if resume else 0,
+            optimizer_state=resume.optimizer if resume else None, on_epoch_end=save, masks=masks,
+            progress=progress, desc=desc, teacher=teacher, blocks=blocks,
+        )  # fmt: skip
+    finally:
+        close_loaders()  # streamed folders' workers stop now, not wherever the garbage collector runs
 
 
 DEFAULT_ARCH = "vgg11"  # what 'train' builds without --arch
