@@ -336,6 +336,7 @@ FLAG_CASES = {
     ),
     "image size 0": ([*TRAIN, "--data", "{root}/ok.npz", "--out", "{root}/t.pt", "--image-size", "0"], "--image-size"),
     "input shape malformed": (["inspect", "--model", "{root}/pickled.pt", "--input-shape", "1,8"], "--input-shape"),
+    "input shape channels last": (["inspect", "--model", "{root}/pickled.pt", "--input-shape", "8,8,1"], "1,8,8"),
     "pickled module without input shape": (
         ["inspect", "--model", "{root}/pickled.pt", "--trust-code"],
         "pass one as --input-shape",

@@ -229,4 +229,6 @@ def input_shape(text: str) -> tuple[int, int, int]:
         c = h = w = 0
     if min(c, h, w) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
+    if w <= 4 < min(c, h):  # 224,224,3: channels last, which the weights would report as a mismatch
+        raise argparse.ArgumentTypeError(f"{text!r} reads as H,W,C; the order is channels first: {w},{c},{h}")
     return c, h, w
