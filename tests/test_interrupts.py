@@ -66,3 +66,17 @@ def test_a_temporary_folder_is_removed_whatever_ends_the_block(tmp_path, monkeyp
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert folder.parent == tmp_path and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_still_held_when_the_block_ends_is_raised_there(tmp_path, monkeypatch):
+    module_name = "slow_to_import_at_the_end"
+    (tmp_path / f"{module_name}.py").write_text(SLOW_MODULE.format(name="SIGTERM"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    steps = []
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            importlib.import_module(module_name)  # the block ends right after, before a retry
+            steps.append("imported")
+        steps.append("after the block")
+    assert steps == ["imported"] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

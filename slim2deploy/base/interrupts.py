@@ -83,7 +83,7 @@ def held() -> Iterator[None]:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """For the block, SIGTERM raises ``Terminated`` and Ctrl-C ``KeyboardInterrupt``, never inside an import;
-    the previous handlers are restored after it.
+    the previous handlers are restored after it. A signal still held when the block ends is raised there.
 
     Outside the main thread (where Python cannot install handlers) the block runs unchanged.
     """
@@ -100,6 +100,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        pending = _held[:1]
         _held.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if pending:  # it came during the block's last import: the block ended before the retry
+        raise pending[0]()
