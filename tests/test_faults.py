@@ -785,10 +785,6 @@ def test_a_latency_table_for_another_model_or_setting_is_refused(case, files, ta
     assert "slim2deploy profile" in line
 
 
-def _latency():
-    return bench_script("latency")
-
-
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -803,7 +799,7 @@ def _latency():
 def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
     before = _snapshot(files["root"])
     try:
-        status = _latency().main([str(files["ckpt"]), *_args(extra, files), "--quiet"])
+        status = bench_script("latency").main([str(files["ckpt"]), *_args(extra, files), "--quiet"])
     except SystemExit as exc:
         status = int(exc.code or 0)
     assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
@@ -822,7 +818,7 @@ def test_latency_script_refuses_bad_flags(extra, needle, files, capsys):
 )
 def test_latency_script_refuses_flags_no_model_takes(model, extra, needle, files, capsys):
     before = _snapshot(files["root"])
-    status = _latency().main([*_args([model], files), *extra, "--quiet"])
+    status = bench_script("latency").main([*_args([model], files), *extra, "--quiet"])
     assert_refused((status, "", capsys.readouterr().err), needle, before, files["root"])
 
 
@@ -830,7 +826,7 @@ def test_latency_script_refuses_a_baseline_of_another_input_shape(files, table16
     """model16 takes 1x16x16 inputs, the checkpoint 1x8x8: a speed-up between them is not one."""
     before = _snapshot(files["root"])
     args = [str(files["ckpt"]), "--baseline", str(files["root"] / "model16.pt"), "--quiet", "--no-rss"]
-    status = _latency().main([*args, "--bench-iterations", "1", "--bench-rounds", "1"])
+    status = bench_script("latency").main([*args, "--bench-iterations", "1", "--bench-rounds", "1"])
     line = assert_refused((status, "", capsys.readouterr().err), "[1, 8, 8] but the baseline", before, files["root"])
     assert "[1, 16, 16]" in line
 
@@ -843,14 +839,14 @@ def test_latency_script_refuses_an_onnx_input_with_a_zero_dimension(files, cli, 
     graph.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
     onnx.save(graph, tmp_path / "zero.onnx")
     before = _snapshot(tmp_path)
-    status = _latency().main(
+    status = bench_script("latency").main(
         [str(tmp_path / "zero.onnx"), "--quiet", "--no-rss", "--bench-iterations", "1", "--bench-rounds", "1"]
     )
     assert_refused((status, "", capsys.readouterr().err), "a dimension that is not positive", before, tmp_path)
 
 
 def test_latency_script_does_not_advise_a_flag_it_lacks(files, capsys):
-    status = _latency().main(
+    status = bench_script("latency").main(
         [str(files["root"] / "pickled.pt"), "--quiet", "--no-rss", "--bench-iterations", "1", "--bench-rounds", "1"]
     )
     line = capsys.readouterr().err.strip()

@@ -74,13 +74,9 @@ def work(base, tmp_path) -> dict[str, Path]:
     }
 
 
-def _latency_script():
-    return bench_script("latency")
-
-
 def _bench(args: list[object], capsys) -> tuple[int, str, str]:
     try:
-        status = _latency_script().main([str(a) for a in args])
+        status = bench_script("latency").main([str(a) for a in args])
     except SystemExit as exc:
         status = int(exc.code or 0)
     out, err = capsys.readouterr()

@@ -175,6 +175,6 @@ def run(args: argparse.Namespace) -> int:
         inputs=[args.model, args.data, args.calib, args.table],
     )
     check_opset(args.opset)
-    result = build(config_from_args(args), log=lambda line: print(args._parser.in_flags(line)))
+    result = build(config_from_args(args), log=args._parser.say)
     print(f"done: {result.out_dir}/report.md")
     return 0

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         fp16_io=args.fp16_io,
         trust_code=args.trust_code,
         input_shape=args.input_shape,
-        log=lambda line: print(args._parser.in_flags(line)),
+        log=args._parser.say,
     )
     for report in reports.values():
         _print(report, args.data is not None)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         stats=stats_from_args(args),
         image_size=args.image_size,
         trust_code=args.trust_code,
-        log=lambda line: print(args._parser.in_flags(line)),
+        log=args._parser.say,
     )
     if report is not None:
         print(report.summary())

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[path])
     ckpt = with_input_shape(load_checkpoint(path, trust_code=args.trust_code), args.input_shape, path)
     info = inspect_checkpoint(ckpt, trust_code=args.trust_code)
-    print(args._parser.in_flags(info.table()))
+    args._parser.say(info.table())
     if args.json:
         atomic_write_text(args.json, json.dumps(info.to_dict(), indent=2, default=str))
     if args.plot:

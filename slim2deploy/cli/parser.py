@@ -87,6 +87,10 @@ class Parser(argparse.ArgumentParser):
         value: a switch's own spelling (`depth=False` is --no-depth), otherwise ``--flag value``."""
         return _PARAM.sub(lambda m: self._flag_for(m.group(1), m.group(2)), message)
 
+    def say(self, message: str) -> None:
+        """Print a library message in this command's terms (``in_flags``): the ``log`` the commands pass down."""
+        print(self.in_flags(message))
+
     def _flag_for(self, name: str, value: str | None) -> str:
         actions = [a for a in self.arguments if a.option_strings and a.dest == name]
         if not actions:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         table_out=args.save_table,
     )
-    print(args._parser.in_flags(pruned.summary))  # the library names parameters; a user of prune, its flags
+    args._parser.say(pruned.summary)  # the library names parameters; a user of prune, its flags
     if args.plan_json:
         atomic_write_text(args.plan_json, pruned.plan.to_json())
     print(f"wrote {args.out}")
