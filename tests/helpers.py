@@ -47,6 +47,43 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def run_main(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """`slim2deploy ARGS` run in this process, answered as ``run_cli`` answers (exit status, stdout, stderr): the
+    code a command runs, without the seconds a child spends importing torch. What needs a process of its own (a
+    signal, an exit status the interpreter sets, the README's commands as typed) stays with ``run_cli``. An
+    exception the command lets through is written to stderr as Python would, with status 1."""
+    import contextlib
+    import io
+    import traceback
+
+    from slim2deploy.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    here = os.getcwd()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(argv)
+            except SystemExit as exc:  # argparse refuses a flag
+                status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except Exception:  # noqa: BLE001 - what a child would print before exiting 1
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["slim2deploy", *argv], status, out.getvalue(), err.getvalue())
+
+
 def torchrun(*args: str, procs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=procs -m slim2deploy ARGS`` on the CPU, one thread per process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

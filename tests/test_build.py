@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_cli, run_main
 
 DEMO = ROOT / "demo" / "vgg11-w0.25-sparse.pt"
 CALIB = ROOT / "calib" / "fashion-mnist-512.npz"
@@ -31,7 +31,7 @@ EXPECTED = [
     "report.md",
     "build.json",
 ]
-FAST = ["--bench-iterations", "5", "--bench-rounds", "2"]
+FAST = ["--bench-iterations", "5", "--bench-rounds", "2", "--bench-warmup-s", "0"]
 # accuracy and precision agreement on the first 2000 of the 10k test images: the thresholds below hold
 # there with a wide margin, and evaluating all 10k (torch and ONNX Runtime, every re-run) cost ~1 min
 EVAL_LIMIT = 2000
@@ -90,7 +90,7 @@ def test_build_produces_every_listed_file_and_a_sane_report(built):
 def test_rerun_skips_unchanged_stages_and_redoes_damaged_outputs(built):
     out, _ = built
     (out / "slim.onnx").write_bytes((out / "slim.onnx").read_bytes()[:1000])  # truncate one artifact
-    proc = _build_demo(out)
+    proc = run_main(*_demo_args(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prune     unchanged, skipped" in proc.stdout
     assert "baseline.onnx unchanged, skipped" in proc.stdout
@@ -103,7 +103,7 @@ def test_rerun_skips_unchanged_stages_and_redoes_damaged_outputs(built):
 def test_other_eval_data_redoes_the_precision_numbers(built, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)
-    proc = run_cli(*_demo_args(out, eval_limit=300))
+    proc = run_main(*_demo_args(out, eval_limit=300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prune     unchanged, skipped" in proc.stdout
     assert "slim.onnx unchanged, skipped" in proc.stdout  # its parity inputs did not change
@@ -120,7 +120,7 @@ def test_a_malformed_build_json_entry_redoes_that_stage_only(built, tmp_path):
     shutil.copytree(built[0], out)
     state = json.loads((out / "build.json").read_text())
     (out / "build.json").write_text(json.dumps({**state, "bench": []}))
-    proc = run_cli(*_demo_args(out))
+    proc = run_main(*_demo_args(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ignoring malformed entries bench" in proc.stdout
     assert "prune     unchanged, skipped" in proc.stdout and "bench     unchanged" not in proc.stdout
@@ -174,7 +174,7 @@ def test_bad_input_is_one_clear_error_and_leaves_artifacts_intact(built, tmp_pat
         broken.write_bytes(DEMO.read_bytes()[:5000])
         args[2] = str(broken)
         needle = "truncated"
-    proc = run_cli(*args)
+    proc = run_main(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, hold_lock, run_cli
+from helpers import ROOT, hold_lock, run_cli, run_main
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.pipeline.build import validate
@@ -78,7 +78,7 @@ def test_an_out_that_is_a_file_or_under_a_file_is_refused(tmp_path: Path) -> Non
     afile = tmp_path / "report.md"
     afile.write_text("keep me")
     for out, needle in ((afile, "is a file"), (afile / "sub", str(afile))):
-        _one_error(run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), needle)
+        _one_error(run_main("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), needle)
     assert afile.read_text() == "keep me"
 
 
@@ -88,7 +88,7 @@ def test_an_unwritable_out_is_refused(tmp_path: Path) -> None:
     out.mkdir()
     out.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        _one_error(run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), "cannot")
+        _one_error(run_main("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out)), "cannot")
     finally:
         out.chmod(stat.S_IRWXU)
 
@@ -99,7 +99,7 @@ def test_a_build_into_a_locked_out_is_refused_and_changes_nothing(tmp_path: Path
     (out / "slim.onnx").write_bytes(b"from the first build")
     holder = hold_lock(out)  # a second real process, as a running build would hold it
     try:
-        proc = run_cli("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--no-bench")
+        proc = run_main("build", "--model", str(DEMO), "--ratio", "0.5", "--out", str(out), "--no-bench")
         _one_error(proc, f"another build is writing to {out} (pid {holder.pid})")
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -132,7 +132,7 @@ def test_a_finetune_batch_size_whose_images_exceed_the_memory_is_refused_before_
     out = tmp_path / "out"
     args = ["--model", str(model), "--ratio", "0.5", "--out", str(out), "--no-bench", "--engine", "off"]
     flags = ["--finetune-epochs", "1", "--data", str(tmp_path / "data"), "--batch-size", str(10 * n)]
-    _one_error(run_cli("build", *args, *flags), "--batch-size")
+    _one_error(run_main("build", *args, *flags), "--batch-size")
     assert not out.exists()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import ROOT, needs_fashion_mnist, run_cli
+from helpers import ROOT, needs_fashion_mnist, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,9 +95,9 @@ def test_check_calib_accepts_good_inputs_unchanged():
 @needs_fashion_mnist
 def test_calib_command_writes_a_set_and_rejects_bad_n(tmp_path):
     out = tmp_path / "cal.npz"
-    res = run_cli("calib", "--data", "fashion-mnist", "--n", "20", "--out", str(out))
+    res = run_main("calib", "--data", "fashion-mnist", "--n", "20", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert load_calib(out, (1, 28, 28)).shape == (20, 1, 28, 28)
-    bad = run_cli("calib", "--n", "0", "--out", str(tmp_path / "bad.npz"))
+    bad = run_main("calib", "--n", "0", "--out", str(tmp_path / "bad.npz"))
     assert bad.returncode == 2 and "--n: must be at least 1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.npz").exists()

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 from slim2deploy.base.errors import SlimError
 from slim2deploy.model.checkpoint import (
@@ -58,7 +58,7 @@ def test_bad_checkpoint_gives_one_clear_error_and_nonzero_exit(tmp_path, case, m
         torch.save(create_model("vgg11", width=0.125).state_dict(), target)
     elif case == "directory":
         target.mkdir()
-    proc = run_cli("inspect", "--model", str(target))
+    proc = run_main("inspect", "--model", str(target))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln]

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torchvision
-from helpers import run_cli
+from helpers import run_main
 from model_cases import THIRD_PARTY, traced
 from torch import nn
 from torch.nn import functional as F
@@ -94,7 +94,7 @@ def test_padding_passes_channels_through_unless_it_pads_the_channels(amounts, mo
 
 def test_inspect_reports_the_prunable_share_and_why_the_rest_is_not(tmp_path, make_checkpoint) -> None:
     ckpt = make_checkpoint("resnet164", width=0.25, num_classes=4)
-    proc = run_cli("inspect", "--model", str(ckpt), "--json", str(tmp_path / "m.json"))
+    proc = run_main("inspect", "--model", str(ckpt), "--json", str(tmp_path / "m.json"))
     assert proc.returncode == 0, proc.stderr
     assert "BatchNorm-scored channels" in proc.stdout and "unprunable groups" in proc.stdout
     cov = json.loads((tmp_path / "m.json").read_text())["coverage"]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import run_cli, torchrun
+from helpers import run_cli, run_main, torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,7 +60,7 @@ FT = ["--epochs", "2", "--batch-size", "32", "--device", "cpu", "--max-drop", "1
 def test_a_distilled_fine_tune_records_its_teacher_and_shows_both_terms(pruned, blobs_npz, tmp_path):
     full, slim = pruned
     out = tmp_path / "ft.pt"
-    proc = run_cli("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *FT,
+    proc = run_main("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *FT,
                    "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"ce=\d", proc.stderr) and re.search(r"kd=\d", proc.stderr)  # progress shows both terms
@@ -160,7 +160,7 @@ def test_a_distilled_fine_tune_runs_on_cuda_with_amp(pruned, blobs_npz, tmp_path
     full, slim = pruned
     out = tmp_path / "ft.pt"
     args = ["--epochs", "1", "--batch-size", "32", "--device", "cuda", "--amp", "--max-drop", "100"]
-    proc = run_cli("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *args,
+    proc = run_main("finetune", "--model", str(slim), "--teacher", str(full), "--data", str(blobs_npz), *args,
                    "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(out).meta["finetune"]["distill"]["sha256"]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import randomize_batchnorm, run_cli
+from helpers import randomize_batchnorm, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -132,7 +132,7 @@ def test_export_command_each_precision(tmp_path, checkpoint):
     np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32))
     for precision, extra in [("fp32", ["--static-batch", "2"]), ("fp16", []), ("int8", ["--calib", str(calib)])]:
         out = tmp_path / f"{precision}.onnx"
-        res = run_cli("export", "--model", str(checkpoint), "--out", str(out), "--precision", precision, *extra)
+        res = run_main("export", "--model", str(checkpoint), "--out", str(out), "--precision", precision, *extra)
         assert res.returncode == 0, res.stderr
         assert "wrote" in res.stdout and load_onnx(out) is not None
         meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -149,7 +149,7 @@ def test_export_command_errors_are_one_line_and_write_nothing(tmp_path, checkpoi
     ]
     for extra, message in cases:
         out = tmp_path / "m.onnx"
-        res = run_cli("export", "--model", str(checkpoint), "--out", str(out), *extra)
+        res = run_main("export", "--model", str(checkpoint), "--out", str(out), *extra)
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -231,7 +231,7 @@ def test_trt_target_is_refused_with_advice_that_leads_somewhere():
 
 
 def test_cli_budget_flags(tmp_path):
-    both = run_cli("prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--ratio", "0.5", "--speedup", "2")
+    both = run_main("prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--ratio", "0.5", "--speedup", "2")
     assert both.returncode == 2 and "not allowed with" in both.stderr
     table_path = tmp_path / "table.json"
     prune_to_budget(
@@ -243,7 +243,7 @@ def test_cli_budget_flags(tmp_path):
         log=None,
     )
     _as_measured_on(table_path, "ort-cpu")  # what the command measures on by default
-    far = run_cli(
+    far = run_main(
         "prune", "--model", str(DEMO), "--out", str(tmp_path / "s.pt"), "--speedup", "50", "--table", str(table_path)
     )
     errors = [line for line in far.stderr.splitlines() if "error:" in line]
@@ -255,7 +255,7 @@ def test_cli_budget_flags(tmp_path):
 def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
     """The real thing: profile the demo VGG on ONNX Runtime, then prune to 1.5x with the table."""
     table_path, cache = tmp_path / "vgg.json", tmp_path / "cache"
-    prof = run_cli(
+    prof = run_main(
         "profile",
         "--model",
         str(DEMO),
@@ -274,7 +274,7 @@ def test_cli_profile_and_prune_on_ort_cpu(tmp_path):
     assert table.meta["target"] == "ort-cpu" and table.meta["batch"] == 16 and table.full_ms > 0
     assert all(layer.cells for layer in table.layers) and list(cache.glob("ort-cpu-*.json"))
     out = tmp_path / "slim.pt"
-    pruned = run_cli(
+    pruned = run_main(
         "prune",
         "--model",
         str(DEMO),
@@ -307,7 +307,7 @@ def test_build_with_a_speedup_reports_predicted_and_measured(tmp_path):
     )
     _as_measured_on(table_path, "ort-cpu", batch=8)
     out = tmp_path / "build"
-    done = run_cli(
+    done = run_main(
         "build", "--model", str(DEMO), "--out", str(out), "--speedup", "1.3", "--table", str(table_path),
         "--profile-batch", "8", "--tries", "2", "--engine", "off", "--no-bench", "--eval-limit", "200",
     )  # fmt: skip

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_cli, write_image_folder
+from helpers import ROOT, run_cli, run_main, write_image_folder
 
 pytestmark = pytest.mark.slow
 
 FACTORY = "factories.tfsame:TinyNet.create"  # a classmethod taking num_classes, padding inside its convolutions
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-QUICK_BENCH = ["--bench-batch", "2", "--bench-iterations", "6", "--bench-rounds", "2"]
+QUICK_BENCH = ["--bench-batch", "2", "--bench-iterations", "6", "--bench-rounds", "2", "--bench-warmup-s", "0"]
 
 
 def cli(*args: object) -> str:
-    proc = run_cli(*(str(a) for a in args), env=ENV)
+    """The command in this process (the refusal below runs the real one in a child)."""
+    proc = run_main(*args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

@@ -2,7 +2,7 @@ import math
 import re
 
 import torch
-from helpers import needs_fashion_mnist, run_cli, torchrun
+from helpers import needs_fashion_mnist, run_cli, run_main, torchrun
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.loop import CUDA_RESUME_ATOL
@@ -83,14 +83,14 @@ def test_issue_command_shows_progress_and_inspect_reads_it(tmp_path):
     ckpt = load_checkpoint(out)
     assert ckpt.meta["val_acc"] > 0.5  # one short epoch on real data learns something
     plot = tmp_path / "g.png"
-    insp = run_cli("inspect", "--model", str(out), "--plot", str(plot))
+    insp = run_main("inspect", "--model", str(out), "--plot", str(plot))
     assert insp.returncode == 0, insp.stderr
     assert "features.1" in insp.stdout and "<1e-2" in insp.stdout and "MACs" in insp.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
-    proc = run_cli("train", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt"))
+    proc = run_main("train", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x.pt"))
     assert proc.returncode != 0
     assert "apt-get install -y dataset-fashion-mnist" in proc.stderr
     assert not (tmp_path / "x.pt").exists()
@@ -98,5 +98,5 @@ def test_missing_data_says_how_to_get_it(tmp_path):
 
 def test_bad_flags_are_one_line_errors(tmp_path, blobs_npz):
     for extra, needle in ((["--epochs", "0"], "--epochs"), (["--arch", "nope"], "unknown model")):
-        proc = run_cli("train", "--data", str(blobs_npz), "--out", str(tmp_path / "x.pt"), *extra)
+        proc = run_main("train", "--data", str(blobs_npz), "--out", str(tmp_path / "x.pt"), *extra)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr

@@ -50,7 +50,7 @@ ONLY_WHEN = (
     ),
     *(
         OnlyWhen(flag, lambda a: not a.no_bench, "to the benchmark", "drop --no-bench")
-        for flag in ("--bench-batch", "--bench-iterations", "--bench-rounds", "--threads")
+        for flag in ("--bench-batch", "--bench-iterations", "--bench-rounds", "--bench-warmup-s", "--threads")
     ),
 )
 
@@ -113,6 +113,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--bench-batch", type=positive_ints, default=(1, 64), help="batch sizes to time")
     g.add_argument("--bench-iterations", type=at_least(1), default=200, help="timed iterations per batch and round")
     g.add_argument("--bench-rounds", type=at_least(1), default=5, help="interleaved rounds")
+    g.add_argument("--bench-warmup-s", type=number(at_least=0), default=1.0, help="warm-up seconds per model and batch")
     g.add_argument(
         "--threads", type=at_least(1), default=None, help="ONNX Runtime intra-op threads (default: runtime's)"
     )
@@ -155,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         bench_batches=args.bench_batch,
         bench_iterations=args.bench_iterations,
         bench_rounds=args.bench_rounds,
+        bench_warmup_s=args.bench_warmup_s,
         threads=args.threads,
         seed=args.seed,
         trust_code=args.trust_code,
