@@ -50,15 +50,30 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def run_main(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess[str]:
     """`slim2deploy ARGS` run in this process, answered as ``run_cli`` answers (exit status, stdout, stderr): the
     code a command runs, without the seconds a child spends importing torch. What needs a process of its own (a
-    signal, an exit status the interpreter sets, the README's commands as typed) stays with ``run_cli``. An
-    exception the command lets through is written to stderr as Python would, with status 1."""
+    signal, an exit status the interpreter sets, the README's commands as typed) stays with ``run_cli``."""
+    from slim2deploy.cli import main
+
+    return _in_process(main, ["slim2deploy", *map(str, args)], cwd=cwd, env=env)
+
+
+def run_bench(name: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """``python bench/<name>.py ARGS`` run in this process (its ``main(argv)``), answered as a child would be;
+    bench/ is on the import path meanwhile, as it is for the script run by path (its sibling modules)."""
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return _in_process(bench_script(name).main, [f"bench/{name}.py", *map(str, args)])
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def _in_process(main: Any, argv: list[str], cwd: Path | None = None, env: dict | None = None):
+    """``main(argv[1:])`` with its output captured and ``env``/``cwd`` set for the call; an exception it lets
+    through is written to stderr as Python would, with status 1."""
     import contextlib
     import io
     import traceback
 
-    from slim2deploy.cli import main
-
-    argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in env or {}}
     here = os.getcwd()
@@ -68,10 +83,10 @@ def run_main(*args: object, cwd: Path | None = None, env: dict | None = None) ->
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = main(argv)
+                status = main(argv[1:])
             except SystemExit as exc:  # argparse refuses a flag
                 status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-            except Exception:  # noqa: BLE001 - what a child would print before exiting 1
+            except Exception:  # what a child would print before exiting 1
                 traceback.print_exc()
                 status = 1
     finally:
@@ -81,7 +96,7 @@ def run_main(*args: object, cwd: Path | None = None, env: dict | None = None) ->
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return subprocess.CompletedProcess(["slim2deploy", *argv], status, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def torchrun(*args: str, procs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

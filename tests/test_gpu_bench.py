@@ -1,13 +1,10 @@
 """bench/gpu.py end to end on the CPU at its smallest settings: real pruning, real ONNX Runtime timing."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import run_bench
 
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.sparsity import bn_layers, draw_sparse_gammas
@@ -16,20 +13,14 @@ from slim2deploy.model.zoo import create_model
 ROUND_TO = 64
 
 
-def run_study(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+def run_study(tmp_path, *extra: str):
     args = [
         *("--device", "cpu", "--targets", "ort-cpu", "--models", "mobilenet_v2", "--image-size", "32"),
         *("--batches", "1,4", "--profile-batch", "4", "--speedups", "1.5", "--round-to", str(ROUND_TO)),
         *("--tries", "1", "--iterations", "6", "--rounds", "2", "--warmup-s", "0"),
         *("--work", str(tmp_path / "work"), "--out", str(tmp_path / "gpu.md")),
     ]
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return run_bench("gpu", *args, *extra)
 
 
 @pytest.mark.parametrize("seed", range(4))
