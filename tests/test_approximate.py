@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_batchnorm
+from helpers import randomize_batchnorm, run_main
 from model_cases import rel_err
 
 from slim2deploy.base.errors import SlimError
@@ -107,7 +106,7 @@ def test_prune_cli_approximate(resnet, tmp_path: Path) -> None:
     src = tmp_path / "sparse.pt"
     save_checkpoint(checkpoint_for(model, "resnet20", ARCH, (1, 28, 28), 4), src)
 
-    def prune(*flags: str) -> tuple[subprocess.CompletedProcess, Path]:
+    def prune(*flags: str) -> tuple[subprocess.CompletedProcess[str], Path]:
         out = tmp_path / f"slim{len(flags)}.pt"
         args = [
             "prune",
@@ -123,7 +122,7 @@ def test_prune_cli_approximate(resnet, tmp_path: Path) -> None:
             "1",
             *flags,
         ]
-        return subprocess.run([sys.executable, "-m", "slim2deploy", *args], capture_output=True, text=True), out
+        return run_main(*args), out
 
     r, out = prune("--approximate")
     assert r.returncode == 0, r.stderr

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_main
 from model_cases import rel_err
 
 from slim2deploy.model.checkpoint import load_checkpoint
@@ -18,8 +18,8 @@ from slim2deploy.prune.plan import PruningPlan
 from slim2deploy.prune.rebuild import model_from_checkpoint
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slim2deploy", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_main(*args)  # in this process: the command's code without a child's start-up
 
 
 @pytest.fixture(scope="module")
