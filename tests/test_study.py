@@ -10,21 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, run_bench
 
 
 @pytest.mark.slow
 def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
     out = tmp_path / "docs" / "results.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout, not an installed copy
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "study.py"), "--smoke", "--threads", "1"]
-        + ["--out", str(out), "--work", str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        timeout=400,  # about 40 s alone; minutes on a loaded 2-core machine
-        env=env,
-    )
+    proc = run_bench("study", "--smoke", "--threads", "2", "--out", out, "--work", tmp_path / "work")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     md = out.read_text()
