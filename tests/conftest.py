@@ -46,10 +46,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _few_threads():
+    """Two torch threads in each test; a streamed folder's workers a test leaves running are stopped when it
+    ends (as a command stops them), not by a later test's garbage collection, where torch waits 5 s for each."""
+    import sys
+
     import torch
 
     torch.set_num_threads(2)
     yield
+    folder = sys.modules.get("slim2deploy.model.folder")
+    if folder is not None:
+        folder.close_loaders()
 
 
 @pytest.fixture(scope="session")
