@@ -7,12 +7,14 @@ imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,12 +59,18 @@ def run_main(*args: object, cwd: Path | None = None, env: dict | None = None) ->
 
 
 def run_bench(name: str, *args: object) -> subprocess.CompletedProcess[str]:
-    """``python bench/<name>.py ARGS`` run in this process (its ``main(argv)``), answered as a child would be;
-    bench/ is on the import path meanwhile, as it is for the script run by path (its sibling modules)."""
+    """``python bench/<name>.py ARGS`` run in this process (its ``main(argv)``), answered as a child would be."""
+    with bench_on_path():
+        return _in_process(bench_script(name).main, [f"bench/{name}.py", *map(str, args)])
 
+
+@contextlib.contextmanager
+def bench_on_path() -> Iterator[None]:
+    """bench/ on the import path for the block, as it is for a script run by path (its sibling modules:
+    studylib, gpu_doc)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        return _in_process(bench_script(name).main, [f"bench/{name}.py", *map(str, args)])
+        yield
     finally:
         sys.path.remove(str(ROOT / "bench"))
 
@@ -70,7 +78,6 @@ def run_bench(name: str, *args: object) -> subprocess.CompletedProcess[str]:
 def _in_process(main: Any, argv: list[str], cwd: Path | None = None, env: dict | None = None):
     """``main(argv[1:])`` with its output captured and ``env``/``cwd`` set for the call; an exception it lets
     through is written to stderr as Python would, with status 1."""
-    import contextlib
     import io
     import traceback
 

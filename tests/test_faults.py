@@ -899,7 +899,6 @@ def test_full_disk_is_one_error_and_leaves_no_temp_file(command, files, tmp_path
     "args",
     [
         ["inspect", "--model", "{root}/random.pt"],
-        ["inspect", "--model", "{root}/input_channels.pt"],
         ["prune", "--model", "{root}/nan_gamma.pt", "--ratio", "0.5", "--out", "{root}/s.pt"],
         [*CALIB, "{root}/mean_text.pt"],
         ["export", "--model", "{ckpt}", "--out", "{root}/x.onnx", "--opset", "99"],

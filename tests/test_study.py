@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_bench
+from helpers import bench_on_path, run_bench
 
 
 @pytest.mark.slow
@@ -73,33 +70,23 @@ def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
 def test_the_study_refuses_a_calibration_set_of_other_stats(tmp_path: Path) -> None:
     """bench/studylib checks the calibration set against each model's mean/std as the CLI does: the shipped
     Fashion-MNIST set (mean 0.286) is accepted for a model of its stats and refused for another's."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _CALIB_CHECK, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    accepted, refused = proc.stdout.splitlines()
+    from slim2deploy.base.errors import SlimError
+    from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
+    from slim2deploy.model.zoo import create_model
+
+    with bench_on_path():
+        from studylib.runner import calib_for
+
+    kw = {"in_channels": 1, "num_classes": 10, "width": 0.125}
+    said = []
+    for mean, std in (([0.286], [0.353]), ([0.5], [0.25])):
+        meta = {"mean": mean, "std": std}
+        ckpt = checkpoint_for(create_model("vgg11", **kw), "vgg11", kw, (1, 28, 28), 10, meta=meta)
+        path = save_checkpoint(ckpt, tmp_path / f"m{mean[0]}.pt")
+        try:
+            said.append(f"accepted {len(calib_for(path))}")
+        except SlimError as exc:
+            said.append(f"refused: {exc}")
+    accepted, refused = said
     assert accepted == "accepted 512"
     assert refused.startswith("refused:") and "records mean [0.286] but the model's mean is [0.5]" in refused
-
-
-_CALIB_CHECK = """
-import sys
-from pathlib import Path
-from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import checkpoint_for, save_checkpoint
-from slim2deploy.model.zoo import create_model
-from studylib.runner import calib_for
-
-kw = {"in_channels": 1, "num_classes": 10, "width": 0.125}
-for mean, std in (([0.286], [0.353]), ([0.5], [0.25])):
-    ckpt = checkpoint_for(create_model("vgg11", **kw), "vgg11", kw, (1, 28, 28), 10, meta={"mean": mean, "std": std})
-    path = save_checkpoint(ckpt, Path(sys.argv[1]) / f"m{mean[0]}.pt")
-    try:
-        print("accepted", len(calib_for(path)))
-    except SlimError as exc:
-        print("refused:", exc)
-"""

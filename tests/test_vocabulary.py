@@ -6,7 +6,7 @@ import argparse
 import re
 
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_main
 
 from slim2deploy.cli import build_parser
 from slim2deploy.cli.latency import build_parser as latency_parser
@@ -90,7 +90,7 @@ def test_library_parameters_become_the_commands_flags_in_errors() -> None:
     assert build.in_flags("give `image_size`") == "give image_size"
 
 
-def test_a_deprecated_flag_works_through_the_real_command(tmp_path) -> None:
-    out = run_cli("inspect", "--model", str(ROOT / "demo" / "vgg11-w0.25-sparse.pt"), "--trust-pickle")
+def test_a_deprecated_flag_works_through_the_command_line(tmp_path) -> None:
+    out = run_main("inspect", "--model", str(ROOT / "demo" / "vgg11-w0.25-sparse.pt"), "--trust-pickle")
     assert out.returncode == 0, out.stderr
     assert "--trust-pickle is deprecated, use --trust-code" in out.stderr
