@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, SAMPLE, export_tiny
+from helpers import ROOT, SAMPLE, export_tiny, run_bench
 
 SCRIPT = ROOT / "bench" / "latency.py"
 FAST = ["--bench-warmup-s", "0.05", "--bench-iterations", "12", "--bench-rounds", "3", "--threads", "1"]
@@ -64,10 +64,10 @@ def test_script_prints_table_and_writes_reports(models, tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path):
-    proc = run_script(str(tmp_path / "missing.onnx"), *FAST)
+    proc = run_bench("latency", str(tmp_path / "missing.onnx"), *FAST)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no such model file")
-    proc = run_script(str(tmp_path / "x.onnx"), "--bench-batch", "0,4")
+    proc = run_bench("latency", str(tmp_path / "x.onnx"), "--bench-batch", "0,4")
     assert proc.returncode == 2 and "expected positive whole numbers" in proc.stderr
 
 
@@ -130,12 +130,12 @@ def test_script_runs_a_checkpoint_folded_and_offers_the_registrys_devices(tmp_pa
 
     ckpt = make_checkpoint()  # vgg11: 1x28x28 inputs
     out = tmp_path / "r.json"
-    proc = run_script(str(ckpt), *FAST, "--device", "cpu", "--torch-mode", "folded", "--json", str(out))
+    proc = run_bench("latency", str(ckpt), *FAST, "--device", "cpu", "--torch-mode", "folded", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     runner = json.loads(out.read_text())["models"][0]["runner"]
     assert runner["backend"] == "torch" and runner["options"]["mode"] == "folded"
     assert runner["options"]["folded_conv_bn"] == 8  # every conv of VGG-11 is followed by its BatchNorm
-    usage = run_script("--help").stdout
+    usage = run_bench("latency", "--help").stdout
     assert "{" + ",".join(device_choices()) + "}" in usage and "{" + ",".join(TORCH_MODES) + "}" in usage
 
 
@@ -148,7 +148,7 @@ def test_a_batch_too_large_for_the_memory_is_refused_before_the_session(models, 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     batch = int(share * ram / (4 * SAMPLE[0] * SAMPLE[1] * SAMPLE[2]))
     out = tmp_path / "r.json"
-    proc = run_script(str(base), "--bench-batch", f"1,{batch}", *FAST, "--json", str(out))
+    proc = run_bench("latency", str(base), "--bench-batch", f"1,{batch}", *FAST, "--json", str(out))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: --bench-batch {batch}: one batch through")
     assert "use a smaller --bench-batch" in proc.stderr and "batch 1: warm-up" not in proc.stderr
@@ -162,10 +162,10 @@ def test_ort_spinning_is_for_one_model_alone(models, tmp_path):
     base, slim = models
     for flags, spinning in (([], False), (["--ort-spinning"], True)):
         out = tmp_path / f"spin{spinning}.json"
-        proc = run_script(str(slim), *FAST, "--no-rss", *flags, "--json", str(out))
+        proc = run_bench("latency", str(slim), *FAST, "--no-rss", *flags, "--json", str(out))
         assert proc.returncode == 0, proc.stderr
         assert json.loads(out.read_text())["models"][0]["runner"]["options"]["spinning"] is spinning
-    proc = run_script(str(slim), "--baseline", str(base), *FAST, "--ort-spinning", "--json", str(tmp_path / "x.json"))
+    proc = run_bench("latency", slim, "--baseline", base, *FAST, "--ort-spinning", "--json", tmp_path / "x.json")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "--ort-spinning times one model alone, not 2" in lines[0]
     assert not (tmp_path / "x.json").exists()
