@@ -1,12 +1,15 @@
 """How to fine-tune a slim model: distillation weight and temperature, and how many epochs.
 
-    python bench/distill_settings.py [--ratio 0.7] [--seeds 0,1] [--epochs 2] [--grid default|full]
+    python bench/distill_settings.py [--ratio 0.7] [--seeds 0,1] [--epochs 2] [--grid default|full|none]
+                                     [--limit-train N]
 
 Prunes the demo model (VGG-11 w0.25, sparse-trained on Fashion-MNIST) at ``--ratio`` with the default
 rails, then fine-tunes the slim model on the 60k training images with each setting -- cross-entropy alone,
 and distillation from the unpruned model at each weight and temperature -- and, for the chosen setting,
 for 1..``--max-epochs`` epochs; prints top-1 on the 10k test images per seed and their mean. This is the
 measurement behind ``model/recipe.py``'s DISTILL_WEIGHT, DISTILL_TEMPERATURE and FINETUNE_EPOCHS.
+``--limit-train N`` fine-tunes on the first N training images only (a user's small folder); ``--grid none``
+compares cross-entropy with the default distillation alone.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1", help="fine-tuning seeds")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of the weight/temperature grid")
     p.add_argument("--max-epochs", type=int, default=4, help="epochs of the epoch sweep (1..N)")
-    p.add_argument("--grid", choices=["default", "full"], default="default")
+    p.add_argument("--grid", choices=["default", "full", "none"], default="default")
+    p.add_argument("--limit-train", type=int, default=None, help="fine-tune on the first N training images")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
     weights = (0.5, 0.7, 0.9)
-    temps = (1.0, 2.0, 4.0, 8.0) if args.grid == "full" else (2.0, 4.0)
+    temps = {"full": (1.0, 2.0, 4.0, 8.0), "default": (2.0, 4.0), "none": ()}[args.grid]
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="distill-settings-") as tmp:
         slim = Path(tmp) / "slim.pt"
@@ -55,7 +59,7 @@ def main() -> None:
             for seed in seeds:
                 out = Path(tmp) / f"{name}-{seed}.pt"
                 finetune_checkpoint(slim, out, data=test, epochs=epochs, seed=seed, distill=distill, max_drop=None,
-                                    progress=False, log=None, device="cpu")  # fmt: skip
+                                    limit_train=args.limit_train, progress=False, log=None, device="cpu")  # fmt: skip
                 ckpt = load_checkpoint(out)
                 acc = evaluate(model_from_checkpoint(ckpt), data_for(ckpt, test, "val"), 256)[1]
                 results.setdefault(name, []).append(acc)
@@ -64,7 +68,9 @@ def main() -> None:
         teacher = model_from_checkpoint(load_checkpoint(DEMO))
         print(f"unpruned: {evaluate(teacher, data_for(load_checkpoint(DEMO), test, 'val'), 256)[1]:.2%}")
         run(f"ce-{args.epochs}ep", None, args.epochs)
-        for w in weights:
+        if args.grid == "none":
+            run(f"kd-default-{args.epochs}ep", Distill(DEMO), args.epochs)
+        for w in weights if temps else ():
             for t in temps:
                 run(f"kd-w{w:g}-T{t:g}-{args.epochs}ep", Distill(DEMO, w, t), args.epochs)
         for epochs in range(1, args.max_epochs + 1):

@@ -49,6 +49,7 @@ class StudyConfig:
     bench_warmup_s: float = 1.0
     mode: str = "full"
     latency_speedup: float | None = None  # the latency-matched comparison (studylib/latency.py) at this --speedup
+    latency_distill: bool = True  # its rows also fine-tuned with distillation (+kd)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ class StudyConfig:
             "bench_rounds",
             "bench_warmup_s",
             "latency_speedup",
+            "latency_distill",
         ):
             d.pop(k)
         d.pop("mode")

@@ -9,6 +9,8 @@
    way), trained from scratch for the sparse-training epochs.
 4. ``scratch``: the latency-targeted model's architecture re-initialised and trained from scratch for the
    sparse-training epochs (Liu et al. 2019, "Rethinking the Value of Network Pruning").
+5. ``width`` (models with removable residual branches only): the same ``--speedup`` goal reached by width
+   alone (``depth=False``, as ``--no-depth``), to show what removing branches adds.
 
 All then get the same fine-tuning, so each trains sparse/scratch epochs + fine-tuning epochs; each is
 fine-tuned twice, on the labels alone and with distillation from the unpruned sparse model (``+kd`` rows,
@@ -122,14 +124,27 @@ class LatencyStudy:
 
         prune_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD, "priced depth")
         pruned = s.cached("latency-prune", prune_key, [lat_ckpt, table_path], budget_prune)
+        sparse = model_from_checkpoint(load_checkpoint(sparse_ckpt))
+        traced = trace_groups(sparse, s.example)
+        # a model with removable branches also gets the same goal reached by width alone (--no-depth): what
+        # depth adds, at the same measured latency goal and the same fine-tuning (issue 23's depth study)
+        width_only: dict[str, Any] | None = None
+        width_ckpt = self.dir / "latency-width.pt"
+        if any(b.removable for b in traced.branches):
+
+            def width_prune() -> dict[str, Any]:
+                budget = by_budget(speedup=self.speedup, batch=BATCH, threads=cfg.threads,
+                                   cache=str(self.dir / "cells"), or_smallest=True, depth=False)  # fmt: skip
+                res = prune_to_budget(sparse_ckpt, width_ckpt, budget, log=s.log)
+                return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
+
+            width_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD, "width only")
+            width_only = s.cached("latency-prune-width", width_key, [width_ckpt], width_prune)
         table = LatencyTable.from_json(table_path.read_text())
         ckpt = load_checkpoint(lat_ckpt)
         lat_model = model_from_checkpoint(ckpt)
         lat_plan = PruningPlan.from_dict(ckpt.plan)
         ref = self.onnx(lat_model, "latency-pruned")
-
-        sparse = model_from_checkpoint(load_checkpoint(sparse_ckpt))
-        traced = trace_groups(sparse, s.example)
 
         def gamma_model(ratio: float) -> torch.nn.Module:
             return apply_plan(sparse, select(traced, by_ratio(ratio)))
@@ -154,11 +169,17 @@ class LatencyStudy:
         teachers = {"": None, "+kd": sparse} if self.distill else {"": None}
         # (1) latency-targeted and (2) gamma-threshold: fine-tune the pruned sparse model
         gamma_plan = select(traced, by_ratio(gamma["knob"]))
-        for name, model, plan, knob in (
+        pruned_models = [
             ("latency", lat_model, lat_plan, f"--speedup {self.speedup:g}: {pruned['tries']} tries, "
              f"{'met' if pruned['met'] else 'missed'}"),
             ("gamma", apply_plan(sparse, gamma_plan), gamma_plan, f"ratio {gamma['knob']:g}"),
-        ):  # fmt: skip
+        ]  # fmt: skip
+        if width_only is not None:
+            wckpt = load_checkpoint(width_ckpt)
+            pruned_models.insert(1, ("width", model_from_checkpoint(wckpt), PruningPlan.from_dict(wckpt.plan),
+                                     f"--speedup {self.speedup:g} --no-depth: {width_only['tries']} tries, "
+                                     f"{'met' if width_only['met'] else 'missed'}"))  # fmt: skip
+        for name, model, plan, knob in pruned_models:
             before = self.acc(model)
             for suffix, teacher in teachers.items():
                 tuned, hist = s.train(f"{name}-{tag}{suffix}", copy.deepcopy(model), s.ft_cfg(), plan, teacher=teacher)
@@ -198,6 +219,7 @@ class LatencyStudy:
             "batch": BATCH,
             "target": self.target.describe(),
             "budget": pruned,
+            "width_only_budget": width_only,
             "gamma_search": gamma,
             "uniform_search": uniform,
             "rows": rows,

@@ -53,6 +53,7 @@ def table(result: dict[str, Any], batches: tuple[int, ...]) -> str:
 LATENCY_NAMES = {
     "baseline": "unpruned baseline",
     "latency": "latency-targeted",
+    "width": "latency-targeted, width only (--no-depth)",
     "gamma": "γ-threshold at equal latency",
     "uniform": "uniform width at equal latency",
     "scratch": "latency-targeted widths from scratch",
@@ -93,6 +94,18 @@ def latency_section(res: dict[str, Any]) -> list[str]:
         return []
     b = study["budget"]
     steps = len(study["gamma_search"]["trials"]), len(study["uniform_search"]["trials"])
+    distilled = any(r["variant"].endswith("+kd") for r in study["rows"])
+    fine_tuning = (
+        "once on the labels alone and once (*distilled*) with distillation from the unpruned sparse model"
+        if distilled
+        else "on the labels alone"
+    )
+    width_only = (
+        " *width only*: the same `--speedup` goal with `--no-depth` (no residual branch removed), to show what depth "
+        "adds."
+        if study.get("width_only_budget")
+        else ""
+    )
     return [
         f"### Latency-matched comparison ({res['setup']['arch']}, --speedup {study['speedup_goal']:g})",
         "",
@@ -102,11 +115,11 @@ def latency_section(res: dict[str, Any]) -> list[str]:
         f"latency, timed interleaved with the first, came closest ({steps[0]} bisection "
         f"steps); and the architecture with every layer narrowed by one factor ({steps[1]} "
         "steps), trained from scratch without the penalty for the sparse-training epochs; and the first model's "
-        "widths re-initialised and trained from scratch the same way. All get the same fine-tuning epochs, once on the "
-        "labels alone and once (*distilled*) with distillation from the unpruned sparse model. "
+        "widths re-initialised and trained from scratch the same way. All get the same fine-tuning epochs, "
+        f"{fine_tuning}. "
         "*acc before FT*: right after surgery (uniform, scratch: after their training from scratch); *predicted*: "
         "the latency table profiled for `--speedup`; *measured*: all the graphs timed together, interleaved (min of "
-        "the round medians); *speed-up*: baseline / model.",
+        f"the round medians); *speed-up*: baseline / model.{width_only}",
         "",
         latency_table(study),
         "",

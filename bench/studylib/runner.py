@@ -189,7 +189,8 @@ class Study:
         latency = None
         if cfg.latency_speedup is not None:
             steps = 3 if cfg.mode == "smoke" else 6
-            latency = LatencyStudy(self, cfg.latency_speedup, steps).run(baseline, rows[0].acc or 0.0)
+            study = LatencyStudy(self, cfg.latency_speedup, steps, distill=cfg.latency_distill)
+            latency = study.run(baseline, rows[0].acc or 0.0)
         return {
             "arch": setup.arch,
             "setup": asdict(setup),
