@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, tiny_checkpoint
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# two cores: two torch threads in one process, or one in each of pytest-xdist's two workers (make test: -n 2)
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 # caches the suite fills (measured latency cells, mypy's) stay in the checkout's ignored .test-cache/, never
 # in the home folder; set before slim2deploy is imported (its default cache folder is read at import)
@@ -52,7 +54,7 @@ def _few_threads():
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
     folder = sys.modules.get("slim2deploy.model.folder")
     if folder is not None:
