@@ -150,7 +150,8 @@ def finetune_checkpoint(
     if info.world > 1:
         shutdown_distributed()
     if history and info.is_main:
-        advice = "fine-tune longer (`epochs`) or with distillation (`teacher`), or prune less"
+        how = "" if teacher is not None else " or with distillation (`teacher`)"  # not advised twice
+        advice = f"fine-tune longer (`epochs`){how}, or prune less"
         check_drop(reference, history[-1].val_acc, len(val_ds), max_drop, advice)
     return history
 
