@@ -115,15 +115,17 @@ class LatencyStudy:
         src_key = sha256_file(sparse_ckpt)
         lat_ckpt, table_path = self.dir / "latency.pt", self.dir / "latency-table.json"
 
-        def budget_prune() -> dict[str, Any]:
-            budget = by_budget(
-                speedup=self.speedup, batch=BATCH, threads=cfg.threads, cache=str(self.dir / "cells"), or_smallest=True
-            )
-            res = prune_to_budget(sparse_ckpt, lat_ckpt, budget, table_out=table_path, log=s.log)
-            return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
+        def budget_prune(dst: Path, depth: bool, table_out: Path | None = None) -> Callable[[], dict[str, Any]]:
+            def prune() -> dict[str, Any]:
+                budget = by_budget(speedup=self.speedup, batch=BATCH, threads=cfg.threads,
+                                   cache=str(self.dir / "cells"), or_smallest=True, depth=depth)  # fmt: skip
+                res = prune_to_budget(sparse_ckpt, dst, budget, table_out=table_out, log=s.log)
+                return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
+
+            return prune
 
         prune_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD, "priced depth")
-        pruned = s.cached("latency-prune", prune_key, [lat_ckpt, table_path], budget_prune)
+        pruned = s.cached("latency-prune", prune_key, [lat_ckpt, table_path], budget_prune(lat_ckpt, True, table_path))
         sparse = model_from_checkpoint(load_checkpoint(sparse_ckpt))
         traced = trace_groups(sparse, s.example)
         # a model with removable branches also gets the same goal reached by width alone (--no-depth): what
@@ -131,15 +133,8 @@ class LatencyStudy:
         width_only: dict[str, Any] | None = None
         width_ckpt = self.dir / "latency-width.pt"
         if any(b.removable for b in traced.branches):
-
-            def width_prune() -> dict[str, Any]:
-                budget = by_budget(speedup=self.speedup, batch=BATCH, threads=cfg.threads,
-                                   cache=str(self.dir / "cells"), or_smallest=True, depth=False)  # fmt: skip
-                res = prune_to_budget(sparse_ckpt, width_ckpt, budget, log=s.log)
-                return {"chosen": res.chosen, "tries": len(res.tries), "met": res.met}
-
             width_key = stage_key(src_key, self.speedup, cfg.threads, TIMING_METHOD, "width only")
-            width_only = s.cached("latency-prune-width", width_key, [width_ckpt], width_prune)
+            width_only = s.cached("latency-prune-width", width_key, [width_ckpt], budget_prune(width_ckpt, False))
         table = LatencyTable.from_json(table_path.read_text())
         ckpt = load_checkpoint(lat_ckpt)
         lat_model = model_from_checkpoint(ckpt)
