@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tiny_checkpoint
+from helpers import ROOT, run_main, tiny_checkpoint
 
 # two cores: two torch threads in one process, or one in each of pytest-xdist's two workers (make test: -n 2)
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
@@ -50,15 +50,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _few_threads():
     """Two torch threads in each test; a streamed folder's workers a test leaves running are stopped when it
     ends (as a command stops them), not by a later test's garbage collection, where torch waits 5 s for each."""
-    import sys
-
     import torch
+
+    from slim2deploy.cli import stop_loader_workers
 
     torch.set_num_threads(THREADS)
     yield
-    folder = sys.modules.get("slim2deploy.model.folder")
-    if folder is not None:
-        folder.close_loaders()
+    stop_loader_workers()
 
 
 @pytest.fixture(scope="session")
@@ -99,17 +97,12 @@ def make_checkpoint(tmp_path_factory) -> Callable[..., Path]:
 
 
 @pytest.fixture
-def cli(capsys):
-    """Run ``slim2deploy ARGS`` in this process (the code the command runs, without seconds of start-up);
-    returns (status, stdout, stderr)."""
-    from slim2deploy.cli import main
+def cli():
+    """Run ``slim2deploy ARGS`` in this process (``helpers.run_main``: the code the command runs, without seconds
+    of start-up); returns (status, stdout, stderr)."""
 
     def run(*args: object) -> tuple[int, str, str]:
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse refuses a flag
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
+        proc = run_main(*args)
+        return proc.returncode, proc.stdout, proc.stderr
 
     return run

@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        _stop_loader_workers()
+        stop_loader_workers()
 
 
-def _stop_loader_workers() -> None:
+def stop_loader_workers() -> None:
     """Streamed folders' DataLoader workers stop when the command ends, also when it runs inside a longer
     process (the Python API, the tests): left to the garbage collector, torch waits 5 s for each."""
     folder = sys.modules.get("slim2deploy.model.folder")  # loaded only if a command read a folder
