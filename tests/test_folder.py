@@ -16,6 +16,7 @@ from slim2deploy.model import folder
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.data import Dataset
 from slim2deploy.model.folder import FolderData, describe, load_data, scan_folder
+from slim2deploy.model.preprocess import preprocess_meta
 
 CLASSES = 4
 
@@ -92,10 +93,23 @@ def test_the_loader_is_chosen_by_size_and_said(images, monkeypatch):
     big = load_data(str(images), "train", image_size=16, workers=0)
     assert isinstance(big, FolderData) and "streaming" in describe(big)
     assert isinstance(load_data(str(images), "train", image_size=16, stream=False), Dataset)
-    with pytest.raises(SlimError, match="`crop` needs the streaming loader"):
-        load_data(str(images), "train", image_size=16, crop=12, stream=False)
-    with pytest.raises(SlimError, match="larger than `image_size`"):
-        load_data(str(images), "train", image_size=16, crop=20, stream=True)
+    for stream in (True, False):
+        with pytest.raises(SlimError, match="larger than `image_size`"):
+            load_data(str(images), "train", image_size=16, crop=20, stream=stream, workers=0)
+
+
+def test_a_small_folder_with_a_crop_is_decoded_once_into_the_streamed_eval_view(images):
+    """A crop (``import`` records one) no longer forces streaming: a folder that fits in memory is decoded
+    once, each image as the streamed loader's eval view (shorter side resized, center crop), and a checkpoint
+    records the crop so later stages read it the same way."""
+    held = load_data(str(images), "train", image_size=18, crop=16)
+    assert isinstance(held, Dataset) and held.input_shape == (3, 16, 16)
+    streamed = load_data(str(images), "train", image_size=18, crop=16, stream=True, workers=0, stats=(held.mean, held.std))
+    assert isinstance(streamed, FolderData)
+    assert np.allclose(held.x[:5].numpy(), streamed.stack(range(5)), atol=1e-6)
+    assert preprocess_meta(held) == {"stream": False, "image_size": 18, "crop": 16}
+    squashed = load_data(str(images), "train", image_size=16)  # no crop: the whole image resized, not cropped
+    assert squashed.input_shape == (3, 16, 16) and not np.allclose(squashed.x[:5].numpy(), held.x[:5].numpy())
 
 
 def test_calib_from_a_streamed_folder_reads_only_the_images_it_picks(tmp_path):

@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--image-size",
         type=at_least(1),
         default=None,
-        help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it "
+        help="folder images: resize to this square size; with a crop (--crop, or one the checkpoint records), "
+        "resize the shorter side to it "
         "(default: what --model records)",
     )
     add_stream_args(p)

@@ -37,7 +37,8 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--image-size",
         type=at_least(1),
         default=None,
-        help="folder images: in memory, resize to this square size; streamed, resize the shorter side to it "
+        help="folder images: resize to this square size; with a crop (--crop, or one the checkpoint records), "
+        "resize the shorter side to it "
         "(a checkpoint records it: later commands read the folder the same way)",
     )
     g.add_argument("--limit-train", type=at_least(1), default=None, metavar="N", help="train on the first N images")
@@ -84,8 +85,8 @@ def add_stream_args(g: argparse._ActionsContainer) -> None:
         "--crop",
         type=at_least(1),
         default=None,
-        help="streamed folders: the model's input size (train: random-resized crop; eval: center crop); "
-        "default --image-size",
+        help="folder images: the model's input size, a center crop after --image-size resized the shorter "
+        "side (streamed, training takes random-resized crops instead); default --image-size",
     )
     g.add_argument(
         "--workers",

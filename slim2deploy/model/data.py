@@ -5,6 +5,8 @@ Sources (``--data``):
   (``/usr/share/datasets/fashion-mnist/`` by default, ``--data-dir`` to override).
 - a directory of images: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or class folders
   directly, split 90/10 by a fixed seed); labels follow the training class folders by name.
+  Each image is resized to ``image_size`` square, or, with ``crop`` (``import`` records one), its
+  shorter side to ``image_size`` and the center ``crop`` kept: the streamed loader's eval view.
 - a ``.npz`` file with ``x_train, y_train, x_val, y_val`` (or ``x, y``, split 90/10); ``x`` is
   N x C x H x W (or N x H x W), uint8 in [0, 255] (or any integer dtype within 0..255) or float
   already scaled to [0, 1]; anything else is refused (``check_pixels``).
@@ -32,7 +34,7 @@ from slim2deploy.base.environment import physical_memory
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import check_input_file
 from slim2deploy.base.formats import binary_size
-from slim2deploy.model.images import open_rgb, scan_folder, split_90_10
+from slim2deploy.model.images import center_view, open_rgb, scan_folder, split_90_10
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -318,13 +320,21 @@ def _npz(path: Path, split: str, stats: Stats) -> Dataset:
     return Dataset(xt, torch.from_numpy(y), [str(i) for i in range(n_classes)], mean, std, f"npz:{path}")
 
 
-def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) -> Dataset:
+def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats, crop: int | None = None) -> Dataset:
+    """A folder decoded once: each image resized to ``image_size`` square, or with ``crop`` its shorter side
+    resized to ``image_size`` (default ``crop``) and the center ``crop`` kept, as a streamed folder's eval view."""
     files, labels, classes = scan_folder(root, split)
     base = files[0].parent.parent
+    if crop is not None:
+        image_size = image_size or crop
+        if crop > image_size:
+            raise SlimError(f"`crop` {crop} is larger than `image_size` {image_size}; the center crop must fit")
     arrays = []
     for path in files:
         rgb = open_rgb(path)
-        if image_size:
+        if crop is not None:
+            rgb = center_view(rgb, image_size, crop)
+        elif image_size:
             rgb = rgb.resize((image_size, image_size))
         arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
@@ -336,11 +346,19 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats) 
     y = check_arrays(images, labels, str(base), len(classes))
     x, mean, std = _normalise(images, stats, str(base))
     meta: dict[str, object] = {"image_size": image_size} if image_size else {}
+    if crop is not None:
+        meta["crop"] = crop
     return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}", meta)
 
 
 def load_dataset(
-    name: str, split: str = "train", data_dir: str | None = None, image_size: int | None = None, stats: Stats = None
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    stats: Stats = None,
+    *,
+    crop: int | None = None,
 ) -> Dataset:
     """Load ``split`` ("train" or "val"/"test") of a dataset named as in the module docstring.
 
@@ -350,8 +368,8 @@ def load_dataset(
     """
     if split not in ("train", "val", "test"):
         raise SlimError(f"split must be train, val or test, got {split!r}")
-    if image_size is not None and image_size < 1:
-        raise SlimError(f"`image_size` must be at least 1 pixel, got {image_size}")
+    if (image_size is not None and image_size < 1) or (crop is not None and crop < 1):
+        raise SlimError(f"`image_size` and `crop` must be at least 1 pixel, got {image_size} and {crop}")
     if name == "fashion-mnist":
         return _fashion_mnist(split, data_dir, stats)
     path = Path(name.split(":", 1)[1] if name.startswith(("npz:", "folder:")) else name)
@@ -360,7 +378,7 @@ def load_dataset(
             raise SlimError(f"no such file: {path}")
         return _npz(path, split, stats)
     if path.is_dir():
-        return _image_folder(path, split, image_size, stats)
+        return _image_folder(path, split, image_size, stats, crop)
     if not path.exists():
         raise SlimError(
             f"no such folder or file: {path} (data is 'fashion-mnist', a folder of class sub-folders or a .npz file)"

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from slim2deploy.base.errors import SlimError, one_line
 from slim2deploy.model.data import Dataset, Stats, check_stats, load_dataset
-from slim2deploy.model.images import open_rgb, scan_folder
+from slim2deploy.model.images import center_view, open_rgb, scan_folder
 
 STREAM_ABOVE_BYTES = 1 << 30
 STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
@@ -110,7 +110,7 @@ class FolderData(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 img = TF.hflip(img)
         else:
-            img = TF.center_crop(TF.resize(img, self.image_size, antialias=True), [self.crop, self.crop])
+            img = center_view(img, self.image_size, self.crop)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -329,11 +329,9 @@ def load_data(
             raise SlimError(f"`stream` is for image folders; {name!r} is not a folder")
         return load_dataset(name, split, data_dir, image_size, stats)  # --crop only shapes folder images
     if stream is None:
-        stream = crop is not None or decoded_bytes(path, image_size, crop) > STREAM_ABOVE_BYTES
+        stream = decoded_bytes(path, image_size, crop) > STREAM_ABOVE_BYTES
     if not stream:
-        if crop is not None:
-            raise SlimError("`crop` needs the streaming loader (`stream`); the in-memory one resizes whole images")
-        return load_dataset(name, split, data_dir, image_size, stats)
+        return load_dataset(name, split, data_dir, image_size, stats, crop=crop)
     return open_folder(path, split, image_size=image_size, crop=crop, stats=stats, seed=seed, workers=workers)
 
 

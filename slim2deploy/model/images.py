@@ -158,6 +158,14 @@ def open_rgb(path: Path) -> Any:
         raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
 
 
+def center_view(img: Any, image_size: int, crop: int) -> Any:
+    """The evaluation view of an image: its shorter side resized to ``image_size``, then the center
+    ``crop`` x ``crop`` (ImageNet-style; both folder loaders read images this way when a crop is set)."""
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(img, image_size, antialias=True), [crop, crop])
+
+
 def _to_rgb8(img: Any, path: Path) -> Any:
     from PIL import Image
 

@@ -146,5 +146,5 @@ def preprocess_meta(ds: AnyData) -> dict[str, Any]:
     """What a checkpoint records so that later stages read the data the same way."""
     if isinstance(ds, FolderData):
         return {"stream": True, "image_size": ds.image_size, "crop": ds.crop}
-    size = ds.meta.get("image_size")
-    return {"stream": False, **({"image_size": size} if isinstance(size, int) else {})}
+    sizes = {k: ds.meta.get(k) for k in ("image_size", "crop")}
+    return {"stream": False, **{k: v for k, v in sizes.items() if isinstance(v, int)}}
