@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from model_cases import rel_err
 from torch import nn
 
+from slim2deploy.base.errors import SlimError
 from slim2deploy.deploy.export import export_onnx
 from slim2deploy.model.checkpoint import checkpoint_for, load_checkpoint, save_checkpoint
 from slim2deploy.model.zoo import create_model
@@ -268,3 +269,20 @@ def test_conv_bn_folding_for_torch_runtimes_traces_through_the_replaced_modules(
     batch = torch.randn(4, *x.shape[1:])
     with torch.no_grad():
         assert rel_err(slim(batch), folded(batch)) <= 1e-5
+
+
+def test_a_model_with_a_removed_branch_says_it_takes_its_input_size_only() -> None:
+    """The constant of a removed branch is a full spatial map (padding makes its borders differ), so the
+    slim model runs at the plan's input size only: another size is refused with why, not a broadcasting error."""
+    base, x, traced = _traced("resnet20")
+    branch = [b for b in traced.branches if b.removable][0]
+    model = copy.deepcopy(base)
+    _zero(model, branch.gammas[0], False)  # beta stays: a constant that padding makes non-uniform
+    slim = apply_plan(model, select(rescore(traced, model), _emptying(traced, branch.groups[0])))
+    value = slim.get_submodule(branch.const[0]).value
+    assert value.shape[-2:] == x.shape[-2:] and not torch.equal(value, value[..., :1, :1].expand_as(value))
+    with torch.no_grad():
+        assert slim(x).shape == (2, 10)
+        with pytest.raises(SlimError, match=r"takes 3x16x16 inputs only, got 3x24x24: .* 1 removed residual .*depth"):
+            slim(torch.randn(2, 3, 24, 24))
+        assert model(torch.randn(2, 3, 24, 24)).shape == (2, 10)  # the unpruned model takes it

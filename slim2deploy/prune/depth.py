@@ -8,6 +8,10 @@ forward then computes ``stream + value``, the ``value`` broadcast over the batch
 exporter folds what is left of the branch into one initializer, so the join becomes an Add of a
 constant.
 
+A removed branch's constant holds its full spatial map (zero padding inside the branch makes the
+borders differ), so the slim model takes the plan's input size only: a pre-hook (``InputSizeCheck``)
+says so instead of the join's broadcasting error (an ONNX graph has a fixed C x H x W anyway).
+
 The constants are computed, not guessed: after the channel cut, the model runs once on a batch
 of one with the branch's chosen gammas (``Branch.gammas``) set to zero, and each ``Const``
 module's output is recorded (and each ``Skip`` module's shape, which the channel cut may have
@@ -89,6 +93,25 @@ class Const(nn.Module):
         return f"shape={tuple(self.value.shape)}, batched={self.batched}"
 
 
+class InputSizeCheck:
+    """Forward pre-hook of a model with removed branches: their constants were recorded at one input size
+    (zero padding inside a branch makes them differ at the borders, so they are not per-channel values),
+    and at another the join fails with a bare broadcasting error; this says why first."""
+
+    def __init__(self, shape: tuple[int, ...], removed: int):
+        self.shape, self.removed = tuple(shape), removed
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or x.dim() != len(self.shape) + 1 or tuple(x.shape[1:]) == self.shape:
+            return
+        raise SlimError(
+            f"this slim model takes {'x'.join(map(str, self.shape))} inputs only, got "
+            f"{'x'.join(map(str, x.shape[1:]))}: the constant outputs of its {self.removed} removed residual "
+            "branch(es) were computed at that size; prune with `depth=False` for a model that takes other sizes"
+        )
+
+
 def check_branches_fit(model: nn.Module, plan: PruningPlan) -> None:
     """Every module a removable branch would replace is in ``model``."""
     for b in plan.branches:
@@ -130,6 +153,7 @@ def remove_branches(slim: nn.Module, plan: PruningPlan) -> None:
             if len(outputs[path]) != 1:
                 raise SlimError(f"the layer {path} of the branch joined at {b.join} runs more than once; re-plan")
             slim.set_submodule(path, Const(outputs[path][0], b.batched))
+    slim.register_forward_pre_hook(InputSizeCheck(tuple(plan.input_shape), len(gone)))
 
 
 def _outputs(slim: nn.Module, input_shape: list[int], zero: list[str], paths: list[str]) -> dict[str, list[Any]]:
