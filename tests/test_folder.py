@@ -104,7 +104,8 @@ def test_a_small_folder_with_a_crop_is_decoded_once_into_the_streamed_eval_view(
     records the crop so later stages read it the same way."""
     held = load_data(str(images), "train", image_size=18, crop=16)
     assert isinstance(held, Dataset) and held.input_shape == (3, 16, 16)
-    streamed = load_data(str(images), "train", image_size=18, crop=16, stream=True, workers=0, stats=(held.mean, held.std))
+    kw = {"image_size": 18, "crop": 16, "stream": True, "workers": 0}
+    streamed = load_data(str(images), "train", stats=(held.mean, held.std), **kw)
     assert isinstance(streamed, FolderData)
     assert np.allclose(held.x[:5].numpy(), streamed.stack(range(5)), atol=1e-6)
     assert preprocess_meta(held) == {"stream": False, "image_size": 18, "crop": 16}
@@ -265,3 +266,13 @@ def test_a_build_stage_stops_the_workers_it_started_when_it_ends(images, tmp_pat
     workers = [w for ws in started for w in ws]
     assert len(workers) == 2 and not any(w.is_alive() for w in workers) and ds._loaders == {}
     assert len(list(ds.batches(8, shuffle=False))) == -(-len(ds) // 8)  # and start again when asked
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_size_too_small_to_learn_from_is_warned_once_by_either_loader(tmp_path, capsys, stream):
+    root = make_folder(tmp_path / f"tiny{stream}", per_class=4)
+    for split in ("train", "val"):
+        load_data(str(root), split, image_size=2, stream=stream, workers=0)
+    assert capsys.readouterr().err.count("shrunk to 2x2 pixels, too few for a model to learn from") == 1
+    load_data(str(root), "train", image_size=8, stream=stream, workers=0)
+    assert "warning" not in capsys.readouterr().err

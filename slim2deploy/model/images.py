@@ -131,6 +131,20 @@ def _note_skipped(base: Path, skipped: Counter[str]) -> None:
     note_once(base, f"note: skipped {files} under {base} that are not images ({kinds}); the loader reads {reads}")
 
 
+TINY_SIDE = 8  # pixels: below this a resize leaves a model almost nothing to see
+
+
+def note_tiny(base: Path, side: int, first: Any) -> None:
+    """One stderr warning when a folder's images are shrunk to fewer than ``TINY_SIDE`` pixels a side (a typo'd
+    size trains without error, at chance): ``first`` is the folder's first image, for scale."""
+    if side < TINY_SIDE and min(first.width, first.height) > side:
+        note_once(
+            base,
+            f"warning: the images under {base} are shrunk to {side}x{side} pixels, too few for a model to learn "
+            "from; was that size meant?",
+        )
+
+
 def note_once(base: Path, note: str) -> None:
     """Print ``note`` about the folder ``base`` to stderr, once per process."""
     if (base, note) not in _NOTED:
