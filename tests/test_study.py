@@ -64,7 +64,7 @@ def test_study_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
         assert search["trials"] and search["relative"] == min(
             (t["relative"] for t in search["trials"]), key=lambda v: abs(math.log(v))
         )
-    assert lat["latency"]["predicted_ms"] > 0
+    assert all(r["predicted_ms"] > 0 for r in lat.values())  # each from its plan (the table's groups)
 
 
 def test_the_study_refuses_a_calibration_set_of_other_stats(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ class LatencyStudy:
             for suffix, teacher in teachers.items():
                 tuned, hist = s.train(f"{name}-{tag}{suffix}", copy.deepcopy(model), s.ft_cfg(), plan, teacher=teacher)
                 models[name + suffix] = tuned
-                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, knob))
+                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, knob, plan))
                 rows[-1]["acc"] = hist[-1]["val_acc"]
         # (3) uniform width and (4) the latency-targeted architecture, each from scratch for the sparse
         # epochs (Liu et al. 2019), then the same fine-tuning
@@ -196,7 +196,7 @@ class LatencyStudy:
                 tuned, hist = s.train(f"{name}-{tag}{suffix}", copy.deepcopy(scratch), s.ft_cfg(), plan,
                                       arch_kwargs=kwargs, teacher=teacher)  # fmt: skip
                 models[name + suffix] = tuned
-                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, how))
+                rows.append(self.describe(name + suffix, tuned, before, table, cfg.epochs + cfg.ft_epochs, how, plan))
                 rows[-1]["acc"] = hist[-1]["val_acc"]
 
         files = [self.onnx(models[r["variant"]], f"final-{r['variant']}") for r in rows]
@@ -221,11 +221,16 @@ class LatencyStudy:
         }
 
     def describe(
-        self, variant: str, model: torch.nn.Module, before: float | None, table: LatencyTable, epochs: int, how: str
-
+        self, variant: str, model: torch.nn.Module, before: float | None, table: LatencyTable, epochs: int, how: str,
+        plan: PruningPlan | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        """A row's model columns; ``plan``: the pruning plan it was cut by, whose kept counts per group (0: the
+        branch removed) the table predicts -- a model without its removed branches traces to fewer groups."""
         model = model.cpu().eval()
-        counts = [g.size for g in trace_groups(model, self.s.example).groups]
+        if plan is not None:
+            counts = [len(g.keep) for g in plan.groups]
+        else:
+            counts = [g.size for g in trace_groups(model, self.s.example).groups]
         predicted = table.predict(counts) if len(counts) == len(table.sizes) else None
         return {
             "variant": variant,
