@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slim2deploy.base.errors import SlimError
-from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.checkpoint import load_checkpoint, save_checkpoint
 from slim2deploy.model.loop import TrainConfig, distill_loss, step_loss
 
 TRAIN = ["train", "--arch", "vgg11", "--width", "0.125", "--seed", "1", "--batch-size", "32"]
@@ -153,6 +153,32 @@ def test_the_allowance_refuses_a_collapsed_model_in_a_real_build(blobs_npz, tmp_
     assert "warning: only" in proc.stdout + proc.stderr  # the gammas were never sparse: said before
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"]["within_allowance"] is False and (out / "slim.onnx").exists()
+
+
+def test_build_warns_when_the_unpruned_model_does_no_better_than_the_most_common_class(pruned, blobs_npz, tmp_path):
+    """Weights that do not fit the data (here: a classifier that always answers one class) make the allowance
+    meaningless; build says so in its output and its report, and still runs (exit 0 within the allowance)."""
+    full, _ = pruned
+    ckpt = load_checkpoint(full)
+    last = [k for k, v in ckpt.state_dict.items() if v.dim() == 2][-1]  # the classifier's weight
+    ckpt.state_dict[last].zero_()
+    bias = ckpt.state_dict[last.removesuffix("weight") + "bias"]
+    bias.zero_()
+    bias[1] = 1.0
+    broken = tmp_path / "one-class.pt"
+    save_checkpoint(ckpt, broken)
+    out = tmp_path / "b"
+    quick = ["--ratio", "0.3", "--data", blobs_npz, "--finetune-epochs", "0", "--max-drop", "100", "--no-bench",
+             "--engine", "off"]  # fmt: skip
+    proc = run_main("build", "--model", broken, *quick, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    warning = next(ln for ln in proc.stdout.splitlines() if "no better than always answering" in ln)
+    report = json.loads((out / "report.json").read_text())
+    acc = report["accuracy"]
+    assert acc["baseline"] <= acc["majority_class"] and f"({acc['majority_class']:.2%})" in warning
+    assert "**Warning**: the unpruned model does no better" in (out / "report.md").read_text()
+    proc = run_main("build", "--model", full, *quick, "--out", tmp_path / "ok")
+    assert proc.returncode == 0 and "no better than always answering" not in proc.stdout  # it learnt: no warning
 
 
 @pytest.mark.gpu

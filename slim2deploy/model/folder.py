@@ -371,10 +371,21 @@ def check_fits(
     return ds
 
 
+def labels_of(ds: AnyData) -> np.ndarray:
+    """The labels of a data set, without decoding a streamed folder's images."""
+    return ds.y.numpy() if isinstance(ds, Dataset) else np.asarray(ds.labels)
+
+
+def majority_share(ds: AnyData) -> float:
+    """Top-1 of always answering the most common class of ``ds``: what a model that learnt nothing scores."""
+    labels = labels_of(ds)
+    return float(np.bincount(labels.astype(np.int64)).max() / len(labels)) if len(labels) else 0.0
+
+
 def check_classes_to_learn(ds: AnyData, source: str) -> None:
     """Training data must hold images of at least two classes: with one, every prediction is right whatever
     the model does (accuracy 1.000), and nothing is learnt."""
-    present = np.unique(ds.y.numpy() if isinstance(ds, Dataset) else ds.labels)
+    present = np.unique(labels_of(ds))
     if len(present) < 2:
         name = ds.classes[int(present[0])] if len(present) and int(present[0]) < len(ds.classes) else "?"
         raise SlimError(

@@ -28,6 +28,7 @@ from slim2deploy.base.files import created_folder
 from slim2deploy.deploy.engine import resolve_engine_policy
 from slim2deploy.deploy.precision import resolve_int8_flavour
 from slim2deploy.model.checkpoint import load_checkpoint
+from slim2deploy.model.folder import AnyData, majority_share
 from slim2deploy.pipeline.build_inputs import (
     BuildConfig,
     BuildResult,
@@ -74,6 +75,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         pruned = load_model(pruned_path, cfg.trust_code)
         warn_weak_gammas(out / "plan.json", log)
         before = accuracy(run, "baseline", Path(cfg.model), inputs.baseline)
+        warn_chance(before, inputs.eval_ds, log)
         after_surgery = accuracy(run, "after_surgery", pruned_path, pruned)
         slim_path = finetune_stage(run, pruned_path)
         tuned, slim_model = None, pruned
@@ -126,6 +128,22 @@ def describe_accuracy(acc: dict[str, Any]) -> str:
     allowed = "" if acc["max_drop"] is None else f" (allowance {acc['max_drop']:g})"
     drop = f"drop {acc['drop_points']:.2f} points{allowed}"
     return f"accuracy on {acc['images']} held-out images: {', '.join(shown)}; {drop}"
+
+
+def warn_chance(before: float | None, ds: AnyData | None, log: Callable[[str], None]) -> None:
+    """Say when the unpruned model does no better on the held-out images than always answering their most
+    common class: its weights do not fit this data, and an allowance measured from it guards nothing."""
+    if before is None or ds is None or len(ds) == 0:
+        return
+    majority = majority_share(ds)
+    if before <= majority:
+        log(
+            f"warning: the unpruned model scores {before:.2%} on {len(ds)} held-out images, no better than always "
+            f"answering their most common class ({majority:.2%}): its weights do not fit this data (another class "
+            "order, normalisation (mean, std) or image size than they were trained with, or weights never trained "
+            "on these classes), so the accuracy allowance guards nothing; check how the model was imported, or "
+            "train it on these classes first"
+        )
 
 
 def warn_weak_gammas(plan_path: Path, log: Callable[[str], None]) -> None:

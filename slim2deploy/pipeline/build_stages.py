@@ -31,7 +31,7 @@ from slim2deploy.measure.report import (
 from slim2deploy.measure.results import Comparison
 from slim2deploy.measure.tables import format_table, write_reports
 from slim2deploy.measure.targets import TIMING_METHOD
-from slim2deploy.model.folder import close_loaders
+from slim2deploy.model.folder import close_loaders, majority_share
 from slim2deploy.model.loop import evaluate
 from slim2deploy.model.stats import count_macs, count_params
 from slim2deploy.pipeline.budget import prune_selected
@@ -297,5 +297,6 @@ def accuracy_report(run: Run, before: float | None, pruned: float | None, tuned:
     return {
         "baseline": before, "after_surgery": pruned, "after_finetune": tuned, "final": final,
         "images": len(ds) if ds is not None else 0, "drop_points": drop, "max_drop": cfg.max_drop,
+        "majority_class": majority_share(ds) if ds is not None else None,
         "within_allowance": None if drop is None or cfg.max_drop is None else drop <= cfg.max_drop,
     }  # fmt: skip
