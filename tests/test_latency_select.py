@@ -110,6 +110,17 @@ def test_rails_still_apply_to_a_latency_selection():
     assert min(counts) >= 16
 
 
+def test_a_budget_with_room_to_spare_keeps_no_channel_of_zero_importance():
+    """Channels whose gamma sparse training set to 0 add nothing; a budget that could pay for them does not
+    keep them (the model is then faster than asked), while channels that carry importance are spent on."""
+    table = _additive_table([32, 32], [[8, 16, 24, 32]] * 2, [[1, 2, 3, 4], [1, 2, 3, 4]])
+    dead_half = [1.0] * 16 + [0.0] * 16
+    groups = [Group(32, [], list(range(32)), scores=dead_half), Group(32, [], list(range(32)), scores=[0.5] * 32)]
+    counts, facts = LatencySelector(table.to_dict(), speedup=1.05).kept_counts(groups, Rails(min_channels=8))
+    assert counts == [16, 32]  # the live half of the first group, every channel of the second
+    assert facts["predicted_ms"] < table.full_ms / 1.05 - 1.0  # a whole step under the budget, left unspent
+
+
 def test_unreachable_budget_is_one_line_with_the_best_speedup():
     table = _additive_table([16], [[8, 16]], [[2.0, 3.0]], base=1.0)  # full 4 ms, at best 3 ms
     groups = [Group(16, [], list(range(16)), scores=[1.0] * 16)]
