@@ -466,3 +466,18 @@ def test_the_corrected_budget_aims_the_corrected_prediction_at_the_aim(ratio, mi
     else:
         assert step.factor == pytest.approx(goal * miss / baseline / ratio)
         assert step.budget_ms is not None and step.budget_ms * step.factor == pytest.approx(goal * aim)
+
+
+def test_a_loop_that_cannot_widen_says_when_what_it_leaves_out_is_worth_nothing():
+    """A model faster than the goal needs, whose cut channels all have importance 0 (gamma sparse training set to
+    0): a wider budget selects it again, and the loop says why instead of only that it stops."""
+    from types import SimpleNamespace
+
+    from slim2deploy.pipeline.budget import _why_same
+    from slim2deploy.prune.plan import Group
+
+    dead = Group(16, [], list(range(8)), scores=[1.0] * 8 + [0.0] * 8)
+    assert "importance 0" in _why_same(SimpleNamespace(groups=[dead, Group(8, [], list(range(8)), scores=[0.5] * 8)]))
+    live = Group(16, [], list(range(8)), scores=[1.0] * 8 + [0.0] * 7 + [1e-3])
+    assert _why_same(SimpleNamespace(groups=[live])) == ""
+    assert _why_same(SimpleNamespace(groups=[Group(8, [], list(range(8)), scores=[0.5] * 8)])) == ""  # nothing cut

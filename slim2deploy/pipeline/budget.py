@@ -303,7 +303,8 @@ class _Loop:
             counts = tuple(len(g.keep) for g in plan.groups)
             if any(t.counts == counts for t, _ in tries):
                 if self.log:  # nothing new to learn from measuring it again
-                    self.log(f"try {n + 1}: the corrected budget selects a model already measured; stopping")
+                    self.log(f"try {n + 1}: the corrected budget selects a model already measured{_why_same(plan)}; "
+                             "stopping")  # fmt: skip
                 break
             slim, base, base_ms, slim_ms = self.measure(work, base, plan, chosen, n)
             goal = budget.latency_ms if budget.latency_ms is not None else base_ms / float(budget.speedup or 1)
@@ -323,3 +324,13 @@ class _Loop:
                 self.log(f"try {n + 1}: {step.why}")
             budget_ms, factor = step.budget_ms, step.factor
         return tries
+
+
+def _why_same(plan: PruningPlan) -> str:
+    """Why a wider budget changed nothing, where the plan shows it: every channel cut is worth nothing."""
+    cut = [abs(g.scores[i]) for g in plan.groups if g.scores is not None for i in g.removed]
+    return (
+        " (every channel it leaves out has importance 0: keeping them would cost time for nothing)"
+        if cut and not any(cut)
+        else ""
+    )
