@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 import random
 from pathlib import Path
 
@@ -286,3 +287,7 @@ def test_a_model_with_a_removed_branch_says_it_takes_its_input_size_only() -> No
         with pytest.raises(SlimError, match=r"takes 3x16x16 inputs only, got 3x24x24: .* 1 removed residual .*depth"):
             slim(torch.randn(2, 3, 24, 24))
         assert model(torch.randn(2, 3, 24, 24)).shape == (2, 10)  # the unpruned model takes it
+        for clone in (copy.deepcopy(slim), pickle.loads(pickle.dumps(slim))):  # the check travels with the model
+            assert torch.equal(clone(x), slim(x))
+            with pytest.raises(SlimError, match="inputs only"):
+                clone(torch.randn(1, 3, 24, 24))

@@ -181,6 +181,19 @@ def test_build_warns_when_the_unpruned_model_does_no_better_than_the_most_common
     assert proc.returncode == 0 and "no better than always answering" not in proc.stdout  # it learnt: no warning
 
 
+def test_no_chance_warning_when_the_held_out_images_are_of_one_class():
+    """One class held out (a small `eval_limit`): always answering it scores 100%, so no score is 'no better'."""
+    from slim2deploy.model.data import Dataset
+    from slim2deploy.pipeline.build import warn_chance
+
+    said: list[str] = []
+    one = Dataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), ["a", "b"], (0.0,), (1.0,))
+    warn_chance(1.0, one, said.append)
+    two = Dataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 0, 1]), ["a", "b"], (0.0,), (1.0,))
+    warn_chance(0.75, two, said.append)
+    assert len(said) == 1 and "(75.00%)" in said[0]
+
+
 @pytest.mark.gpu
 def test_a_distilled_fine_tune_runs_on_cuda_with_amp(pruned, blobs_npz, tmp_path):
     full, slim = pruned

@@ -113,7 +113,8 @@ def test_a_small_folder_with_a_crop_is_decoded_once_into_the_streamed_eval_view(
     assert squashed.input_shape == (3, 16, 16) and not np.allclose(squashed.x[:5].numpy(), held.x[:5].numpy())
 
 
-def test_calib_from_a_streamed_folder_reads_only_the_images_it_picks(tmp_path):
+@pytest.mark.parametrize("stream", [True, None])  # None: a crop (import records one) streams a calibration set
+def test_calib_from_a_streamed_folder_reads_only_the_images_it_picks(tmp_path, stream):
     root = make_folder(tmp_path / "imgs", per_class=12, seed=3)
     files, labels, _ = scan_folder(root, "train")
     n = 8
@@ -122,7 +123,7 @@ def test_calib_from_a_streamed_folder_reads_only_the_images_it_picks(tmp_path):
     victim = next(i for i in range(len(files)) if i not in set(picked))
     files[victim].write_bytes(b"not a png")
     stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    out = make_calib_set(str(root), n, tmp_path / "c.npz", stats=stats, image_size=18, crop=16, stream=True)
+    out = make_calib_set(str(root), n, tmp_path / "c.npz", stats=stats, image_size=18, crop=16, stream=stream)
     with np.load(out) as z:
         x, y = z["x"], z["y"]
     assert x.shape == (n, 3, 16, 16) and x.dtype == np.float32
@@ -268,9 +269,29 @@ def test_a_build_stage_stops_the_workers_it_started_when_it_ends(images, tmp_pat
     assert len(list(ds.batches(8, shuffle=False))) == -(-len(ds) // 8)  # and start again when asked
 
 
+def test_a_train_val_layout_is_listed_class_by_class_in_turn_so_a_prefix_holds_every_class(tmp_path):
+    """`limit_train` and `eval_limit` take the first images: listed class after class they would be the first
+    classes only (and a model would be judged on one class)."""
+    make_folder(tmp_path / "tv" / "train", per_class=3)
+    make_folder(tmp_path / "tv" / "val", per_class=2, seed=1)
+    for split, per_class in (("train", 3), ("val", 2)):
+        files, labels, _ = scan_folder(tmp_path / "tv", split)
+        assert list(labels[:CLASSES]) == list(range(CLASSES)) and len(files) == CLASSES * per_class
+        assert sorted(np.bincount(labels)) == [per_class] * CLASSES
+        assert all(f.parent.name == f"c{y}" for f, y in zip(files, labels, strict=True))
+    held = load_data(str(tmp_path / "tv"), "val", image_size=16).subset(CLASSES)
+    assert sorted(held.y.tolist()) == list(range(CLASSES))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_size_too_small_to_learn_from_is_warned_once_by_either_loader(tmp_path, capsys, stream):
-    root = make_folder(tmp_path / f"tiny{stream}", per_class=4)
+@pytest.mark.parametrize("layout", ["flat", "train-val"])
+def test_a_size_too_small_to_learn_from_is_warned_once_by_either_loader(tmp_path, capsys, stream, layout):
+    root = tmp_path / f"tiny{stream}"
+    if layout == "flat":
+        make_folder(root, per_class=4)
+    else:
+        make_folder(root / "train", per_class=3)
+        make_folder(root / "val", per_class=2)
     for split in ("train", "val"):
         load_data(str(root), split, image_size=2, stream=stream, workers=0)
     assert capsys.readouterr().err.count("shrunk to 2x2 pixels, too few for a model to learn from") == 1

@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--image-size",
         type=at_least(1),
         default=None,
-        help="folder images: resize to this square size; with a crop (--crop, or one the checkpoint records), "
-        "resize the shorter side to it "
+        help="folder images: in memory without a crop, resize to this square size; streamed or with a crop (--crop, "
+        "or one the checkpoint records), resize the shorter side to it before the center crop "
         "(default: what --model records)",
     )
     add_stream_args(p)

@@ -37,8 +37,8 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--image-size",
         type=at_least(1),
         default=None,
-        help="folder images: resize to this square size; with a crop (--crop, or one the checkpoint records), "
-        "resize the shorter side to it "
+        help="folder images: in memory without a crop, resize to this square size; streamed or with a crop (--crop, "
+        "or one the checkpoint records), resize the shorter side to it before the center crop "
         "(a checkpoint records it: later commands read the folder the same way)",
     )
     g.add_argument("--limit-train", type=at_least(1), default=None, metavar="N", help="train on the first N images")
@@ -86,7 +86,7 @@ def add_stream_args(g: argparse._ActionsContainer) -> None:
         type=at_least(1),
         default=None,
         help="folder images: the model's input size, a center crop after --image-size resized the shorter "
-        "side (streamed, training takes random-resized crops instead); default --image-size",
+        "side (streamed folders: default --image-size, and training takes random-resized crops instead)",
     )
     g.add_argument(
         "--workers",

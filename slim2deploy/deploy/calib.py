@@ -71,6 +71,8 @@ def make_calib_set(
     out = Path(out)
     if out.suffix != ".npz":
         raise SlimError(f"calibration sets are .npz files; name the output like {out.with_suffix('.npz')}")
+    if stream is None and crop is not None and Path(dataset_name.removeprefix("folder:")).is_dir():
+        stream = True  # a crop gives both loaders one view; streamed, only the n picked images are decoded
     ds = load_data(dataset_name, "train", data_dir, image_size, stats, stream=stream, crop=crop)
     if n > len(ds):
         raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")

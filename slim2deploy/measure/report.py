@@ -209,11 +209,12 @@ def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {name} | {value:.2%} |" for name, value in rows]
     majority = acc.get("majority_class")
-    if majority is not None and acc["baseline"] <= majority:
+    if majority is not None and majority < 1.0 and acc["baseline"] <= majority:
+        guards = "the allowance below guards nothing" if acc.get("max_drop") is not None else "its drop says little"
         lines += [
             "",
             f"**Warning**: the unpruned model does no better than always answering the most common held-out "
-            f"class ({majority:.2%}): its weights do not fit this data, so the allowance below guards nothing.",
+            f"class ({majority:.2%}): its weights do not fit this data, so {guards}.",
         ]
     if acc.get("max_drop") is not None:
         verdict = "within" if acc["within_allowance"] else "**over**"

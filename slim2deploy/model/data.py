@@ -333,7 +333,7 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats, 
     for path in files:
         rgb = open_rgb(path)
         if not arrays and side is not None:
-            note_tiny(base, side, rgb)
+            note_tiny(root, side, rgb)
         if crop is not None and resize is not None:
             rgb = center_view(rgb, resize, crop)
         elif image_size:

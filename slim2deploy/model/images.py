@@ -117,7 +117,20 @@ def scan_folder(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[st
     _note_skipped(base, skipped)
     if base == root:
         files = [files[i] for i in split_90_10(len(files), split, root)]
+    else:  # listed class after class, a prefix (`limit_train`, `eval_limit`) would hold the first classes only
+        files = _round_robin(files)
     return [p for p, _ in files], np.array([i for _, i in files], dtype=np.int64), classes
+
+
+def _round_robin(files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    """(file, label) pairs reordered one class at a time in turn (each class in its own order), so that every
+    prefix of the list holds the classes in proportion."""
+    rank = Counter[int]()
+    keyed = []
+    for path, label in files:
+        keyed.append((rank[label], label, path))
+        rank[label] += 1
+    return [(path, label) for _, label, path in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
 def _note_skipped(base: Path, skipped: Counter[str]) -> None:

@@ -136,7 +136,7 @@ def warn_chance(before: float | None, ds: AnyData | None, log: Callable[[str], N
     if before is None or ds is None or len(ds) == 0:
         return
     majority = majority_share(ds)
-    if before <= majority:
+    if majority < 1.0 and before <= majority:  # one class held out: every model that answers it scores 100%
         log(
             f"warning: the unpruned model scores {before:.2%} on {len(ds)} held-out images, no better than always "
             f"answering their most common class ({majority:.2%}): its weights do not fit this data (another class "
