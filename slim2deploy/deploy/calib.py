@@ -15,7 +15,7 @@ import numpy as np
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import atomic_path
 from slim2deploy.model.data import Dataset, Stats, check_layout, check_varied, read_npz
-from slim2deploy.model.folder import load_data
+from slim2deploy.model.folder import labels_of, load_data
 
 # Preprocessed (normalised) inputs sit within a few units of zero; raw 0..255 pixels do not.
 PLAUSIBLE_ABS_MAX = 50.0
@@ -76,7 +76,7 @@ def make_calib_set(
     ds = load_data(dataset_name, "train", data_dir, image_size, stats, stream=stream, crop=crop)
     if n > len(ds):
         raise SlimError(f"{dataset_name} has only {len(ds)} training images; ask for at most that many (--n)")
-    y = ds.y.numpy() if isinstance(ds, Dataset) else ds.labels
+    y = labels_of(ds)
     idx = stratified_indices(y, n, seed)
     arrays = {
         "x": (ds.x.numpy()[idx] if isinstance(ds, Dataset) else ds.stack(idx)).astype(np.float32),

@@ -192,6 +192,12 @@ def _budget_lines(lat: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def at_chance(score: float, majority: float) -> bool:
+    """A top-1 ``score`` no better than always answering the most common held-out class (``majority``, that
+    class's share); never where that class is all there is (one class held out: answering it scores 100%)."""
+    return majority < 1.0 and score <= majority
+
+
 def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
     """The three evaluations and the allowance, or why accuracy is unknown."""
     if acc.get("baseline") is None:
@@ -209,7 +215,7 @@ def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {name} | {value:.2%} |" for name, value in rows]
     majority = acc.get("majority_class")
-    if majority is not None and majority < 1.0 and acc["baseline"] <= majority:
+    if majority is not None and at_chance(acc["baseline"], majority):
         guards = "the allowance below guards nothing" if acc.get("max_drop") is not None else "its drop says little"
         lines += [
             "",

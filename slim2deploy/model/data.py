@@ -34,7 +34,7 @@ from slim2deploy.base.environment import physical_memory
 from slim2deploy.base.errors import SlimError
 from slim2deploy.base.files import check_input_file
 from slim2deploy.base.formats import binary_size
-from slim2deploy.model.images import center_view, note_tiny, open_rgb, scan_folder, split_90_10
+from slim2deploy.model.images import center_view, check_crop_fits, note_tiny, open_rgb, scan_folder, split_90_10
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -325,17 +325,17 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats, 
     resized to ``image_size`` (default ``crop``) and the center ``crop`` kept, as a streamed folder's eval view."""
     files, labels, classes = scan_folder(root, split)
     base = files[0].parent.parent
-    resize = image_size or crop
-    if crop is not None and resize is not None and crop > resize:
-        raise SlimError(f"`crop` {crop} is larger than `image_size` {resize}; the center crop must fit")
     side = crop or image_size
+    if crop is not None:
+        image_size = image_size or crop
+        check_crop_fits(image_size, crop)
     arrays: list[np.ndarray] = []
     for path in files:
         rgb = open_rgb(path)
         if not arrays and side is not None:
             note_tiny(root, side, rgb)
-        if crop is not None and resize is not None:
-            rgb = center_view(rgb, resize, crop)
+        if crop is not None and image_size is not None:
+            rgb = center_view(rgb, image_size, crop)
         elif image_size:
             rgb = rgb.resize((image_size, image_size))
         arrays.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
@@ -347,7 +347,7 @@ def _image_folder(root: Path, split: str, image_size: int | None, stats: Stats, 
     images = np.stack(arrays)
     y = check_arrays(images, labels, str(base), len(classes))
     x, mean, std = _normalise(images, stats, str(base))
-    meta: dict[str, object] = {"image_size": resize} if resize else {}
+    meta: dict[str, object] = {"image_size": image_size} if image_size else {}
     if crop is not None:
         meta["crop"] = crop
     return Dataset(x, torch.from_numpy(y), classes, mean, std, f"folder:{root}", meta)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from slim2deploy.base.errors import SlimError, one_line
 from slim2deploy.model.data import Dataset, Stats, check_stats, load_dataset
-from slim2deploy.model.images import TINY_SIDE, center_view, note_tiny, open_rgb, scan_folder
+from slim2deploy.model.images import TINY_SIDE, center_view, check_crop_fits, note_tiny, open_rgb, scan_folder
 
 STREAM_ABOVE_BYTES = 1 << 30
 STATS_SAMPLE = 256  # images the normalisation of a streamed folder is estimated from
@@ -289,14 +289,12 @@ def open_folder(
     if crop is None and image_size is None:
         first = open_rgb(files[0])
         image_size = min(first.width, first.height)
-    side = crop or image_size
-    if side is not None and side < TINY_SIDE:  # only then is an image opened, for scale
-        note_tiny(root, side, open_rgb(files[0]))
     crop = crop or image_size
     image_size = image_size or crop
     assert crop is not None and image_size is not None
-    if crop > image_size:
-        raise SlimError(f"`crop` {crop} is larger than `image_size` {image_size}; the center crop must fit")
+    check_crop_fits(image_size, crop)
+    if crop < TINY_SIDE:  # only then is an image opened, for scale
+        note_tiny(root, crop, open_rgb(files[0]))
     n_workers = default_workers() if workers is None else workers
     if n_workers < 0:
         raise SlimError(f"`workers` must be >= 0, got {n_workers}")

@@ -185,6 +185,12 @@ def open_rgb(path: Path) -> Any:
         raise SlimError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
 
 
+def check_crop_fits(image_size: int, crop: int) -> None:
+    """A center ``crop`` must fit in the image its shorter side was resized to (both folder loaders)."""
+    if crop > image_size:
+        raise SlimError(f"`crop` {crop} is larger than `image_size` {image_size}; the center crop must fit")
+
+
 def center_view(img: Any, image_size: int, crop: int) -> Any:
     """The evaluation view of an image: its shorter side resized to ``image_size``, then the center
     ``crop`` x ``crop`` (ImageNet-style; both folder loaders read images this way when a crop is set)."""

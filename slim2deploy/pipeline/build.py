@@ -27,6 +27,7 @@ from slim2deploy.base.cache import StageCache, exclusive_dir
 from slim2deploy.base.files import created_folder
 from slim2deploy.deploy.engine import resolve_engine_policy
 from slim2deploy.deploy.precision import resolve_int8_flavour
+from slim2deploy.measure.report import at_chance
 from slim2deploy.model.checkpoint import load_checkpoint
 from slim2deploy.model.folder import AnyData, majority_share
 from slim2deploy.pipeline.build_inputs import (
@@ -136,7 +137,7 @@ def warn_chance(before: float | None, ds: AnyData | None, log: Callable[[str], N
     if before is None or ds is None or len(ds) == 0:
         return
     majority = majority_share(ds)
-    if majority < 1.0 and before <= majority:  # one class held out: every model that answers it scores 100%
+    if at_chance(before, majority):
         log(
             f"warning: the unpruned model scores {before:.2%} on {len(ds)} held-out images, no better than always "
             f"answering their most common class ({majority:.2%}): its weights do not fit this data (another class "
